@@ -1,0 +1,187 @@
+"""Sample images from a trained stage-2 transformer: new people for given poses, or completions.
+
+    python sample.py --checkpoint runs/transformer/transformer_last.pt --out samples/
+    python sample.py --checkpoint RUN/transformer_last.pt --poses poses.json --out DIR \
+        --num-samples 4 --top-k 100 --top-p 0.95 --temperature 1.0 --seed 0
+    python sample.py --checkpoint RUN/transformer_last.pt --complete photo.png --poses poses.json
+
+Poses use the dataset's poses.json format: {"name.png": [[x, y, v], ...]} with K keypoints in
+the pixel coordinates of an image. That image is the file `name.png` next to poses.json when it
+exists, else one of --pose-image-size W H (default: the training size). A pose is mapped to the
+model's square training images the way training did (padded to a square, then scaled), so a pose
+drawn on a 300 x 600 photo lands where the photo's person would.
+
+Writes DIR/<name-stem>_<i>.png for every pose and sample, and DIR/grid.png: one row per pose,
+its skeleton first, then the samples. Without --poses it samples for validation-set poses.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import utils
+from transformer import load_transformer
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Sample from a stage-2 transformer.")
+    parser.add_argument("--checkpoint", required=True, help="RUN/transformer_last.pt")
+    parser.add_argument("--vqgan-checkpoint", default=None,
+                        help="the stage-1 vqgan.pt (default: the one recorded in --checkpoint)")
+    parser.add_argument("--poses", default=None, help="poses.json (default: validation poses)")
+    parser.add_argument("--pose-image-size", type=int, nargs=2, metavar=("W", "H"),
+                        default=None, help="size of the images the poses were given for, when "
+                                           "those images are not beside poses.json")
+    parser.add_argument("--count", type=int, default=8,
+                        help="how many validation poses to use without --poses")
+    parser.add_argument("--complete", default=None, metavar="IMAGE",
+                        help="keep the top half of IMAGE and sample the bottom half")
+    parser.add_argument("--out", default="samples")
+    parser.add_argument("--num-samples", type=int, default=2)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.top_k is not None and args.top_k < 1:
+        raise utils.UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise utils.UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature <= 0:
+        raise utils.UserError(f"--temperature must be above 0, got {args.temperature}")
+    if args.num_samples < 1:
+        raise utils.UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    return args
+
+
+def read_pose_file(path, num_keypoints, default_size):
+    """poses.json -> [(name, (K, 3) keypoints, (width, height) of the image they refer to)]."""
+    try:
+        with open(path) as f:
+            poses = json.load(f)
+    except OSError as error:
+        raise utils.UserError(f"cannot read pose file {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise utils.UserError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, "
+                              f"column {error.colno}") from None
+    if not isinstance(poses, dict) or not poses:
+        raise utils.UserError(f"{path} must hold an object {{\"name.png\": [[x, y, v], ...]}} "
+                              "with at least one entry")
+    entries = []
+    for name, value in poses.items():
+        keypoints = utils.parse_keypoints(value, name, path, None)
+        if len(keypoints) != num_keypoints:
+            raise utils.UserError(f"{path}: entry {name!r} has {len(keypoints)} keypoints, but "
+                                  f"the model was trained with {num_keypoints} per pose")
+        image_path = os.path.join(os.path.dirname(path), name)
+        size = default_size
+        if os.path.isfile(image_path):
+            size = utils.open_image(image_path, utils.DEFAULT_MAX_IMAGE_PIXELS).size
+        width, height = size
+        for index, (x, y, v) in enumerate(keypoints):
+            if v > 0 and not (0 <= x <= width and 0 <= y <= height):
+                raise utils.UserError(f"{path}: entry {name!r}, keypoint {index} at ({x:g}, {y:g}) "
+                                      f"lies outside its {width}x{height} image; fix it, set its "
+                                      "v to 0, or give --pose-image-size")
+        entries.append((name, keypoints, size))
+    return entries
+
+
+def to_model_pose(keypoints, size, image_size):
+    """Keypoints on a (width, height) image -> the model's square image, padded like training."""
+    return utils.transform_keypoints(keypoints, utils.square_box(*size, "pad"), image_size)
+
+
+def validation_conditions(train_args, count):
+    """[(name, keypoints or None, parts or None, image)] of the first validation examples."""
+    namespace = argparse.Namespace(**train_args)
+    _, val_set = utils.build_datasets(namespace, progress=False)
+    items = [val_set[i] for i in range(min(count, len(val_set)))]
+    return [(item["path"], item.get("keypoints"), item.get("parts"), item["image"])
+            for item in items], val_set.layout
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.pick_device(args.device)
+    model, checkpoint = load_transformer(args.checkpoint, device, args.vqgan_checkpoint)
+    model.eval()
+    config, train_args = model.config, checkpoint["args"]
+    image_size = config["image_size"]
+    layout = utils.LAYOUTS[checkpoint["layout"]]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                   generator=generator)
+
+    # What to sample for: (name, keypoints, parts, image or None) per row of the grid.
+    if args.poses is not None:
+        if config["condition"] != "keypoints":
+            raise utils.UserError(f"--poses gives keypoints, but this model is conditioned on "
+                                  f"{config['condition']}; leave --poses out")
+        default_size = tuple(args.pose_image_size or (image_size, image_size))
+        rows = [(name, torch.from_numpy(to_model_pose(kp, size, image_size)), None, None)
+                for name, kp, size in read_pose_file(args.poses, layout.num_keypoints,
+                                                     default_size)]
+    else:
+        rows, _ = validation_conditions(train_args, args.count)
+
+    prefix = None
+    if args.complete is not None:
+        example = utils.Example(os.path.basename(args.complete), args.complete)
+        mode = "pad" if config["condition"] != "none" else train_args["resize_mode"]
+        mode = "crop" if mode == "auto" else mode
+        image, _, _ = utils.prepare_example(example, image_size, mode,
+                                            utils.DEFAULT_MAX_IMAGE_PIXELS)
+        image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
+        matching = [row for row in rows if os.path.basename(row[0]) == example.name]
+        if config["condition"] == "keypoints" and not matching:
+            raise utils.UserError(f"--complete {args.complete}: this model needs the image's pose; "
+                                  f"give --poses with an entry named {example.name!r}")
+        name, keypoints, parts, _ = matching[0] if matching else (example.name, None, None, None)
+        rows = [(name, keypoints, parts, image)]
+        prefix = model.image_tokens(image[None].to(device))[:, :model.num_image_tokens // 2]
+
+    os.makedirs(args.out, exist_ok=True)
+    grid = []
+    for start in tqdm(range(0, len(rows), args.batch_size), desc="sampling"):
+        chunk = rows[start:start + args.batch_size]
+        keypoints = (torch.stack([r[1] for r in chunk]).to(device)
+                     if config["condition"] == "keypoints" else None)
+        parts = (torch.stack([r[2] for r in chunk]).to(device)
+                 if config["condition"] == "parts" else None)
+        cond = model.condition_tokens(keypoints=keypoints, part_maps=parts,
+                                      batch_size=len(chunk))  # (b, P)
+        cond = cond.repeat_interleave(args.num_samples, dim=0)  # (b * n, P)
+        chunk_prefix = None if prefix is None else prefix.repeat(len(cond), 1)
+        with utils.autocast_context(device):
+            tokens = model.sample(cond, prefix_tokens=chunk_prefix, **options)
+            images = model.decode(tokens).float().cpu()  # (b * n, 3, S, S)
+        for row_index, (name, row_keypoints, row_parts, original) in enumerate(chunk):
+            stem = os.path.splitext(os.path.basename(name))[0]
+            row = [pose_picture(row_keypoints, row_parts, layout, image_size)]
+            if original is not None:
+                row.append(original)
+            for i in range(args.num_samples):
+                picture = utils.to_uint8_image(images[row_index * args.num_samples + i])
+                picture.save(os.path.join(args.out, f"{stem}_{i}.png"))
+                row.append(picture)
+            grid.append(row)
+    utils.save_image_grid(grid, os.path.join(args.out, "grid.png"))
+    print(f"wrote {len(rows) * args.num_samples} samples and grid.png to {args.out}")
+
+
+def pose_picture(keypoints, parts, layout, image_size):
+    if keypoints is not None:
+        return utils.draw_skeleton(np.asarray(keypoints), layout, (image_size, image_size))
+    if parts is not None:
+        return utils.colorize_parts(np.asarray(parts))
+    return utils.Image.new("RGB", (image_size, image_size), "white")
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

@@ -1,0 +1,77 @@
+"""Tests of the GPT: the KV cache against full recomputation, causality, the optimizer groups."""
+import pytest
+import torch
+import torch.nn as nn
+
+from mingpt import GPT, GPTConfig
+
+
+def tiny_gpt(**overrides):
+    torch.manual_seed(0)
+    settings = dict(vocab_size=50, block_size=24, n_layer=2, n_head=2, n_embd=32, output_size=40)
+    settings.update(overrides)
+    return GPT(GPTConfig(**settings)).eval()
+
+
+def test_logits_have_output_size_columns():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (3, 10))
+    assert model(idx).shape == (3, 10, 40)
+
+
+def test_kv_cache_chunks_match_full_recompute():
+    # chunks of 5, 3, then single tokens: the 3-token chunk needs the offset causal mask
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (2, 24))
+    with torch.no_grad():
+        full = model(idx)  # (B, T, V)
+        kv_cache = model.new_kv_cache(batch_size=2)
+        bounds = [0, 5, 8] + list(range(9, 25))
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            chunk = model(idx[:, start:end], kv_cache, start_pos=start)
+            torch.testing.assert_close(chunk, full[:, start:end], atol=1e-5, rtol=0)
+
+
+def test_changing_a_later_token_leaves_earlier_logits_unchanged():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 50
+    with torch.no_grad():
+        before, after = model(idx), model(changed)
+    torch.testing.assert_close(before[:, :9], after[:, :9], atol=0, rtol=0)
+    assert not torch.allclose(before[:, 9:], after[:, 9:])
+
+
+def test_sequences_past_block_size_are_rejected():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), start_pos=3)
+
+
+def test_optimizer_decays_linear_weights_only_and_covers_every_param_once():
+    model = tiny_gpt()
+    optimizer = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
+                                          device_type="cpu")
+    decay_group, no_decay_group = optimizer.param_groups
+    assert decay_group["weight_decay"] == 0.1 and no_decay_group["weight_decay"] == 0.0
+    decay = {id(p) for p in decay_group["params"]}
+    no_decay = {id(p) for p in no_decay_group["params"]}
+    assert not decay & no_decay
+    assert decay | no_decay == {id(p) for p in model.parameters()}
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert decay == linear_weights
+    for name, param in model.named_parameters():
+        if name.endswith("bias") or ".ln_" in name or "wte" in name or "wpe" in name:
+            assert id(param) in no_decay, name
+
+
+def test_num_params_counts_every_parameter():
+    model = tiny_gpt(bias=False)
+    C, V, O, T, L = 32, 50, 40, 24, 2
+    per_block = 2 * C + 3 * C * C + C * C + 2 * 4 * C * C  # two LayerNorms, attention, MLP
+    assert model.num_params() == V * C + T * C + L * per_block + C + C * O

@@ -1,0 +1,132 @@
+"""VQGAN: the released checkpoints' parameter names, attention, shapes, config flags, checkpoints."""
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+from encoder import AttnBlock
+from utils import UserError, atomic_save
+from vqgan import (PRESETS, VQGAN, VQGANConfig, add_vqgan_args, config_from_args, load_vqgan,
+                   save_vqgan)
+
+# two levels (f2), channels 32 -> 64, attention at the 8x8 level
+TINY = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=8,
+                   embed_dim=4, n_embed=16, resolution=16)
+
+
+def test_parameter_names_match_the_released_checkpoints():
+    keys = set(VQGAN(TINY).state_dict())
+    expected = {
+        "encoder.conv_in.weight",
+        "encoder.down.0.block.0.norm1.weight", "encoder.down.0.block.0.conv1.weight",
+        "encoder.down.0.block.0.norm2.bias", "encoder.down.0.block.0.conv2.weight",
+        "encoder.down.0.downsample.conv.weight",
+        "encoder.down.1.block.0.nin_shortcut.weight",  # 32 -> 64 channels
+        "encoder.down.1.attn.0.norm.weight", "encoder.down.1.attn.0.q.weight",
+        "encoder.down.1.attn.0.k.weight", "encoder.down.1.attn.0.v.weight",
+        "encoder.down.1.attn.0.proj_out.weight",
+        "encoder.mid.block_1.conv1.weight", "encoder.mid.attn_1.q.weight",
+        "encoder.mid.block_2.conv2.weight", "encoder.norm_out.weight", "encoder.conv_out.weight",
+        "quant_conv.weight", "quantize.embedding.weight", "post_quant_conv.weight",
+        "decoder.conv_in.weight", "decoder.mid.block_1.norm1.weight", "decoder.mid.attn_1.v.weight",
+        "decoder.up.1.block.1.conv2.weight",  # num_res_blocks + 1 blocks per level
+        "decoder.up.1.attn.1.proj_out.weight",
+        "decoder.up.1.upsample.conv.weight",  # up.1 is the low-resolution level
+        "decoder.up.0.block.0.nin_shortcut.weight",  # 64 -> 32 channels
+        "decoder.norm_out.weight", "decoder.conv_out.weight",
+    }
+    assert expected <= keys, sorted(expected - keys)
+    absent = {"encoder.down.0.block.0.nin_shortcut.weight", "encoder.down.1.downsample.conv.weight",
+              "decoder.up.0.upsample.conv.weight", "decoder.up.1.block.2.conv1.weight",
+              "encoder.down.0.attn.0.q.weight"}
+    assert not absent & keys
+    prefixes = ("encoder.", "quant_conv.", "quantize.", "post_quant_conv.", "decoder.")
+    assert all(key.startswith(prefixes) for key in keys)
+
+
+def test_attention_block_equals_naive_softmax_attention():
+    torch.manual_seed(0)
+    block = AttnBlock(32).eval()
+    x = torch.randn(2, 32, 3, 4)
+    h = block.norm(x)
+    q, k, v = (conv(h).flatten(2) for conv in (block.q, block.k, block.v))  # (B, C, HW)
+    weights = torch.softmax(q.transpose(1, 2) @ k / 32 ** 0.5, dim=-1)  # (B, HW, HW)
+    out = (v @ weights.transpose(1, 2)).reshape(2, 32, 3, 4)
+    expected = x + block.proj_out(out)
+    assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("ch_mult, grid", [((1, 2, 2), 4), ((1, 1, 1, 1, 2), 2)])  # f4, f16
+def test_shapes_through_encode_and_decode(ch_mult, grid):
+    resolution = 16 if len(ch_mult) == 3 else 32
+    config = dataclasses.replace(TINY, ch_mult=ch_mult, resolution=resolution, attn_resolutions=())
+    model = VQGAN(config)
+    x = torch.randn(2, 3, resolution, resolution)
+    x_hat, loss, indices = model(x)
+    assert model.token_grid_size == grid
+    assert x_hat.shape == x.shape and loss.ndim == 0
+    assert indices.shape == (2, grid, grid) and indices.dtype == torch.long
+    assert model.encode(x)[0].shape == (2, config.embed_dim, grid, grid)
+    assert model.decode_indices(indices).shape == x.shape
+    assert model.last_layer is model.decoder.conv_out.weight
+
+
+def test_decode_indices_reproduces_forward_in_eval_mode():
+    torch.manual_seed(0)
+    model = VQGAN(TINY).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        x_hat, _, indices = model(x)
+        assert torch.allclose(model.decode_indices(indices), x_hat, atol=1e-5)
+
+
+def test_flags_override_the_preset():
+    parser = argparse.ArgumentParser()
+    add_vqgan_args(parser)
+    args = parser.parse_args(["--preset", "small", "--ch-mult", "1,2", "--attn-resolutions", "",
+                              "--no-l2-normalize", "--lookup-dim", "0", "--beta", "0.5"])
+    config = config_from_args(args)
+    assert config == dataclasses.replace(PRESETS["small"], ch_mult=(1, 2), attn_resolutions=(),
+                                         l2_normalize=False, lookup_dim=None, beta=0.5)
+    assert config_from_args(parser.parse_args(["--preset", "paper"])) == PRESETS["paper"]
+
+
+def test_a_config_that_cannot_work_is_a_user_error():
+    with pytest.raises(UserError, match="divisible"):
+        dataclasses.replace(TINY, resolution=15)
+    with pytest.raises(UserError, match="multiple of 32"):
+        dataclasses.replace(TINY, ch=16)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, l2_normalize=True, lookup_dim=2, restart_dead_codes=True)
+    model = VQGAN(config).eval()
+    path = tmp_path / "vqgan.pt"
+    save_vqgan(model, path)
+    loaded = load_vqgan(path)
+    assert not loaded.training and loaded.config == config
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected, actual = model(x), loaded(x)
+    for a, b in zip(expected, actual):
+        assert torch.equal(a, b)
+
+
+def test_loading_another_kind_of_checkpoint_is_a_user_error(tmp_path):
+    path = tmp_path / "vqgan_last.pt"
+    atomic_save({"kind": "vqgan_train", "state_dict": {}}, path)
+    with pytest.raises(UserError, match="stage-1 inference checkpoint"):
+        load_vqgan(path)
+
+
+def test_a_checkpoint_with_missing_weights_is_a_user_error(tmp_path):
+    model = VQGAN(TINY)
+    path = tmp_path / "vqgan.pt"
+    save_vqgan(model, path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["state_dict"]["quantize.embedding.weight"]
+    atomic_save(checkpoint, path)
+    with pytest.raises(UserError, match="quantize.embedding.weight"):
+        load_vqgan(path)

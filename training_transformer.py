@@ -1,0 +1,308 @@
+"""Stage 2: train the pose-conditioned GPT over the frozen VQGAN's tokens.
+
+    python training_transformer.py          # mannequins, the default stage-1 run's vqgan.pt
+    python training_transformer.py --vqgan-checkpoint RUN/vqgan.pt --dataset-path DIR
+
+The VQGAN is frozen, so every image has fixed tokens: the training and validation sets are
+encoded once (both flips when flipping is on) and cached in RUN/token_cache/, keyed by the VQGAN
+checkpoint's content hash and the data settings. Later epochs, resumed runs and new runs on the
+same data read the cache and never run the encoder again; the training loop only indexes
+tensors already in memory.
+
+Each sequence is [condition prefix | image tokens]; the condition comes from the data
+(--condition auto picks keypoints, else part maps, else none). Outputs in --run-dir (default
+runs/transformer): transformer_last.pt (atomic, --resume and sample.py read it),
+metrics.jsonl, loss_curves.png, and sample grids under samples/ with one row per validation
+example: pose | original | reconstruction | completion of the bottom half | two new samples.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import utils
+from transformer import PoseTransformer
+from vqgan import load_vqgan
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Stage 2: train the pose-conditioned GPT.")
+    parser.add_argument("--vqgan-checkpoint", default=os.path.join("runs", "vqgan", "vqgan.pt"),
+                        help="stage-1 inference checkpoint (vqgan.pt)")
+    utils.add_data_args(parser)
+    utils.add_run_args(parser, default_run_dir=os.path.join("runs", "transformer"),
+                       default_batch_size=32, default_base_lr=1.5e-5, default_max_steps=2000)
+    group = parser.add_argument_group("model")
+    group.add_argument("--condition", choices=("auto", "keypoints", "parts", "none"),
+                       default="auto")
+    group.add_argument("--keypoint-grid", type=int, default=None,
+                       help="G of the G x G keypoint grid (default: twice the token grid)")
+    group.add_argument("--n-layer", type=int, default=6)
+    group.add_argument("--n-head", type=int, default=8)
+    group.add_argument("--n-embd", type=int, default=256)
+    group.add_argument("--dropout", type=float, default=0.0)
+    group.add_argument("--pkeep", type=float, default=1.0,
+                       help="keep each input image token with this probability (else random)")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--warmup-steps", type=int, default=100)
+    group.add_argument("--min-lr-ratio", type=float, default=0.1,
+                       help="the cosine schedule ends at this fraction of the peak lr")
+    group.add_argument("--grad-clip", type=float, default=1.0)
+    group = parser.add_argument_group("sample grids")
+    group.add_argument("--grid-examples", type=int, default=6)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--temperature", type=float, default=1.0)
+    return parser.parse_args(argv)
+
+
+# ---- the token cache -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_split(model, dataset, flips, batch_size, device, num_workers, desc):
+    """Encode every (image, flip) of a dataset once: tokens (N, F, L) and poses, on the CPU."""
+    items = [(index, flip) for index in range(len(dataset)) for flip in flips]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=items,
+                                         num_workers=num_workers)
+    tokens, keypoints, parts = [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False):
+        with utils.autocast_context(device):
+            tokens.append(model.image_tokens(batch["image"].to(device)).cpu())  # (B, L)
+        if "keypoints" in batch:
+            keypoints.append(batch["keypoints"])  # (B, K, 3)
+        if "parts" in batch:
+            parts.append(batch["parts"].to(torch.uint8))  # (B, S, S)
+
+    def per_example(chunks):  # (N * F, ...) -> (N, F, ...)
+        return torch.cat(chunks).unflatten(0, (len(dataset), len(flips))) if chunks else None
+
+    return {"tokens": per_example(tokens), "keypoints": per_example(keypoints),
+            "parts": per_example(parts), "paths": [e.name for e in dataset.examples]}
+
+
+def load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device):
+    """Tokens of both splits, from RUN/token_cache/ when this VQGAN and data were seen before."""
+    key = {"vqgan_sha256": vqgan_sha256, "flip": args.flip,
+           **{k: getattr(args, k) for k in ("dataset_path", "image_size", "val_fraction",
+                                            "resize_mode", "pose_layout", "coco_annotations")}}
+    name = utils.stable_hash(json.dumps(key, sort_keys=True))
+    path = run.path("token_cache", f"tokens-{vqgan_sha256[:12]}-{name:08x}.pt")
+    names = {"train": [e.name for e in train_set.examples],
+             "val": [e.name for e in val_set.examples]}
+    if os.path.exists(path):  # still valid only if the folder holds the same images
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        if cache.get("key") == key and all(cache[s]["paths"] == names[s] for s in names):
+            return cache
+    flips = (False, True) if args.flip else (False,)
+    cache = {"key": key,
+             "train": encode_split(model, train_set, flips, args.batch_size, device,
+                                   args.num_workers, "encoding train split"),
+             "val": encode_split(model, val_set, (False,), args.batch_size, device,
+                                 args.num_workers, "encoding val split")}
+    utils.atomic_save(cache, path)
+    return cache
+
+
+def condition_tokens(model, split, chunk=1024):
+    """Condition prefixes (N, F, P) for every cached example, computed once before training."""
+    tokens = split["tokens"]
+    N, F = tokens.shape[:2]
+    flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731  (N, F, ...) -> (N*F, ...)
+    keypoints, parts = flat(split["keypoints"]), flat(split["parts"])
+    prefixes = []
+    for start in range(0, N * F, chunk):
+        part = slice(start, min(start + chunk, N * F))
+        prefixes.append(model.condition_tokens(
+            keypoints=None if keypoints is None else keypoints[part],
+            part_maps=None if parts is None else parts[part].long(),
+            batch_size=part.stop - part.start).cpu())
+    return torch.cat(prefixes).unflatten(0, (N, F))
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+def lr_at(step, peak, warmup, total, min_ratio):
+    """Linear warm-up to `peak`, then a cosine down to min_ratio * peak at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def validation_bits(model, tokens, prefixes, batch_size, device):
+    """Mean negative log-likelihood of validation image tokens, in bits per token."""
+    model.eval()
+    total = 0.0
+    for start in range(0, len(tokens), batch_size):
+        batch_tokens = tokens[start:start + batch_size].to(device)
+        with utils.autocast_context(device):
+            _, loss = model(prefixes[start:start + batch_size].to(device), batch_tokens)
+        total += loss.float().item() * len(batch_tokens)
+    model.train()
+    return total / len(tokens) / math.log(2)
+
+
+def pose_picture(val_split, index, layout, image_size):
+    """The conditioning pose of one validation example as a picture."""
+    if val_split["keypoints"] is not None:
+        return utils.draw_skeleton(val_split["keypoints"][index, 0], layout,
+                                   (image_size, image_size))
+    if val_split["parts"] is not None:
+        return utils.colorize_parts(val_split["parts"][index, 0])
+    return utils.Image.new("RGB", (image_size, image_size), "white")
+
+
+@torch.no_grad()
+def save_sample_grid(model, val_set, val_split, prefixes, args, device, path):
+    """Rows: pose | original | reconstruction | completion from the top half | two samples."""
+    model.eval()
+    count = min(args.grid_examples, len(val_set))
+    tokens = val_split["tokens"][:count, 0].to(device)  # (n, L)
+    cond = prefixes[:count].to(device)  # (n, P)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                   generator=generator)
+    half = tokens.shape[1] // 2
+    with utils.autocast_context(device):
+        completion = model.sample(cond, prefix_tokens=tokens[:, :half], **options)
+        samples = model.sample(cond.repeat(2, 1), **options)  # (2n, L)
+        pictures = model.decode(torch.cat([tokens, completion, samples])).float().cpu()
+    model.train()
+    reconstruction, completion, first, second = pictures[:count], pictures[count:2 * count], \
+        pictures[2 * count:3 * count], pictures[3 * count:]
+    layout = val_set.layout or utils.COCO17
+    rows = [[pose_picture(val_split, i, layout, args.image_size), val_set[i]["image"],
+             reconstruction[i], completion[i], first[i], second[i]] for i in range(count)]
+    utils.save_image_grid(rows, path)
+
+
+def choose_condition(requested, dataset):
+    if requested != "auto":
+        if requested == "keypoints" and not dataset.has_keypoints:
+            raise utils.UserError(f"--condition keypoints needs a poses.json (or COCO file) in "
+                                  f"{dataset.root}")
+        if requested == "parts" and not dataset.has_parts:
+            raise utils.UserError(f"--condition parts needs part maps in {dataset.root}/parts/")
+        return requested
+    return "keypoints" if dataset.has_keypoints else "parts" if dataset.has_parts else "none"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.pick_device(args.device)
+    utils.seed_everything(args.seed)
+    if not os.path.exists(args.vqgan_checkpoint):
+        raise utils.UserError(f"no stage-1 checkpoint at {args.vqgan_checkpoint}; run "
+                              "python training_vqgan.py first or pass --vqgan-checkpoint")
+    vqgan = load_vqgan(args.vqgan_checkpoint, device)
+    vqgan_sha256 = utils.file_sha256(args.vqgan_checkpoint)
+    if vqgan.config.resolution != args.image_size:
+        raise utils.UserError(f"the VQGAN in {args.vqgan_checkpoint} was trained on "
+                              f"{vqgan.config.resolution} px images; pass --image-size "
+                              f"{vqgan.config.resolution}")
+    train_set, val_set = utils.build_datasets(args)
+    condition = choose_condition(args.condition, train_set)
+    layout = train_set.layout or utils.COCO17
+    model = PoseTransformer(vqgan, condition=condition, image_size=args.image_size,
+                            num_keypoints=layout.num_keypoints, keypoint_grid=args.keypoint_grid,
+                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                            dropout=args.dropout).to(device)
+    run = utils.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt")
+    cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
+    train_tokens, val_tokens = cache["train"]["tokens"], cache["val"]["tokens"][:, 0]
+    train_prefixes = condition_tokens(model, cache["train"])  # (N, F, P)
+    val_prefixes = condition_tokens(model, cache["val"])[:, 0]  # (N_val, P)
+
+    peak_lr = utils.learning_rate(args)
+    optimizer = model.gpt.configure_optimizer(args.weight_decay, peak_lr, (0.9, 0.95),
+                                              device.type)
+    forward_model = torch.compile(model) if args.compile else model
+    sampler = utils.EpochBatchSampler(len(train_tokens), args.batch_size, args.seed, args.flip)
+    total_steps = utils.total_steps(args, sampler.batches_per_epoch)
+    steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
+    config = {"model": model.config, "vqgan_sha256": vqgan_sha256}
+    step = 0
+    if args.resume:
+        checkpoint = run.load_for_resume(args.resume, config, args)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        utils.set_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+    metrics = utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume else None)
+
+    def save_checkpoint():
+        run.save({"kind": "transformer_train", "step": step, "config": config,
+                  "args": utils.plain_args(args), "model": model.state_dict(),
+                  "optimizer": optimizer.state_dict(), "rng": utils.get_rng_state(),
+                  "vqgan_checkpoint": os.path.abspath(args.vqgan_checkpoint),
+                  "layout": layout.name})
+        utils.plot_curves(utils.read_jsonl(metrics.path), ["loss", "val_bits_per_token"],
+                          run.path("loss_curves.png"), title="stage 2 losses")
+
+    print(f"stage 2: {condition} conditioning, {model.gpt.num_params() / 1e6:.2f}M parameters, "
+          f"{len(train_tokens)} training images, {total_steps} steps")
+    health, stop = utils.FiniteCheck(), utils.StopRequest()
+    progress = tqdm(total=total_steps, initial=step, desc="stage 2", dynamic_ncols=True)
+    window_start, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
+    batches = utils.resume_batches(sampler, sampler, step * args.grad_accum)
+    model.train()
+    while step < total_steps and not stop.requested:
+        lr = lr_at(step, peak_lr, args.warmup_steps, total_steps, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(args.grad_accum):
+            pairs = next(batches)
+            index = torch.tensor([i for i, _ in pairs])
+            flip = torch.tensor([int(f) for _, f in pairs])
+            tokens = train_tokens[index, flip].to(device, non_blocking=True)  # (B, L)
+            prefixes = train_prefixes[index, flip].to(device, non_blocking=True)  # (B, P)
+            with utils.autocast_context(device):
+                _, loss = forward_model(prefixes, tokens, pkeep=args.pkeep)
+            (loss / args.grad_accum).backward()
+            loss_sum = loss_sum + loss.detach() / args.grad_accum
+            window_tokens += tokens.numel()
+        health.add(loss)
+        torch.nn.utils.clip_grad_norm_(model.gpt.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        progress.update(1)
+
+        if step % args.log_every == 0 or step == total_steps:
+            health.check(step, run.path("transformer_last.pt"))
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = step % args.log_every or args.log_every
+            record = {"step": step, "loss": float(loss_sum) / steps_in_window, "lr": lr,
+                      "tokens_per_s": window_tokens / elapsed}
+            metrics.write(record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
+            window_start, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
+        if step % steps_per_epoch == 0 or step == total_steps:
+            bits = validation_bits(forward_model, val_tokens, val_prefixes, args.batch_size,
+                                   device)
+            metrics.write({"step": step, "val_bits_per_token": bits})
+            progress.write(f"step {step}: validation {bits:.3f} bits/token")
+        if step % args.sample_every == 0 or step == total_steps:
+            save_sample_grid(model, val_set, cache["val"], val_prefixes, args, device,
+                             run.path("samples", f"samples_{step:06d}.png"))
+        if step % args.save_every == 0 or step == total_steps or stop.requested:
+            health.check(step, run.path("transformer_last.pt"))
+            save_checkpoint()
+    progress.close()
+    stop.restore()
+    if stop.requested:
+        print(f"stopped at step {step}; continue with the same command plus --resume")
+    print(f"stage 2 outputs in {args.run_dir}: transformer_last.pt (sample.py --checkpoint), "
+          "metrics.jsonl, loss_curves.png, samples/")
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

@@ -1,0 +1,264 @@
+"""Stage 1: train the VQGAN (encoder, codebook, decoder) against a patch discriminator.
+
+    python training_vqgan.py                         # small preset, synthetic mannequins, CPU ok
+    python training_vqgan.py --dataset-path DIR --preset paper --image-size 256
+
+The objective is the paper's:
+    L = L1 + perceptual_weight * LPIPS + codebook loss + lambda * disc_factor * (-mean D(x_hat))
+with the adaptive weight lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last
+layer, and a hinge-loss PatchGAN that switches on at --disc-start. Before that step neither the
+GAN term nor the discriminator runs: an untrained generator gives the discriminator nothing
+useful to learn from, and skipping it saves two of its forward/backward passes per step.
+
+One step splits the graph at the reconstruction x_hat: LPIPS and the discriminator are
+back-propagated once each, to x_hat only; lambda then needs just the last conv's weight
+gradient, and one backward from x_hat trains decoder, codebook and encoder. The usual code
+instead runs autograd.grad twice through LPIPS and D and then a full backward (a second pass
+through both); see bench.py for the saving.
+
+Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (everything --resume needs,
+written atomically), vqgan.pt (the small inference checkpoint stage 2 loads), metrics.jsonl,
+loss_curves.png and reconstruction grids under samples/.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+from discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
+from lpips_loss import LPIPSLoss
+from vqgan import VQGAN, add_vqgan_args, config_from_args, save_vqgan
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Stage 1: train the VQGAN.")
+    add_vqgan_args(parser)
+    utils.add_data_args(parser)
+    utils.add_run_args(parser, default_run_dir=os.path.join("runs", "vqgan"),
+                       default_batch_size=16, default_base_lr=1.25e-5,
+                       default_max_steps=1500)
+    group = parser.add_argument_group("loss")
+    group.add_argument("--perceptual-weight", type=float, default=1.0)
+    group.add_argument("--codebook-weight", type=float, default=1.0)
+    group.add_argument("--disc-weight", type=float, default=0.8,
+                       help="multiplies the adaptive lambda of the GAN term")
+    group.add_argument("--disc-start", type=int, default=2000,
+                       help="optimizer step at which the discriminator and GAN term switch on")
+    group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
+    group.add_argument("--lpips-weights", default=None,
+                       help="path of the VGG16 ImageNet weights for LPIPS (default: found "
+                            "automatically, see lpips_loss.py)")
+    return parser.parse_args(argv)
+
+
+def psnr(x, y):
+    """Per-image PSNR in dB of two batches in [-1, 1], measured in [0, 1] picture space."""
+    mse = ((utils.denormalize(x) - utils.denormalize(y)) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def adaptive_lambda(x_hat, last_layer, grad_rec, grad_gan, disc_weight):
+    """lambda = ||dL_rec/dw|| / (||dL_G/dw|| + 1e-4) at the last layer w, clamped and detached.
+
+    grad_rec and grad_gan are the two losses' gradients at x_hat; pushing each back through
+    the last conv alone gives the weight gradients, without touching LPIPS or D again.
+    """
+    rec_w, = torch.autograd.grad(x_hat, last_layer, grad_outputs=grad_rec, retain_graph=True)
+    gan_w, = torch.autograd.grad(x_hat, last_layer, grad_outputs=grad_gan, retain_graph=True)
+    weight = rec_w.norm() / (gan_w.norm() + 1e-4)
+    return weight.clamp(0.0, 1e4).detach() * disc_weight
+
+
+def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=1.0):
+    """Forward the VQGAN, back-propagate its whole loss (times `scale`); return loss terms.
+
+    The discriminator's parameters receive no gradient here: D is only differentiated with
+    respect to its input.
+    """
+    with utils.autocast_context(images.device):
+        x_hat, codebook_loss, indices = model(images)
+    # Split the graph: losses are differentiated to this leaf copy of x_hat, once each.
+    x_hat_leaf = x_hat.detach().float().requires_grad_(True)
+    with utils.autocast_context(images.device):
+        l1 = (images - x_hat_leaf).abs().mean()
+        perceptual = lpips(images, x_hat_leaf)
+        rec_loss = l1 + args.perceptual_weight * perceptual
+    grad_x_hat, = torch.autograd.grad(rec_loss, x_hat_leaf)
+    terms = {"rec_loss": l1.detach(), "perceptual": perceptual.detach(),
+             "codebook": codebook_loss.detach()}
+    if gan_on:
+        with utils.autocast_context(images.device):
+            generator_loss = -discriminator(x_hat_leaf).mean()
+        grad_gan, = torch.autograd.grad(generator_loss, x_hat_leaf)
+        lam = adaptive_lambda(x_hat, model.last_layer, grad_x_hat.to(x_hat.dtype),
+                              grad_gan.to(x_hat.dtype), args.disc_weight)
+        grad_x_hat = grad_x_hat + lam * grad_gan
+        terms.update(generator=generator_loss.detach(), disc_lambda=lam)
+    torch.autograd.backward(
+        [x_hat, codebook_loss * args.codebook_weight * scale],
+        [(grad_x_hat * scale).to(x_hat.dtype), None])
+    terms["total"] = (rec_loss + args.codebook_weight * codebook_loss).detach()
+    return x_hat.detach(), indices, terms
+
+
+def discriminator_backward(discriminator, images, x_hat, disc_loss_fn, scale=1.0):
+    """Hinge (or vanilla) loss on real images and detached reconstructions; D's grads only."""
+    with utils.autocast_context(images.device):
+        logits_real = discriminator(images)
+        logits_fake = discriminator(x_hat.detach())
+        loss = disc_loss_fn(logits_real, logits_fake)
+    (loss * scale).backward()
+    return loss.detach()
+
+
+@torch.no_grad()
+def validate(model, loader, device):
+    """Mean L1 and PSNR of reconstructions over the validation split."""
+    model.eval()
+    total_l1 = total_psnr = count = 0.0
+    for batch in loader:
+        images = batch["image"].to(device)
+        with utils.autocast_context(device):
+            x_hat, _, _ = model(images)
+        x_hat = x_hat.float()
+        total_l1 += (images - x_hat).abs().flatten(1).mean(1).sum().item()
+        total_psnr += psnr(images, x_hat).sum().item()
+        count += images.shape[0]
+    model.train()
+    return {"val_l1": total_l1 / count, "val_psnr": total_psnr / count}
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, path):
+    """Originals on the top row, reconstructions below, de-normalised to real pixel values."""
+    model.eval()
+    with utils.autocast_context(images.device):
+        x_hat, _, _ = model(images)
+    model.train()
+    utils.save_image_grid([list(images.cpu()), list(x_hat.float().cpu())], path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.pick_device(args.device)
+    utils.seed_everything(args.seed)
+    config = config_from_args(args)
+    if config.resolution != args.image_size:
+        config = dataclasses.replace(config, resolution=args.image_size)
+    train_set, val_set = utils.build_datasets(args)
+    sampler = utils.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
+    loader = utils.make_loader(train_set, sampler, args.num_workers, device)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size)
+
+    model = VQGAN(config).to(device)
+    discriminator = NLayerDiscriminator().to(device)
+    lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
+    if device.type == "cuda":  # convolutions run faster in NHWC on tensor cores
+        for module in (model, discriminator, lpips):
+            module.to(memory_format=torch.channels_last)
+    lr = utils.learning_rate(args)
+    fused = device.type == "cuda"
+    opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9), fused=fused)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.9), fused=fused)
+    scaler = utils.grad_scaler(device)
+    disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
+    forward_model = torch.compile(model) if args.compile else model
+
+    run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt")
+    step = 0
+    if args.resume:
+        checkpoint = run.load_for_resume(args.resume, dataclasses.asdict(config), args)
+        model.load_state_dict(checkpoint["model"])
+        discriminator.load_state_dict(checkpoint["discriminator"])
+        opt_g.load_state_dict(checkpoint["opt_g"])
+        opt_d.load_state_dict(checkpoint["opt_d"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        utils.set_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+    metrics = utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume else None)
+    fixed_images = next(iter(val_loader))["image"][:8].to(device)
+
+    def save_checkpoint():
+        run.save({"kind": "vqgan_train", "step": step, "config": dataclasses.asdict(config),
+                  "args": utils.plain_args(args), "model": model.state_dict(),
+                  "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(),
+                  "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
+                  "rng": utils.get_rng_state()})
+        save_vqgan(model, run.path("vqgan.pt"))
+        utils.plot_curves(utils.read_jsonl(metrics.path),
+                          ["rec_loss", "perceptual", "codebook", "generator", "discriminator"],
+                          run.path("loss_curves.png"), title="stage 1 losses")
+
+    total_steps = utils.total_steps(args, sampler.batches_per_epoch)
+    steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
+    code_counts = torch.zeros(config.n_embed, device=device)
+    health = utils.FiniteCheck()
+    stop = utils.StopRequest()
+    progress = tqdm(total=total_steps, initial=step, desc="stage 1", dynamic_ncols=True)
+    window_start, window_images = time.perf_counter(), 0
+    model.train()
+    discriminator.train()
+    batches = utils.resume_batches(loader, sampler, step * args.grad_accum)
+    while step < total_steps and not stop.requested:
+        gan_on = step >= args.disc_start
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+        sums = {}
+        # Each micro-batch's loss is divided by grad_accum (and scaled for fp16 if needed).
+        scale = (scaler.get_scale() if scaler.is_enabled() else 1.0) / args.grad_accum
+        for _ in range(args.grad_accum):
+            images = next(batches)["image"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            x_hat, indices, terms = generator_backward(
+                forward_model, lpips, discriminator, images, args, gan_on, scale)
+            if gan_on:
+                terms["discriminator"] = discriminator_backward(
+                    discriminator, images, x_hat, disc_loss_fn, scale)
+            code_counts += torch.bincount(indices.flatten(), minlength=config.n_embed)
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0) + value / args.grad_accum
+            window_images += images.shape[0]
+        health.add(sums["total"])
+        scaler.step(opt_g)
+        if gan_on:
+            scaler.step(opt_d)
+        scaler.update()
+        step += 1
+        progress.update(1)
+
+        if step % args.log_every == 0 or step == total_steps:
+            health.check(step, run.path("vqgan_last.pt"))
+            elapsed = time.perf_counter() - window_start
+            usage, perplexity = utils.code_usage(code_counts)
+            record = {"step": step, **{k: float(v) for k, v in sums.items() if k != "total"},
+                      "usage": usage, "perplexity": perplexity, "lr": lr,
+                      "images_per_s": window_images / elapsed}
+            metrics.write(record)
+            progress.set_postfix(l1=f"{record['rec_loss']:.4f}", usage=f"{usage:.2f}")
+            code_counts.zero_()
+            window_start, window_images = time.perf_counter(), 0
+        if step % steps_per_epoch == 0 or step == total_steps:
+            metrics.write({"step": step, **validate(forward_model, val_loader, device)})
+        if step % args.sample_every == 0 or step == total_steps:
+            save_reconstructions(forward_model, fixed_images,
+                                 run.path("samples", f"reconstructions_{step:06d}.png"))
+        if step % args.save_every == 0 or step == total_steps or stop.requested:
+            health.check(step, run.path("vqgan_last.pt"))
+            save_checkpoint()
+    progress.close()
+    stop.restore()
+    if stop.requested:
+        print(f"stopped at step {step}; continue with the same command plus --resume")
+    print(f"stage 1 outputs in {args.run_dir}: vqgan.pt (for stage 2), vqgan_last.pt "
+          f"(--resume), metrics.jsonl, loss_curves.png, samples/")
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

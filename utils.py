@@ -1,0 +1,1064 @@
+"""Shared pieces of the VQGAN + pose-transformer pipeline.
+
+Data flows one way: images -> this module's loader -> stage 1 (VQGAN) -> cached tokens
+-> stage 2 (pose-conditioned GPT) -> samples. Everything that more than one script needs lives
+here:
+
+* pose layouts (COCO-17, OpenPose-18), body-part labels and their left/right swaps;
+* errors meant for people (`UserError`) and the `run_cli` wrapper that prints them as one line;
+* devices, seeding, RNG state, atomic checkpoints and checkpoint loading with a kind check;
+* metrics logging, loss-curve plots, image grids (always de-normalised from [-1, 1]) and skeleton
+  drawing;
+* the dataset: user folders with optional poses.json / part maps, COCO person-keypoint files,
+  preprocessing, flips that swap left and right, a stable train/validation split;
+* the command line entry `python utils.py synthetic ...` that writes the synthetic mannequins.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------
+# Pose layouts and part labels
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeypointLayout:
+    """Names of the K joints in order, which pairs swap under a horizontal flip, bones to draw."""
+
+    name: str
+    joints: tuple
+    flip_pairs: tuple  # ((left_index, right_index), ...)
+    bones: tuple  # ((joint_a, joint_b), ...) for drawing
+
+    @property
+    def num_keypoints(self):
+        return len(self.joints)
+
+    def flip_permutation(self):
+        """Index array p such that flipped[k] = original[p[k]] (left and right swapped)."""
+        perm = list(range(self.num_keypoints))
+        for left, right in self.flip_pairs:
+            perm[left], perm[right] = right, left
+        return perm
+
+
+COCO17 = KeypointLayout(
+    name="coco17",
+    joints=("nose", "left_eye", "right_eye", "left_ear", "right_ear",
+            "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
+            "left_wrist", "right_wrist", "left_hip", "right_hip",
+            "left_knee", "right_knee", "left_ankle", "right_ankle"),
+    flip_pairs=((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16)),
+    bones=((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6),
+           (5, 7), (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4)),
+)
+
+# OpenPose's COCO-18 order: a neck joint is added and the order differs from COCO-17.
+OPENPOSE18 = KeypointLayout(
+    name="openpose18",
+    joints=("nose", "neck", "right_shoulder", "right_elbow", "right_wrist",
+            "left_shoulder", "left_elbow", "left_wrist", "right_hip", "right_knee",
+            "right_ankle", "left_hip", "left_knee", "left_ankle",
+            "right_eye", "left_eye", "right_ear", "left_ear"),
+    flip_pairs=((2, 5), (3, 6), (4, 7), (8, 11), (9, 12), (10, 13), (14, 15), (16, 17)),
+    bones=((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
+           (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17)),
+)
+
+LAYOUTS = {layout.name: layout for layout in (COCO17, OPENPOSE18)}
+LAYOUT_BY_K = {layout.num_keypoints: layout for layout in (COCO17, OPENPOSE18)}
+
+# Body-part label maps: 0 is background; limbs are split into upper and lower segments.
+PART_NAMES = ("background", "head", "torso",
+              "left_upper_arm", "right_upper_arm", "left_lower_arm", "right_lower_arm",
+              "left_upper_leg", "right_upper_leg", "left_lower_leg", "right_lower_leg")
+NUM_PART_LABELS = len(PART_NAMES)
+PART_FLIP_PAIRS = ((3, 4), (5, 6), (7, 8), (9, 10))
+
+
+def part_flip_lookup(num_labels=256):
+    """Lookup table mapping each part label to its mirror label (identity for unpaired ones)."""
+    table = np.arange(num_labels, dtype=np.int64)
+    for left, right in PART_FLIP_PAIRS:
+        table[left], table[right] = right, left
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors for people, and the command-line wrapper that prints them
+# ----------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line naming the file or value and the fix."""
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded: skipped with a warning unless --strict."""
+
+
+def run_cli(main):
+    """Call main(); a UserError becomes one 'error: ...' line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, seeding and RNG state
+# ----------------------------------------------------------------------------------------------
+
+
+def pick_device(name="auto"):
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; any other name is taken as given."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available here; "
+                        "use --device auto or --device cpu")
+    return device
+
+
+def autocast_context(device):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing needs a GradScaler: see grad_scaler)."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def grad_scaler(device):
+    """A GradScaler only where fp16 autocast is used (CUDA without bf16); disabled otherwise."""
+    needs_scaling = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler(device.type, enabled=needs_scaling)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state():
+    """RNG states as tensors and plain values, so they load with torch.load(weights_only=True)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def stable_hash(text):
+    """A hash of a string that is the same on every machine and run (unlike Python's hash())."""
+    value = 2166136261
+    for byte in text.encode("utf-8"):  # FNV-1a, 32 bit
+        value = ((value ^ byte) * 16777619) & 0xFFFFFFFF
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, loaded safely, checked for their kind
+# ----------------------------------------------------------------------------------------------
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def file_sha256(path):
+    """Content hash of a file (e.g. the VQGAN checkpoint a token cache was encoded with)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+CHECKPOINT_KINDS = {
+    "vqgan": "a stage-1 inference checkpoint (vqgan.pt)",
+    "vqgan_train": "a stage-1 training checkpoint (vqgan_last.pt)",
+    "transformer_train": "a stage-2 training checkpoint (transformer_last.pt)",
+}
+
+
+def load_checkpoint(path, expected_kinds):
+    """Load a checkpoint of ours with weights_only=True and check its "kind" field.
+
+    `expected_kinds` is a kind or a tuple of kinds from CHECKPOINT_KINDS. Raises UserError with
+    one clear line when the file is missing, unreadable or of another kind.
+    """
+    if isinstance(expected_kinds, str):
+        expected_kinds = (expected_kinds,)
+    wanted = " or ".join(CHECKPOINT_KINDS[k] for k in expected_kinds)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; expected {wanted}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt file or a pickle that is not plain tensors
+        raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); "
+                        f"expected {wanted}") from None
+    kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
+    if kind not in expected_kinds:
+        found = CHECKPOINT_KINDS.get(kind, "a file that is not a checkpoint of this project")
+        raise UserError(f"{path} is {found}, but {wanted} is needed here")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics, loss curves, image grids, pose drawing
+# ----------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Appends one JSON object per call to RUN/metrics.jsonl; truncates lines past a resume step."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            kept = [line for line in read_jsonl(path) if line.get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(line) + "\n" for line in kept)
+        elif resume_step is None and os.path.exists(path):
+            os.remove(path)
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
+                 (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127))
+
+
+def plot_curves(records, keys, path, title="", size=(720, 420)):
+    """Draw each key's values against `step` as a line plot PNG (log scale when values span >100x).
+
+    Pillow only, so the project needs no plotting library.
+    """
+    width, height = size
+    left, right, top, bottom = 70, 150, 30, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    series = {}
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records
+                  if key in r and r[key] is not None and math.isfinite(r[key])]
+        if points:
+            series[key] = points
+    draw.text((left, 8), title, fill="black")
+    if not series:
+        draw.text((left, height // 2), "no data yet", fill="black")
+        image.save(path)
+        return
+    steps = [s for pts in series.values() for s, _ in pts]
+    values = [v for pts in series.values() for _, v in pts]
+    log_scale = min(values) > 0 and max(values) / min(values) > 100
+    transform = math.log10 if log_scale else (lambda v: v)
+    y_lo, y_hi = transform(min(values)), transform(max(values))
+    if y_hi - y_lo < 1e-12:
+        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
+
+    def to_pixel(step, value):
+        x = left + (step - x_lo) / (x_hi - x_lo) * (width - left - right)
+        y = height - bottom - (transform(value) - y_lo) / (y_hi - y_lo) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):
+        fraction = i / 4
+        y_value = y_lo + fraction * (y_hi - y_lo)
+        label = 10 ** y_value if log_scale else y_value
+        y = height - bottom - fraction * (height - top - bottom)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((4, y - 6), f"{label:.3g}", fill="black")
+        step = x_lo + fraction * (x_hi - x_lo)
+        x = left + fraction * (width - left - right)
+        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
+        draw.text((x - 12, height - bottom + 8), f"{step:.0f}", fill="black")
+    draw.text(((width - right) // 2, height - 14), "step" + ("   (log y)" if log_scale else ""),
+              fill="black")
+    for index, (key, points) in enumerate(series.items()):
+        colour = CURVE_COLOURS[index % len(CURVE_COLOURS)]
+        pixels = [to_pixel(s, v) for s, v in points]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        else:
+            x, y = pixels[0]
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.text((width - right + 10, top + 16 * index), key, fill=colour)
+    image.save(path)
+
+
+def denormalize(images):
+    """[-1, 1] model space -> [0, 1] picture space, clamped."""
+    return ((images.detach().float() + 1) / 2).clamp(0, 1)
+
+
+def to_uint8_image(image):
+    """One (3, H, W) tensor in [-1, 1] -> PIL RGB image."""
+    array = (denormalize(image).cpu() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def save_image_grid(rows, path, pad=2):
+    """Save a grid: `rows` is a list of lists of (3, H, W) tensors in [-1, 1] or PIL images."""
+    cells = [[cell if isinstance(cell, Image.Image) else to_uint8_image(cell) for cell in row]
+             for row in rows]
+    cell_w = max(c.width for row in cells for c in row)
+    cell_h = max(c.height for row in cells for c in row)
+    columns = max(len(row) for row in cells)
+    grid = Image.new("RGB", (columns * (cell_w + pad) + pad, len(cells) * (cell_h + pad) + pad),
+                     "white")
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            grid.paste(cell, (pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+    return grid
+
+
+BONE_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40))
+
+
+def draw_skeleton(keypoints, layout, size, background=None, scale=4):
+    """Draw a (K, 3) keypoint array (x, y, v in pixels of a `size` image) as a skeleton picture.
+
+    Drawn `scale` times larger and downsampled, over `background` (a PIL image) or white.
+    Occluded joints (v == 1) are hollow; invisible ones (v == 0) are left out.
+    """
+    width, height = size
+    canvas = (background.convert("RGB").resize((width * scale, height * scale), Image.NEAREST)
+              if background is not None else Image.new("RGB", (width * scale, height * scale),
+                                                       "white"))
+    draw = ImageDraw.Draw(canvas)
+    points = np.asarray(keypoints, dtype=np.float64)
+    line_width = max(1, scale * max(width, height) // 96)
+    for index, (a, b) in enumerate(layout.bones):
+        if points[a, 2] > 0 and points[b, 2] > 0:
+            draw.line([(points[a, 0] * scale, points[a, 1] * scale),
+                       (points[b, 0] * scale, points[b, 1] * scale)],
+                      fill=BONE_COLOURS[index % len(BONE_COLOURS)], width=line_width)
+    radius = line_width * 1.2
+    for x, y, v in points:
+        if v > 0:
+            box = [x * scale - radius, y * scale - radius, x * scale + radius, y * scale + radius]
+            draw.ellipse(box, fill="black" if v >= 2 else None, outline="black")
+    return canvas.resize((width, height), Image.LANCZOS)
+
+
+PART_COLOURS = np.array([(255, 255, 255), (230, 190, 140), (220, 40, 40), (40, 110, 220),
+                         (40, 200, 220), (20, 60, 150), (20, 140, 160), (60, 170, 60),
+                         (240, 200, 30), (20, 100, 20), (180, 130, 10)], dtype=np.uint8)
+
+
+def colorize_parts(part_map):
+    """(H, W) integer labels -> PIL RGB picture with one colour per part (labels wrap around)."""
+    labels = np.asarray(part_map, dtype=np.int64) % len(PART_COLOURS)
+    return Image.fromarray(PART_COLOURS[labels])
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset: user folders, poses.json, part maps, COCO person keypoints
+# ----------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+PARTS_FOLDER = "parts"  # DIR/parts/<relative image path with .png> holds the part label maps
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192  # decompression-bomb guard; --max-image-pixels raises it
+# open_image enforces --max-image-pixels itself. PIL's fixed guard would override that flag and
+# report a huge file as 'unreadable' (skipped) instead of 'too large', so it is switched off.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass
+class Example:
+    """One training example: which file, and which square of it becomes the training image."""
+
+    name: str  # relative path (plus '#person<id>' for COCO people), for messages and outputs
+    image_path: str
+    keypoints: np.ndarray = None  # (K, 3) x, y, v in the displayed image's pixel coordinates
+    part_path: str = None
+    box: tuple = None  # (x0, y0, side): the square region (may reach outside the image)
+
+
+def square_box(width, height, mode):
+    """The square (x0, y0, side) that 'pad' (whole image, padded) or 'crop' (centre) keeps."""
+    side = max(width, height) if mode == "pad" else min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
+def transform_keypoints(keypoints, box, size):
+    """Move (K, 3) keypoints from original pixels into a size x size crop of `box`.
+
+    Coordinates are continuous: pixel column j covers [j, j + 1). Keypoints that land outside
+    the output square become invisible (v = 0).
+    """
+    x0, y0, side = box
+    out = keypoints.astype(np.float32).copy()
+    scale = size / side
+    out[:, 0] = (keypoints[:, 0] - x0) * scale
+    out[:, 1] = (keypoints[:, 1] - y0) * scale
+    outside = (out[:, 0] < 0) | (out[:, 0] >= size) | (out[:, 1] < 0) | (out[:, 1] >= size)
+    out[outside, 2] = 0
+    return out
+
+
+def flip_example(image, keypoints, parts, layout):
+    """Mirror left-right: image (H, W, 3), keypoints (K, 3) and parts (H, W), swapping sides.
+
+    Swapping matters: after a flip the person's left arm is where the right arm was, so the
+    'left_wrist' keypoint and the 'left_lower_arm' label must be renamed to 'right_*'.
+    """
+    width = image.shape[1]
+    image = image[:, ::-1].copy()
+    if keypoints is not None:
+        keypoints = keypoints[layout.flip_permutation()].copy()
+        keypoints[:, 0] = width - keypoints[:, 0]
+    if parts is not None:
+        parts = part_flip_lookup()[parts[:, ::-1]]
+    return image, keypoints, parts
+
+
+def to_rgb(image):
+    """Any PIL mode (L, LA, P, RGBA, I;16, I, F, CMYK, ...) -> RGB; transparency over white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or array.max() > 255:
+            array = array / 257.0  # 16-bit range -> 8-bit range
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def border_colour(image):
+    """Median colour of the outermost pixels: the fill used when padding to a square."""
+    array = np.asarray(image)
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    return tuple(int(c) for c in np.median(border, axis=0))
+
+
+def open_image(path, max_pixels):
+    """Open, check size, decode, apply EXIF orientation and convert to RGB; errors -> UserError."""
+    from PIL import ImageOps
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise UserError(f"image {path} is {width}x{height} = {width * height} pixels, "
+                                f"over the limit of {max_pixels}; shrink it or raise "
+                                "--max-image-pixels if the file is genuine")
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except UserError:
+        raise
+    except Exception as error:  # truncated, corrupt or not an image at all
+        raise UnreadableImage(f"cannot read image {path}: {type(error).__name__}: {error}") from None
+
+
+def read_part_map(path):
+    """A single-channel label image (mode L, P or I;16) -> (H, W) int64 labels."""
+    try:
+        with Image.open(path) as part_image:
+            labels = np.asarray(part_image).astype(np.int64)
+    except Exception as error:
+        raise UserError(f"cannot read part map {path}: {type(error).__name__}: {error}") from None
+    if labels.ndim != 2:
+        raise UserError(f"part map {path} has {labels.shape[2]} channels; save the labels as a "
+                        "single-channel (mode L or P) PNG")
+    return labels
+
+
+def find_images(root):
+    """Relative posix paths of all images below root (any case of extension), sorted.
+
+    The parts/ folder is skipped: it holds label maps, not training images.
+    """
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        if folder == root and PARTS_FOLDER in subfolders:
+            subfolders.remove(PARTS_FOLDER)
+        subfolders.sort()
+        for file in files:
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(folder, file), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def is_validation(name, val_fraction):
+    """Deterministic split by a hash of the relative path: stable across runs and machines."""
+    return stable_hash(name) / 2**32 < val_fraction
+
+
+def resolve_layout(num_keypoints, layout_name, source):
+    if layout_name not in (None, "auto"):
+        layout = LAYOUTS[layout_name]
+        if layout.num_keypoints != num_keypoints:
+            raise UserError(f"{source}: entries have {num_keypoints} keypoints but --pose-layout "
+                            f"{layout_name} has {layout.num_keypoints}")
+        return layout
+    if num_keypoints not in LAYOUT_BY_K:
+        known = ", ".join(f"{k} ({l.name})" for k, l in LAYOUT_BY_K.items())
+        raise UserError(f"{source}: entries have {num_keypoints} keypoints; known layouts are "
+                        f"{known}; convert the file to one of them")
+    return LAYOUT_BY_K[num_keypoints]
+
+
+def parse_keypoints(value, key, source, expected_k):
+    """Check one poses.json entry: a list of K [x, y, v] triples of finite numbers, v in 0/1/2."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{source}: entry {key!r} must be a list of [x, y, v] triples")
+    if expected_k is not None and len(value) != expected_k:
+        raise UserError(f"{source}: entry {key!r} has {len(value)} keypoints, other entries have "
+                        f"{expected_k}; every entry needs the same number")
+    for index, triple in enumerate(value):
+        if (not isinstance(triple, list) or len(triple) != 3
+                or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in triple)
+                or not all(math.isfinite(n) for n in triple)):
+            raise UserError(f"{source}: entry {key!r}, keypoint {index} is {triple!r}; "
+                            "expected [x, y, v] with finite numbers")
+        if triple[2] not in (0, 1, 2):
+            raise UserError(f"{source}: entry {key!r}, keypoint {index} has visibility "
+                            f"{triple[2]!r}; use 0 (not visible), 1 (occluded) or 2 (visible)")
+    return np.asarray(value, dtype=np.float32)
+
+
+def read_poses_json(path, root, image_names, layout_name):
+    """poses.json -> ({relative path: (K, 3) array}, layout), with a clear error for each flaw."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            poses = json.load(f)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column "
+                        f"{error.colno}; fix the file or remove it") from None
+    if not isinstance(poses, dict):
+        raise UserError(f"{path} must hold an object {{\"relative/image.png\": [[x, y, v], ...]}}, "
+                        f"not a {type(poses).__name__}")
+    known = set(image_names)
+    parsed, expected_k = {}, None
+    for key, value in poses.items():
+        normal = os.path.normpath(key).replace(os.sep, "/")
+        if os.path.isabs(key) or normal == ".." or normal.startswith("../"):
+            raise UserError(f"{path}: key {key!r} points outside the dataset folder {root}; keys "
+                            "must be paths relative to it")
+        parsed[normal] = parse_keypoints(value, key, path, expected_k)
+        expected_k = len(value)
+    missing = sorted(k for k in parsed if k not in known)
+    if missing:
+        raise UserError(f"{path} names {len(missing)} image(s) that are not in {root} "
+                        f"(first: {', '.join(missing[:3])}); fix the keys or add the images")
+    if not parsed:
+        raise UserError(f"{path} has no entries; remove it or add poses")
+    return parsed, resolve_layout(expected_k, layout_name, path)
+
+
+def read_coco_annotations(path, root, min_keypoints, margin):
+    """COCO person_keypoints_*.json -> one Example per annotated person (square crop with margin)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            coco = json.load(f)
+        images = {image["id"]: image for image in coco["images"]}
+        annotations = coco["annotations"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"cannot read COCO annotations {path} ({type(error).__name__}: {error}); "
+                        "expected a person_keypoints_*.json file with 'images' and "
+                        "'annotations'") from None
+    examples = []
+    for annotation in annotations:
+        try:
+            if annotation.get("iscrowd", 0) or annotation["num_keypoints"] < min_keypoints:
+                continue
+            image = images[annotation["image_id"]]
+            x, y, w, h = (float(n) for n in annotation["bbox"])
+            keypoints = np.asarray(annotation["keypoints"], dtype=np.float32).reshape(-1, 3)
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserError(f"{path}: annotation {annotation.get('id')!r} is malformed "
+                            f"({type(error).__name__}: {error})") from None
+        if w <= 0 or h <= 0:
+            continue
+        # COCO keypoints use integer pixel indices; +0.5 puts them at pixel centres.
+        keypoints[:, :2] += 0.5 * (keypoints[:, 2:3] > 0)
+        side = int(round(max(w, h) * (1 + 2 * margin)))
+        box = (int(round(x + w / 2 - side / 2)), int(round(y + h / 2 - side / 2)), side)
+        image_path = os.path.join(root, image["file_name"])
+        examples.append(Example(name=f"{image['file_name']}#person{annotation.get('id')}",
+                                image_path=image_path, keypoints=keypoints, box=box))
+    if not examples:
+        raise UserError(f"{path} has no person with at least {min_keypoints} labelled keypoints")
+    missing = sorted({e.image_path for e in examples if not os.path.isfile(e.image_path)})
+    if missing:
+        raise UserError(f"{path} refers to {len(missing)} image(s) missing below {root} "
+                        f"(first: {', '.join(missing[:3])})")
+    return examples
+
+
+def prepare_example(example, size, resize_mode, max_pixels):
+    """Decode and square one example: uint8 image (S, S, 3), keypoints (K, 3), uint8 parts (S, S).
+
+    The kept square is the example's box (COCO people) or the 'pad'/'crop' square of the image;
+    parts of it outside the image are filled with the border colour (image) and 0 (part labels).
+    """
+    image = open_image(example.image_path, max_pixels)
+    width, height = image.size
+    box = example.box or square_box(width, height, resize_mode)
+    x0, y0, side = box
+    canvas = Image.new("RGB", (side, side), border_colour(image))
+    canvas.paste(image, (-x0, -y0))
+    image_array = np.array(canvas.resize((size, size), Image.LANCZOS)  # writable, for torch
+                           if side != size else canvas)
+    keypoints = parts = None
+    if example.keypoints is not None:
+        keypoints = transform_keypoints(example.keypoints, box, size)
+    if example.part_path is not None:
+        labels = read_part_map(example.part_path)
+        if labels.shape != (height, width):
+            raise UserError(f"part map {example.part_path} is {labels.shape[1]}x"
+                            f"{labels.shape[0]} but its image is {width}x{height}; part "
+                            "maps must have the image's size")
+        if labels.min() < 0 or labels.max() > 255:
+            raise UserError(f"part map {example.part_path} has labels outside 0..255")
+        part_canvas = Image.new("L", (side, side), 0)
+        part_canvas.paste(Image.fromarray(labels.astype(np.uint8)), (-x0, -y0))
+        parts = np.asarray(part_canvas.resize((size, size), Image.NEAREST))
+    return image_array, keypoints, parts
+
+
+class PoseImageDataset(torch.utils.data.Dataset):
+    """Images of one split, squared and resized, with their keypoints and part maps if present.
+
+    An item is an index, or (index, flip) as EpochBatchSampler yields. It returns a dict:
+      image      (3, S, S) float in [-1, 1]
+      keypoints  (K, 3) float: x, y in output pixels, v (only when the data has poses)
+      parts      (S, S) long part labels (only when the data has part maps)
+      path       the example's relative path
+    Every file is decoded once when the dataset is built, so a corrupt image is found before
+    training starts; small datasets keep those decoded pixels in memory (`preload`).
+    """
+
+    def __init__(self, root, image_size=64, split="train", val_fraction=0.05, resize_mode="auto",
+                 pose_layout="auto", coco_annotations=None, coco_min_keypoints=5,
+                 coco_margin=0.1, strict=False, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+                 preload="auto", progress=True):
+        if not os.path.exists(root):
+            raise UserError(f"dataset path {root} does not exist; pass --dataset-path DIR with "
+                            "your images, or leave it out to use the synthetic mannequins")
+        if not os.path.isdir(root):
+            raise UserError(f"dataset path {root} is not a folder; pass the folder that holds "
+                            "the images")
+        self.root, self.image_size, self.max_image_pixels = root, image_size, max_image_pixels
+        self.layout = None
+        if coco_annotations:
+            examples = read_coco_annotations(coco_annotations, root, coco_min_keypoints,
+                                             coco_margin)
+            self.layout = resolve_layout(examples[0].keypoints.shape[0], pose_layout,
+                                         coco_annotations)
+        else:
+            examples = self._scan_folder(root, pose_layout)
+        self.has_keypoints = self.layout is not None
+        self.has_parts = any(e.part_path for e in examples)
+        if resize_mode == "auto":  # pad keeps whole people; crop suits pictures without poses
+            resize_mode = "pad" if self.has_keypoints or self.has_parts else "crop"
+        self.resize_mode = resize_mode
+        if split != "all":  # split by image file, so people from one COCO picture stay together
+            examples = [e for e in examples if (split == "val") == is_validation(
+                os.path.relpath(e.image_path, root).replace(os.sep, "/"), val_fraction)]
+        if not examples:
+            raise UserError(f"the {split} split of {root} is empty (val fraction {val_fraction}); "
+                            "add images or change --val-fraction")
+        self.examples, self.cache = self._check_all(examples, strict, preload, progress, split)
+
+    def _scan_folder(self, root, pose_layout):
+        names = find_images(root)
+        if not names:
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        poses = {}
+        poses_path = os.path.join(root, "poses.json")
+        if os.path.exists(poses_path):
+            poses, self.layout = read_poses_json(poses_path, root, names, pose_layout)
+            unposed = [n for n in names if n not in poses]
+            if unposed:
+                print(f"warning: {len(unposed)} image(s) have no entry in {poses_path} (first: "
+                      f"{', '.join(unposed[:3])}); their keypoints count as not visible",
+                      file=sys.stderr)
+        parts_root = os.path.join(root, PARTS_FOLDER)
+        examples = []
+        for name in names:
+            part_path = None
+            if os.path.isdir(parts_root):
+                part_path = os.path.join(parts_root, os.path.splitext(name)[0] + ".png")
+                if not os.path.isfile(part_path):
+                    raise UserError(f"part map {part_path} for image {name} is missing; every "
+                                    f"image needs one when {parts_root} exists")
+            keypoints = poses.get(name)
+            if self.layout is not None and keypoints is None:
+                keypoints = np.zeros((self.layout.num_keypoints, 3), np.float32)
+            examples.append(Example(name, os.path.join(root, name), keypoints, part_path))
+        return examples
+
+    def _check_all(self, examples, strict, preload, progress, split):
+        """Decode every example once; drop (or, with strict, refuse) unreadable images."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+        if preload == "auto":
+            preload = len(examples) * self.image_size**2 * 3 <= 2**30
+        results, bad = [], []
+
+        def attempt(example):
+            try:
+                return self.prepare(example), None
+            except UnreadableImage as error:  # other UserErrors (bombs, bad part maps) stop
+                return None, str(error)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for example, (prepared, error) in zip(examples, tqdm(
+                    pool.map(attempt, examples), total=len(examples), disable=not progress,
+                    desc=f"checking {split} images", leave=False)):
+                if error is None:  # without preload, keep no pixels: big sets would not fit
+                    results.append((example, prepared if preload else None))
+                elif strict:
+                    raise UserError(f"{error} (--strict is on; remove or fix the file)")
+                else:
+                    bad.append(example.image_path)
+        if bad:
+            print(f"warning: skipped {len(bad)} unreadable image(s) (first: "
+                  f"{', '.join(bad[:3])}); use --strict to stop on them instead", file=sys.stderr)
+        if not results:
+            raise UserError(f"none of the images under {self.root} could be read")
+        kept = [example for example, _ in results]
+        return kept, ([prepared for _, prepared in results] if preload else None)
+
+    def prepare(self, example):
+        return prepare_example(example, self.image_size, self.resize_mode, self.max_image_pixels)
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, item):
+        index, flip = item if isinstance(item, tuple) else (item, False)
+        example = self.examples[index]
+        image, keypoints, parts = (self.cache[index] if self.cache is not None
+                                   else self.prepare(example))
+        if flip:
+            image, keypoints, parts = flip_example(image, keypoints, parts, self.layout or COCO17)
+        out = {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+               .float().div(127.5).sub(1.0),  # (3, S, S) in [-1, 1]
+               "path": example.name}
+        if keypoints is not None:
+            out["keypoints"] = torch.from_numpy(keypoints.copy())  # (K, 3)
+        if parts is not None:
+            out["parts"] = torch.from_numpy(parts.astype(np.int64))  # (S, S)
+        return out
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of (index, flip) pairs: a fresh permutation and flip draw each epoch.
+
+    Everything follows from (seed, epoch), so a resumed run sees exactly the batches it would
+    have seen, and flips do not depend on worker processes. With world_size > 1, global batch j
+    is perm[j*B*W:(j+1)*B*W] and rank r takes its r-th slice of B, so W processes with batch B
+    see the same data as one process with batch W*B. The incomplete last batch is dropped.
+    """
+
+    def __init__(self, num_examples, batch_size, seed=0, flip=False, rank=0, world_size=1):
+        self.num_examples, self.batch_size, self.seed, self.flip = (num_examples, batch_size,
+                                                                    seed, flip)
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = num_examples // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise UserError(f"the training split has {num_examples} images, fewer than one "
+                            f"batch of {batch_size * world_size}; lower --batch-size")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        flips = (torch.rand(self.num_examples, generator=generator) < 0.5).tolist()
+        global_batch = self.batch_size * self.world_size
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * global_batch + self.rank * self.batch_size
+            indices = order[start:start + self.batch_size]
+            yield [(i, self.flip and flips[i]) for i in indices]
+
+
+def make_loader(dataset, sampler, num_workers, device):
+    """DataLoader over a batch sampler; workers persist across epochs, memory pinned for CUDA.
+
+    A preloaded dataset is read in the main process: handing its ready batches between
+    processes would cost more than the indexing itself.
+    """
+    if dataset.cache is not None:
+        num_workers = 0
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=device.type == "cuda",
+                                       persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs: shared flags, run directories, resume, stopping, health checks
+# ----------------------------------------------------------------------------------------------
+
+
+def add_run_args(parser, default_run_dir, default_batch_size, default_base_lr, default_max_steps):
+    """Flags both trainers share: where the run lives, how long, how fast, on what device."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--run-dir", default=default_run_dir)
+    group.add_argument("--resume", nargs="?", const="last", default=None,
+                       help="continue a run: alone, from RUN_DIR's last checkpoint; or a path")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--batch-size", type=int, default=default_batch_size)
+    group.add_argument("--grad-accum", type=int, default=1,
+                       help="micro-batches per optimizer step")
+    group.add_argument("--lr", type=float, default=None,
+                       help="learning rate; default: --base-lr x effective batch size")
+    group.add_argument("--base-lr", type=float, default=default_base_lr)
+    group.add_argument("--max-steps", type=int, default=None,
+                       help="total optimizer steps of the run, a resumed run continuing to it "
+                            f"(default: {default_max_steps}, or --epochs when given)")
+    group.add_argument("--epochs", type=int, default=None,
+                       help="total epochs, when --max-steps is not given")
+    parser.set_defaults(default_max_steps=default_max_steps)
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--log-every", type=int, default=50)
+    group.add_argument("--save-every", type=int, default=500)
+    group.add_argument("--sample-every", type=int, default=500)
+    return group
+
+
+# Flags that decide which batches a run sees: a resumed run must keep them.
+DATA_ORDER_FLAGS = ("dataset_path", "image_size", "val_fraction", "resize_mode", "pose_layout",
+                    "coco_annotations", "flip", "seed", "batch_size", "grad_accum")
+
+
+def learning_rate(args, world_size=1):
+    return args.lr if args.lr is not None else (
+        args.base_lr * args.batch_size * args.grad_accum * world_size)
+
+
+def total_steps(args, batches_per_epoch):
+    """--max-steps, else --epochs worth of optimizer steps."""
+    if args.max_steps is not None:
+        return args.max_steps
+    if args.epochs is not None:
+        return args.epochs * batches_per_epoch // args.grad_accum
+    return args.default_max_steps
+
+
+def plain_args(args):
+    """argparse namespace -> dict of plain values (loads with weights_only=True)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def resume_batches(loader, sampler, micro_batches_done):
+    """Endless batches, starting where a run that had seen `micro_batches_done` stopped."""
+    epoch, start = divmod(micro_batches_done, sampler.batches_per_epoch)
+    while True:
+        sampler.set_epoch(epoch, start)
+        yield from loader
+        epoch, start = epoch + 1, 0
+
+
+class RunDirectory:
+    """A run's folder: its training checkpoint (atomic), and checks before resuming it."""
+
+    def __init__(self, root, kind, last_name):
+        self.root, self.kind, self.last_name = root, kind, last_name
+        os.makedirs(root, exist_ok=True)
+
+    def path(self, *parts):
+        path = os.path.join(self.root, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def save(self, checkpoint):
+        atomic_save(checkpoint, self.path(self.last_name))
+
+    def load_for_resume(self, resume, config, args):
+        """Load the checkpoint to resume; refuse one of another stage, model or data order."""
+        path = self.path(self.last_name) if resume == "last" else resume
+        if resume == "last" and not os.path.exists(path):
+            raise UserError(f"--resume: no checkpoint {path} yet; start without --resume")
+        checkpoint = load_checkpoint(path, self.kind)
+        if checkpoint["config"] != config:
+            changed = sorted(k for k in set(config) | set(checkpoint["config"])
+                             if config.get(k) != checkpoint["config"].get(k))
+            raise UserError(f"--resume: {path} holds a model with another architecture "
+                            f"(differs in: {', '.join(changed)}); use the flags it was trained "
+                            "with, or a new --run-dir")
+        saved = checkpoint["args"]
+        changed = [k for k in DATA_ORDER_FLAGS if saved.get(k) != getattr(args, k, None)]
+        if changed:
+            details = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}" for k in changed)
+            raise UserError(f"--resume: {path} was trained with other data settings ({details}); "
+                            "an exact resume needs the same ones")
+        return checkpoint
+
+
+class FiniteCheck:
+    """Collects loss values on the device; check() syncs once and stops the run on NaN/inf."""
+
+    def __init__(self):
+        self.bad = None
+
+    def add(self, loss):
+        flag = ~torch.isfinite(loss.detach())
+        self.bad = flag if self.bad is None else self.bad | flag
+
+    def check(self, step, checkpoint_path):
+        if self.bad is not None and bool(self.bad):
+            last = (f"the last good checkpoint {checkpoint_path} is intact"
+                    if os.path.exists(checkpoint_path) else "no checkpoint was written yet")
+            raise UserError(f"the loss became NaN or infinite by step {step}; nothing was saved "
+                            f"after it and {last}; lower --lr (or check the data) and --resume")
+
+
+class StopRequest:
+    """Ctrl-C asks the loop to stop after the current step and save; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        import signal
+        self.requested = False
+        self._signal = signal
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def restore(self):
+        self._signal.signal(self._signal.SIGINT, self._previous)
+
+
+def code_usage(counts):
+    """(fraction of codes used at least once, perplexity) from a histogram of code indices."""
+    counts = counts.float()
+    total = counts.sum().clamp_min(1)
+    probs = counts / total
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return (counts > 0).float().mean().item(), entropy.exp().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line pieces shared by the scripts
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_MANNEQUIN_COUNT = 4000
+
+
+def default_dataset_path(image_size):
+    return os.path.join("data", f"mannequins-{image_size}")
+
+
+def add_data_args(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset-path", default=None,
+                       help="folder of images (+ optional poses.json, parts/); default: the "
+                            "synthetic mannequins, generated on first use under data/")
+    group.add_argument("--image-size", type=int, default=64)
+    group.add_argument("--val-fraction", type=float, default=0.05)
+    group.add_argument("--resize-mode", choices=("auto", "pad", "crop"), default="auto",
+                       help="pad to square with the border colour, or centre-crop; auto pads "
+                            "when poses or part maps are present")
+    group.add_argument("--pose-layout", choices=("auto",) + tuple(LAYOUTS), default="auto",
+                       help="keypoint order in poses.json; auto picks it from K (17 or 18)")
+    group.add_argument("--coco-annotations", default=None,
+                       help="a COCO person_keypoints_*.json; its images are read below "
+                            "--dataset-path")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                       help="random horizontal flips (keypoints and part labels swap sides)")
+    group.add_argument("--strict", action="store_true",
+                       help="stop on an unreadable image instead of skipping it")
+    group.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    group.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1))
+    return group
+
+
+def build_datasets(args, progress=True):
+    """(train, val) datasets from the data flags; generates the default mannequins if needed."""
+    root = args.dataset_path
+    if root is None:
+        import mannequins
+        root = default_dataset_path(args.image_size)
+        mannequins.write_dataset(root, DEFAULT_MANNEQUIN_COUNT, image_size=args.image_size,
+                                 seed=0)
+    common = dict(root=root, image_size=args.image_size, val_fraction=args.val_fraction,
+                  resize_mode=args.resize_mode, pose_layout=args.pose_layout,
+                  coco_annotations=args.coco_annotations, strict=args.strict,
+                  max_image_pixels=args.max_image_pixels, progress=progress)
+    return PoseImageDataset(split="train", **common), PoseImageDataset(split="val", **common)
+
+
+def main():
+    commands = {"synthetic": "write the synthetic mannequin dataset (see mannequins.py --help)"}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        listing = "; ".join(f"{name}: {text}" for name, text in commands.items())
+        raise UserError(f"usage: python utils.py COMMAND [options]; commands are {listing}")
+    import mannequins
+    mannequins.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    run_cli(main)
