@@ -21,7 +21,7 @@ def _distributed():
 
 
 class Codebook(nn.Module):
-    """forward(z (B, C, H, W)) -> z_q (B, C, H, W), loss (scalar), indices (B, H, W); C = embed_dim."""
+    """forward(z (B, embed_dim, H, W)) -> z_q (same shape), loss (scalar), indices (B, H, W)."""
 
     def __init__(self, n_embed, embed_dim, beta=0.25, legacy_beta=False, l2_normalize=False,
                  lookup_dim=None, restart_dead_codes=False, dead_code_window=100):
@@ -86,7 +86,7 @@ class Codebook(nn.Module):
         return z_q, loss, indices.reshape(B, H, W)
 
     def lookup(self, indices):
-        """Token ids (B, h, w) -> quantized latents (B, embed_dim, h, w), as forward returns them."""
+        """Token ids (B, h, w) -> quantized latents (B, embed_dim, h, w), as forward gives them."""
         z_q = self.project_out(F.embedding(indices, self.codes()))  # (B, h, w, embed_dim)
         return z_q.permute(0, 3, 1, 2)
 

@@ -31,7 +31,7 @@ class NLayerDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             prev_mult, mult = mult, min(2 ** n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev_mult, ndf * mult, 4, stride=stride, padding=1, bias=False),
+            layers += [nn.Conv2d(ndf * prev_mult, ndf * mult, 4, stride, padding=1, bias=False),
                        nn.BatchNorm2d(ndf * mult),
                        nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))

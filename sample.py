@@ -8,8 +8,8 @@
 Poses use the dataset's poses.json format: {"name.png": [[x, y, v], ...]} with K keypoints in
 the pixel coordinates of an image. That image is the file `name.png` next to poses.json when it
 exists, else one of --pose-image-size W H (default: the training size). A pose is mapped to the
-model's square training images the way training did (padded to a square, then scaled), so a pose
-drawn on a 300 x 600 photo lands where the photo's person would.
+model's square training images the way training did (padded or cropped to a square as that run
+was, then scaled), so a pose drawn on a 300 x 600 photo lands where the photo's person would.
 
 Writes DIR/<name-stem>_<i>.png for every pose and sample, and DIR/grid.png: one row per pose,
 its skeleton first, then the samples. Without --poses it samples for validation-set poses.
@@ -92,9 +92,9 @@ def read_pose_file(path, num_keypoints, default_size):
     return entries
 
 
-def to_model_pose(keypoints, size, image_size):
-    """Keypoints on a (width, height) image -> the model's square image, padded like training."""
-    return utils.transform_keypoints(keypoints, utils.square_box(*size, "pad"), image_size)
+def to_model_pose(keypoints, size, image_size, resize_mode="pad"):
+    """Keypoints on a (width, height) image -> the model's square image, squared like training."""
+    return utils.transform_keypoints(keypoints, utils.square_box(*size, resize_mode), image_size)
 
 
 def validation_conditions(train_args, count):
@@ -113,6 +113,7 @@ def main(argv=None):
     model.eval()
     config, train_args = model.config, checkpoint["args"]
     image_size = config["image_size"]
+    resize_mode = checkpoint["resize_mode"]  # how training squared its images: "pad" or "crop"
     layout = utils.LAYOUTS[checkpoint["layout"]]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
@@ -124,24 +125,26 @@ def main(argv=None):
             raise utils.UserError(f"--poses gives keypoints, but this model is conditioned on "
                                   f"{config['condition']}; leave --poses out")
         default_size = tuple(args.pose_image_size or (image_size, image_size))
-        rows = [(name, torch.from_numpy(to_model_pose(kp, size, image_size)), None, None)
-                for name, kp, size in read_pose_file(args.poses, layout.num_keypoints,
-                                                     default_size)]
+        poses = read_pose_file(args.poses, layout.num_keypoints, default_size)
+        rows = [(name, torch.from_numpy(to_model_pose(kp, size, image_size, resize_mode)),
+                 None, None) for name, kp, size in poses]
     else:
         rows, _ = validation_conditions(train_args, args.count)
 
     prefix = None
     if args.complete is not None:
         example = utils.Example(os.path.basename(args.complete), args.complete)
-        mode = "pad" if config["condition"] != "none" else train_args["resize_mode"]
-        mode = "crop" if mode == "auto" else mode
-        image, _, _ = utils.prepare_example(example, image_size, mode,
+        image, _, _ = utils.prepare_example(example, image_size, resize_mode,
                                             utils.DEFAULT_MAX_IMAGE_PIXELS)
         image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
         matching = [row for row in rows if os.path.basename(row[0]) == example.name]
         if config["condition"] == "keypoints" and not matching:
             raise utils.UserError(f"--complete {args.complete}: this model needs the image's pose; "
                                   f"give --poses with an entry named {example.name!r}")
+        if config["condition"] == "parts" and not matching:
+            raise utils.UserError(f"--complete {args.complete}: this model needs the image's part "
+                                  "map, and only validation images have one here; complete one "
+                                  "of those")
         name, keypoints, parts, _ = matching[0] if matching else (example.name, None, None, None)
         rows = [(name, keypoints, parts, image)]
         prefix = model.image_tokens(image[None].to(device))[:, :model.num_image_tokens // 2]
@@ -163,7 +166,8 @@ def main(argv=None):
             images = model.decode(tokens).float().cpu()  # (b * n, 3, S, S)
         for row_index, (name, row_keypoints, row_parts, original) in enumerate(chunk):
             stem = os.path.splitext(os.path.basename(name))[0]
-            row = [pose_picture(row_keypoints, row_parts, layout, image_size)]
+            row = [pose_picture(row_keypoints, row_parts, config["condition"], layout,
+                                image_size)]
             if original is not None:
                 row.append(original)
             for i in range(args.num_samples):
@@ -175,10 +179,11 @@ def main(argv=None):
     print(f"wrote {len(rows) * args.num_samples} samples and grid.png to {args.out}")
 
 
-def pose_picture(keypoints, parts, layout, image_size):
-    if keypoints is not None:
+def pose_picture(keypoints, parts, condition, layout, image_size):
+    """The row's condition as a picture (blank for an unconditional model)."""
+    if condition == "keypoints":
         return utils.draw_skeleton(np.asarray(keypoints), layout, (image_size, image_size))
-    if parts is not None:
+    if condition == "parts":
         return utils.colorize_parts(np.asarray(parts))
     return utils.Image.new("RGB", (image_size, image_size), "white")
 

@@ -68,8 +68,10 @@ def parse_args(argv=None):
 def encode_split(model, dataset, flips, batch_size, device, num_workers, desc):
     """Encode every (image, flip) of a dataset once: tokens (N, F, L) and poses, on the CPU."""
     items = [(index, flip) for index in range(len(dataset)) for flip in flips]
+    # its own generator: drawing worker seeds from the global RNG would make a run that finds
+    # the cache train differently from one that encodes
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=items,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, generator=torch.Generator())
     tokens, keypoints, parts = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False):
         with utils.autocast_context(device):
@@ -150,12 +152,12 @@ def validation_bits(model, tokens, prefixes, batch_size, device):
     return total / len(tokens) / math.log(2)
 
 
-def pose_picture(val_split, index, layout, image_size):
-    """The conditioning pose of one validation example as a picture."""
-    if val_split["keypoints"] is not None:
+def pose_picture(val_split, index, condition, layout, image_size):
+    """The condition of one validation example as a picture (blank for none)."""
+    if condition == "keypoints":
         return utils.draw_skeleton(val_split["keypoints"][index, 0], layout,
                                    (image_size, image_size))
-    if val_split["parts"] is not None:
+    if condition == "parts":
         return utils.colorize_parts(val_split["parts"][index, 0])
     return utils.Image.new("RGB", (image_size, image_size), "white")
 
@@ -179,8 +181,9 @@ def save_sample_grid(model, val_set, val_split, prefixes, args, device, path):
     reconstruction, completion, first, second = pictures[:count], pictures[count:2 * count], \
         pictures[2 * count:3 * count], pictures[3 * count:]
     layout = val_set.layout or utils.COCO17
-    rows = [[pose_picture(val_split, i, layout, args.image_size), val_set[i]["image"],
-             reconstruction[i], completion[i], first[i], second[i]] for i in range(count)]
+    rows = [[pose_picture(val_split, i, model.condition, layout, args.image_size),
+             val_set[i]["image"], reconstruction[i], completion[i], first[i], second[i]]
+            for i in range(count)]
     utils.save_image_grid(rows, path)
 
 
@@ -228,7 +231,7 @@ def main(argv=None):
     sampler = utils.EpochBatchSampler(len(train_tokens), args.batch_size, args.seed, args.flip)
     total_steps = utils.total_steps(args, sampler.batches_per_epoch)
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
-    config = {"model": model.config, "vqgan_sha256": vqgan_sha256}
+    config = dict(model.config, vqgan_sha256=vqgan_sha256)  # flat: --resume names the field
     step = 0
     if args.resume:
         checkpoint = run.load_for_resume(args.resume, config, args)
@@ -243,7 +246,7 @@ def main(argv=None):
                   "args": utils.plain_args(args), "model": model.state_dict(),
                   "optimizer": optimizer.state_dict(), "rng": utils.get_rng_state(),
                   "vqgan_checkpoint": os.path.abspath(args.vqgan_checkpoint),
-                  "layout": layout.name})
+                  "layout": layout.name, "resize_mode": train_set.resize_mode})
         utils.plot_curves(utils.read_jsonl(metrics.path), ["loss", "val_bits_per_token"],
                           run.path("loss_curves.png"), title="stage 2 losses")
 
@@ -251,7 +254,7 @@ def main(argv=None):
           f"{len(train_tokens)} training images, {total_steps} steps")
     health, stop = utils.FiniteCheck(), utils.StopRequest()
     progress = tqdm(total=total_steps, initial=step, desc="stage 2", dynamic_ncols=True)
-    window_start, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
+    window_start, window_step, window_tokens, loss_sum = time.perf_counter(), step, 0, 0.0
     batches = utils.resume_batches(sampler, sampler, step * args.grad_accum)
     model.train()
     while step < total_steps and not stop.requested:
@@ -279,12 +282,11 @@ def main(argv=None):
         if step % args.log_every == 0 or step == total_steps:
             health.check(step, run.path("transformer_last.pt"))
             elapsed = time.perf_counter() - window_start
-            steps_in_window = step % args.log_every or args.log_every
-            record = {"step": step, "loss": float(loss_sum) / steps_in_window, "lr": lr,
+            record = {"step": step, "loss": float(loss_sum) / (step - window_step), "lr": lr,
                       "tokens_per_s": window_tokens / elapsed}
             metrics.write(record)
             progress.set_postfix(loss=f"{record['loss']:.3f}")
-            window_start, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
+            window_start, window_step, window_tokens, loss_sum = time.perf_counter(), step, 0, 0.0
         if step % steps_per_epoch == 0 or step == total_steps:
             bits = validation_bits(forward_model, val_tokens, val_prefixes, args.batch_size,
                                    device)

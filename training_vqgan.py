@@ -103,7 +103,6 @@ def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=
     torch.autograd.backward(
         [x_hat, codebook_loss * args.codebook_weight * scale],
         [(grad_x_hat * scale).to(x_hat.dtype), None])
-    terms["total"] = (rec_loss + args.codebook_weight * codebook_loss).detach()
     return x_hat.detach(), indices, terms
 
 
@@ -154,7 +153,9 @@ def main(argv=None):
     train_set, val_set = utils.build_datasets(args)
     sampler = utils.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
     loader = utils.make_loader(train_set, sampler, args.num_workers, device)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size)
+    # its own generator: drawing a loader's seed must not move the global RNG (exact resume)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size,
+                                             generator=torch.Generator())
 
     model = VQGAN(config).to(device)
     discriminator = NLayerDiscriminator().to(device)
@@ -191,7 +192,8 @@ def main(argv=None):
                   "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
                   "rng": utils.get_rng_state()})
         save_vqgan(model, run.path("vqgan.pt"))
-        utils.plot_curves(utils.read_jsonl(metrics.path),
+        records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
+        utils.plot_curves(records,
                           ["rec_loss", "perceptual", "codebook", "generator", "discriminator"],
                           run.path("loss_curves.png"), title="stage 1 losses")
 
@@ -205,55 +207,59 @@ def main(argv=None):
     model.train()
     discriminator.train()
     batches = utils.resume_batches(loader, sampler, step * args.grad_accum)
-    while step < total_steps and not stop.requested:
-        gan_on = step >= args.disc_start
-        opt_g.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)
-        sums = {}
-        # Each micro-batch's loss is divided by grad_accum (and scaled for fp16 if needed).
-        scale = (scaler.get_scale() if scaler.is_enabled() else 1.0) / args.grad_accum
-        for _ in range(args.grad_accum):
-            images = next(batches)["image"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            x_hat, indices, terms = generator_backward(
-                forward_model, lpips, discriminator, images, args, gan_on, scale)
+    try:
+        while step < total_steps and not stop.requested:
+            gan_on = step >= args.disc_start
+            opt_g.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
+            sums = {}
+            # Each micro-batch's loss is divided by grad_accum (and scaled for fp16 if needed:
+            # scaler.scale also starts the scaler's state that scaler.step checks for).
+            scale = scaler.scale(torch.full((), 1.0 / args.grad_accum, device=device))
+            for _ in range(args.grad_accum):
+                images = next(batches)["image"].to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                x_hat, indices, terms = generator_backward(
+                    forward_model, lpips, discriminator, images, args, gan_on, scale)
+                if gan_on:
+                    terms["discriminator"] = discriminator_backward(
+                        discriminator, images, x_hat, disc_loss_fn, scale)
+                code_counts += torch.bincount(indices.flatten(), minlength=config.n_embed)
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0) + value / args.grad_accum
+                window_images += images.shape[0]
+            for value in sums.values():  # every term: a NaN in D or the GAN term stops it too
+                health.add(value)
+            scaler.step(opt_g)
             if gan_on:
-                terms["discriminator"] = discriminator_backward(
-                    discriminator, images, x_hat, disc_loss_fn, scale)
-            code_counts += torch.bincount(indices.flatten(), minlength=config.n_embed)
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0) + value / args.grad_accum
-            window_images += images.shape[0]
-        health.add(sums["total"])
-        scaler.step(opt_g)
-        if gan_on:
-            scaler.step(opt_d)
-        scaler.update()
-        step += 1
-        progress.update(1)
+                scaler.step(opt_d)
+            scaler.update()
+            step += 1
+            progress.update(1)
 
-        if step % args.log_every == 0 or step == total_steps:
-            health.check(step, run.path("vqgan_last.pt"))
-            elapsed = time.perf_counter() - window_start
-            usage, perplexity = utils.code_usage(code_counts)
-            record = {"step": step, **{k: float(v) for k, v in sums.items() if k != "total"},
-                      "usage": usage, "perplexity": perplexity, "lr": lr,
-                      "images_per_s": window_images / elapsed}
-            metrics.write(record)
-            progress.set_postfix(l1=f"{record['rec_loss']:.4f}", usage=f"{usage:.2f}")
-            code_counts.zero_()
-            window_start, window_images = time.perf_counter(), 0
-        if step % steps_per_epoch == 0 or step == total_steps:
-            metrics.write({"step": step, **validate(forward_model, val_loader, device)})
-        if step % args.sample_every == 0 or step == total_steps:
-            save_reconstructions(forward_model, fixed_images,
-                                 run.path("samples", f"reconstructions_{step:06d}.png"))
-        if step % args.save_every == 0 or step == total_steps or stop.requested:
-            health.check(step, run.path("vqgan_last.pt"))
-            save_checkpoint()
-    progress.close()
-    stop.restore()
+            if step % args.log_every == 0 or step == total_steps:
+                health.check(step, run.path("vqgan_last.pt"))
+                elapsed = time.perf_counter() - window_start
+                usage, perplexity = utils.code_usage(code_counts)
+                record = {"step": step, **{k: float(v) for k, v in sums.items()},
+                          "usage": usage, "perplexity": perplexity, "lr": lr,
+                          "images_per_s": window_images / elapsed}
+                metrics.write(record)
+                progress.set_postfix(l1=f"{record['rec_loss']:.4f}", usage=f"{usage:.2f}")
+                code_counts.zero_()
+                window_start, window_images = time.perf_counter(), 0
+            if step % steps_per_epoch == 0 or step == total_steps:
+                metrics.write({"step": step, **validate(forward_model, val_loader, device)})
+            if step % args.sample_every == 0 or step == total_steps:
+                save_reconstructions(forward_model, fixed_images,
+                                     run.path("samples", f"reconstructions_{step:06d}.png"))
+            if step % args.save_every == 0 or step == total_steps or stop.requested:
+                health.check(step, run.path("vqgan_last.pt"))
+                save_checkpoint()
+    finally:  # also on errors (NaN, a second Ctrl-C): in-process callers get Ctrl-C back
+        progress.close()
+        stop.restore()
     if stop.requested:
         print(f"stopped at step {step}; continue with the same command plus --resume")
     print(f"stage 1 outputs in {args.run_dir}: vqgan.pt (for stage 2), vqgan_last.pt "

@@ -239,10 +239,11 @@ def load_transformer(path, device="cpu", vqgan_path=None):
     if not os.path.exists(vqgan_path):
         raise UserError(f"{path} was trained with the VQGAN {vqgan_path}, which no longer exists; "
                         "pass --vqgan-checkpoint with a copy of it")
-    if file_sha256(vqgan_path) != checkpoint["config"]["vqgan_sha256"]:
+    config = dict(checkpoint["config"])  # the model's config plus the VQGAN's content hash
+    if file_sha256(vqgan_path) != config.pop("vqgan_sha256"):
         raise UserError(f"{vqgan_path} is not the VQGAN {path} was trained with (its content "
                         "differs); pass the vqgan.pt of the stage-1 run it was trained on")
     vqgan = load_vqgan(vqgan_path, device)
-    model = PoseTransformer.from_config(vqgan, checkpoint["config"]["model"]).to(device)
+    model = PoseTransformer.from_config(vqgan, config).to(device)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint

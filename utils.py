@@ -910,11 +910,17 @@ def plain_args(args):
 
 
 def resume_batches(loader, sampler, micro_batches_done):
-    """Endless batches, starting where a run that had seen `micro_batches_done` stopped."""
+    """Endless batches, starting where a run that had seen `micro_batches_done` stopped.
+
+    Each epoch's iterator draws a worker seed from the global torch RNG; forking the RNG for
+    that draw keeps the global stream (which the model uses) the same in a resumed run.
+    """
     epoch, start = divmod(micro_batches_done, sampler.batches_per_epoch)
     while True:
         sampler.set_epoch(epoch, start)
-        yield from loader
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(loader)
+        yield from batches
         epoch, start = epoch + 1, 0
 
 
@@ -1061,4 +1067,7 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # Run through the imported module: errors raised as utils.UserError by other modules must
+    # be the same class that run_cli catches, not a copy defined in __main__.
+    import utils
+    utils.run_cli(utils.main)

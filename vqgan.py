@@ -74,17 +74,27 @@ def add_vqgan_args(parser):
     group = parser.add_argument_group("VQGAN architecture (each flag overrides the preset)")
     group.add_argument("--preset", choices=sorted(PRESETS), default="small")
     for field in dataclasses.fields(VQGANConfig):
+        if field.name == "resolution":  # the image size comes from --image-size
+            continue
         flag = "--" + field.name.replace("_", "-")
+        values = "; ".join(f"{name}: {getattr(preset, field.name)}"
+                           for name, preset in PRESETS.items())
         if field.type is bool:  # --l2-normalize / --no-l2-normalize
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parse = {tuple: comma_ints, float: float}.get(field.type, int)
-            group.add_argument(flag, type=parse, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=values)
+        elif field.type is tuple:
+            group.add_argument(flag, type=comma_ints, default=None, metavar="N,N,...",
+                               help=f"comma-separated ({values})")
+        else:  # int, float, and lookup_dim's int | None (0 = off)
+            group.add_argument(flag, type=float if field.type is float else int, default=None,
+                               metavar="N", help=values)
 
 
 def config_from_args(args):
+    """The preset, with every flag that was given and the resolution from --image-size."""
     overrides = {field.name: getattr(args, field.name) for field in dataclasses.fields(VQGANConfig)
-                 if getattr(args, field.name) is not None}
+                 if getattr(args, field.name, None) is not None}
+    overrides["resolution"] = args.image_size
     return dataclasses.replace(PRESETS[args.preset], **overrides)
 
 
@@ -117,7 +127,7 @@ class VQGAN(nn.Module):
         return self.decoder.conv_out.weight
 
     def encode(self, x):
-        """Images (B, 3, H, W) in [-1, 1] -> z_q (B, embed_dim, h, w), codebook loss, tokens (B, h, w)."""
+        """Images (B, 3, H, W) in [-1, 1] -> z_q (B, embed_dim, h, w), loss, tokens (B, h, w)."""
         return self.quantize(self.quant_conv(self.encoder(x)))
 
     def decode(self, z_q):

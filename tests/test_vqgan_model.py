@@ -1,4 +1,4 @@
-"""VQGAN: the released checkpoints' parameter names, attention, shapes, config flags, checkpoints."""
+"""VQGAN: the released checkpoints' parameter names, attention, shapes, flags, checkpoints."""
 import argparse
 import dataclasses
 
@@ -84,12 +84,18 @@ def test_decode_indices_reproduces_forward_in_eval_mode():
 def test_flags_override_the_preset():
     parser = argparse.ArgumentParser()
     add_vqgan_args(parser)
+    parser.add_argument("--image-size", type=int, default=64)  # the trainers' data flag
     args = parser.parse_args(["--preset", "small", "--ch-mult", "1,2", "--attn-resolutions", "",
                               "--no-l2-normalize", "--lookup-dim", "0", "--beta", "0.5"])
     config = config_from_args(args)
     assert config == dataclasses.replace(PRESETS["small"], ch_mult=(1, 2), attn_resolutions=(),
                                          l2_normalize=False, lookup_dim=None, beta=0.5)
-    assert config_from_args(parser.parse_args(["--preset", "paper"])) == PRESETS["paper"]
+    paper = config_from_args(parser.parse_args(["--preset", "paper", "--image-size", "256"]))
+    assert paper == PRESETS["paper"]
+    # the resolution always follows --image-size; there is no separate --resolution flag
+    assert config_from_args(parser.parse_args(["--image-size", "32"])).resolution == 32
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--resolution", "32"])
 
 
 def test_a_config_that_cannot_work_is_a_user_error():

@@ -1,0 +1,196 @@
+"""Benchmarks that print figures: one stage-1 training step, sampling speed, stage-2 training.
+
+    python bench.py vqgan --preset paper --batch-size 4 --image-size 64
+    python bench.py sample --n-layer 8 --n-head 8 --n-embd 512 --batch-size 4 --tokens 256
+    python bench.py transformer --n-layer 6 --n-head 8 --n-embd 256 --batch-size 32
+
+`vqgan` times a full training step (generator with LPIPS and the adaptive GAN weight, then the
+discriminator) as training_vqgan.py runs it, and beside it the usual formulation that calls
+autograd.grad twice through the full graph and then back-propagates everything again.
+`sample` times generation of --tokens tokens with the KV cache and, for comparison, by re-running
+the whole sequence for every new token (what samplers without a cache do).
+`transformer` times stage-2 optimizer steps on random tokens (training reads cached tokens, so
+this is the whole step). Random weights: speed does not depend on training.
+"""
+import argparse
+import dataclasses
+import resource
+import time
+from types import SimpleNamespace
+
+import torch
+
+import utils
+
+
+def timed(function, warmup, repeats, device):
+    """Seconds per call of function(), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        function()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB GPU peak"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB process peak RSS"
+
+
+def bench_vqgan(args, device):
+    from discriminator import NLayerDiscriminator, hinge_d_loss
+    from lpips_loss import LPIPSLoss
+    from training_vqgan import discriminator_backward, generator_backward
+    from vqgan import PRESETS, VQGAN
+    config = dataclasses.replace(PRESETS[args.preset], resolution=args.image_size)
+    model = VQGAN(config).to(device).train()
+    discriminator = NLayerDiscriminator().to(device).train()
+    lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
+    if device.type == "cuda":
+        for module in (model, discriminator, lpips):
+            module.to(memory_format=torch.channels_last)
+    forward_model = torch.compile(model) if args.compile else model
+    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    loss_args = SimpleNamespace(perceptual_weight=1.0, codebook_weight=1.0, disc_weight=0.8)
+
+    def ours():
+        x_hat, _, _ = generator_backward(forward_model, lpips, discriminator, images, loss_args,
+                                         gan_on=True)
+        discriminator_backward(discriminator, images, x_hat, hinge_d_loss)
+
+    def conventional():  # autograd.grad twice through LPIPS and D, then a full backward
+        with utils.autocast_context(device):
+            x_hat, codebook_loss, _ = forward_model(images)
+            rec_loss = (images - x_hat).abs().mean() + lpips(images, x_hat)
+            generator_loss = -discriminator(x_hat).mean()
+        last = model.last_layer
+        rec_grad, = torch.autograd.grad(rec_loss, last, retain_graph=True)
+        gan_grad, = torch.autograd.grad(generator_loss, last, retain_graph=True)
+        lam = (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * 0.8
+        (rec_loss + lam * generator_loss + codebook_loss).backward()
+        discriminator_backward(discriminator, images, x_hat, hinge_d_loss)
+
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"vqgan preset {args.preset} ({params:.1f}M params), {args.image_size} px, batch "
+          f"{args.batch_size}, device {device_name(device)}, compile {args.compile}")
+    for name, step in (("ours (graph split at x_hat)", ours),
+                       ("conventional (2x autograd.grad + full backward)", conventional)):
+        seconds = timed(step, args.warmup, args.repeats, device)
+        print(f"  {name:<48} {seconds:7.3f} s/step  {args.batch_size / seconds:8.2f} images/s")
+    print(f"  memory: {peak_memory(device)}")
+
+
+def random_prefix_model(args, device):
+    """A GPT the size of a pose transformer: codes + keypoint-cell tokens, 17-token prefix."""
+    from mingpt import GPT, GPTConfig
+    prefix = 17
+    config = GPTConfig(vocab_size=args.n_embed + 33 * 33, block_size=prefix + args.tokens - 1,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                       output_size=args.n_embed)
+    model = GPT(config).to(device).eval()
+    cond = torch.randint(args.n_embed, config.vocab_size, (args.batch_size, prefix), device=device)
+    return model, cond
+
+
+@torch.no_grad()
+def bench_sample(args, device):
+    from transformer import sample_next
+    model, cond = random_prefix_model(args, device)
+    generator = torch.Generator(device=device)
+    P = cond.shape[1]
+
+    def cached():
+        generator.manual_seed(0)
+        cache = model.new_kv_cache(args.batch_size)
+        logits = model(cond, cache)[:, -1]
+        tokens = []
+        for i in range(args.tokens):
+            tokens.append(sample_next(logits, generator, top_k=100))
+            if i + 1 < args.tokens:
+                logits = model(tokens[-1], cache, start_pos=P + i)[:, -1]
+        return torch.cat(tokens, 1)
+
+    def recompute():  # the whole sequence again for each new token
+        generator.manual_seed(0)
+        sequence = cond
+        for _ in range(args.tokens):
+            logits = model(sequence)[:, -1]
+            sequence = torch.cat([sequence, sample_next(logits, generator, top_k=100)], 1)
+        return sequence[:, P:]
+
+    print(f"sampling {args.tokens} tokens, GPT {args.n_layer} layers x {args.n_head} heads x "
+          f"{args.n_embd} wide ({model.num_params() / 1e6:.1f}M params), batch {args.batch_size}, "
+          f"device {device_name(device)}")
+    with utils.autocast_context(device):
+        same = torch.equal(cached(), recompute())
+        results = {}
+        for name, run in (("KV cache", cached), ("full recompute", recompute)):
+            seconds = timed(run, args.warmup, args.repeats, device)
+            results[name] = args.batch_size * args.tokens / seconds
+            print(f"  {name:<16} {seconds:8.2f} s  {results[name]:9.1f} tokens/s")
+    print(f"  speed-up {results['KV cache'] / results['full recompute']:.1f}x; identical tokens: "
+          f"{same}")
+
+
+def bench_transformer(args, device):
+    model, cond = random_prefix_model(args, device)
+    model.train()
+    optimizer = model.configure_optimizer(0.01, 3e-4, (0.9, 0.95), device.type)
+    forward_model = torch.compile(model) if args.compile else model
+    tokens = torch.randint(0, args.n_embed, (args.batch_size, args.tokens), device=device)
+    sequence = torch.cat([cond, tokens[:, :-1]], 1)
+
+    def step():
+        with utils.autocast_context(device):
+            logits = forward_model(sequence)[:, cond.shape[1] - 1:]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                     tokens.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(step, args.warmup, args.repeats, device)
+    print(f"stage-2 training, GPT {args.n_layer}x{args.n_head}x{args.n_embd} "
+          f"({model.num_params() / 1e6:.1f}M params), batch {args.batch_size} x {args.tokens} "
+          f"tokens, device {device_name(device)}, compile {args.compile}")
+    print(f"  {1 / seconds:.2f} steps/s  {args.batch_size * args.tokens / seconds:.0f} tokens/s  "
+          f"{peak_memory(device)}")
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Speed benchmarks.")
+    parser.add_argument("what", choices=("vqgan", "sample", "transformer"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--preset", default="paper", help="vqgan: VQGAN preset")
+    parser.add_argument("--image-size", type=int, default=64, help="vqgan: image side")
+    parser.add_argument("--lpips-weights", default=None, help="vqgan: VGG16 weights for LPIPS")
+    parser.add_argument("--n-layer", type=int, default=8)
+    parser.add_argument("--n-head", type=int, default=8)
+    parser.add_argument("--n-embd", type=int, default=512)
+    parser.add_argument("--n-embed", type=int, default=1024, help="codebook size (vocabulary)")
+    parser.add_argument("--tokens", type=int, default=256, help="image tokens per sequence")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = utils.pick_device(args.device)
+    {"vqgan": bench_vqgan, "sample": bench_sample, "transformer": bench_transformer}[args.what](
+        args, device)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

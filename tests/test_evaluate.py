@@ -1,0 +1,346 @@
+"""evaluate.py: each metric against an independent computation on constructed inputs, pose
+fidelity with a model that redraws the real images, and the script end to end on a tiny VQGAN
+and a 2-step transformer (JSON keys and ranges, bits/token as training computed it, determinism).
+"""
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import evaluate
+import mannequins
+import training_transformer
+import utils
+from transformer import load_transformer
+from vqgan import VQGAN, VQGANConfig, save_vqgan
+
+REPO = Path(__file__).resolve().parents[1]
+ALEXNET_WEIGHTS = REPO.parent / "shared" / "weights" / "alexnet_features.pth"
+TINY_CONFIG = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                          z_channels=32, embed_dim=16, n_embed=32, resolution=32)
+VAL_FRACTION = "0.25"  # about 10 of the 40 images: enough poses, still fast
+
+
+# ---- image metrics --------------------------------------------------------------------------
+
+
+def test_psnr_of_a_constant_offset_is_10_log10_of_one_over_d_squared():
+    x = torch.rand(2, 3, 8, 8) * 0.5
+    for d in (0.01, 0.1, 0.25):
+        assert torch.allclose(evaluate.psnr(x, x + d), torch.full((2,), 10 * math.log10(1 / d**2)),
+                              atol=1e-4)
+
+
+def test_psnr_of_identical_images_is_capped_not_infinite():
+    x = torch.rand(1, 3, 8, 8)
+    assert evaluate.psnr(x, x).item() == pytest.approx(100.0)
+
+
+def naive_ssim(x, y, size=11, sigma=1.5, c1=0.01**2, c2=0.03**2):
+    """SSIM of two (C, H, W) numpy arrays with explicit loops over channels and windows."""
+    offsets = np.arange(size) - (size - 1) / 2
+    weights = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma**2))
+    weights /= weights.sum()
+    values = []
+    for channel in range(x.shape[0]):
+        for i in range(x.shape[1] - size + 1):
+            for j in range(x.shape[2] - size + 1):
+                a, b = x[channel, i:i + size, j:j + size], y[channel, i:i + size, j:j + size]
+                mu_a, mu_b = (weights * a).sum(), (weights * b).sum()
+                var_a = (weights * (a - mu_a) ** 2).sum()
+                var_b = (weights * (b - mu_b) ** 2).sum()
+                cov = (weights * (a - mu_a) * (b - mu_b)).sum()
+                values.append((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+                              / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_matches_a_naive_loop_over_windows():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 13, 15, generator=generator)
+    y = (x + 0.2 * torch.randn(2, 3, 13, 15, generator=generator)).clamp(0, 1)
+    expected = [naive_ssim(x[b].double().numpy(), y[b].double().numpy()) for b in range(2)]
+    assert evaluate.ssim(x, y).tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ssim_of_identical_images_is_one():
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.allclose(evaluate.ssim(x, x), torch.ones(3))
+
+
+def test_ssim_of_two_constant_images_has_the_closed_form():
+    # no variance: SSIM reduces to the luminance term (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, c1 = 0.3, 0.6, 0.01**2
+    x, y = torch.full((1, 3, 12, 12), a), torch.full((1, 3, 12, 12), b)
+    assert evaluate.ssim(x, y).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1),
+                                                       rel=1e-5)
+
+
+def test_ssim_decreases_as_noise_grows():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 4, 4, generator=generator)
+    x = torch.nn.functional.interpolate(x, size=32, mode="bilinear")  # a smooth picture
+    noise = torch.randn(x.shape, generator=generator)
+    scores = [evaluate.ssim(x, (x + sigma * noise).clamp(0, 1)).item()
+              for sigma in (0.0, 0.02, 0.05, 0.1, 0.3)]
+    assert scores[0] == pytest.approx(1.0)
+    assert all(later < earlier for earlier, later in zip(scores, scores[1:]))
+
+
+def test_codebook_summary_of_uniform_use_of_4_of_8_codes():
+    counts = torch.tensor([5, 0, 5, 0, 5, 0, 5, 0])
+    summary = evaluate.codebook_summary(counts)
+    assert summary["usage"] == 0.5 and summary["codes_used"] == 4 and summary["n_embed"] == 8
+    assert summary["perplexity"] == pytest.approx(4.0)
+
+
+# ---- silhouettes and IoU --------------------------------------------------------------------
+
+
+def test_iou_of_hand_worked_masks():
+    a = torch.zeros(4, 4, dtype=torch.bool)
+    b = torch.zeros(4, 4, dtype=torch.bool)
+    a[0:2, 0:2] = True  # 4 pixels
+    b[1:3, 1:3] = True  # 4 pixels, 1 shared: IoU 1 / 7
+    empty = torch.zeros(4, 4, dtype=torch.bool)
+    batch = evaluate.iou(torch.stack([a, a, a, empty]), torch.stack([b, a, empty, empty]))
+    assert batch.tolist() == pytest.approx([1 / 7, 1.0, 0.0, 1.0])
+
+
+def test_silhouette_of_a_rectangle_on_a_plain_background():
+    picture = Image.new("RGB", (20, 16), (240, 235, 230))
+    ImageDraw.Draw(picture).rectangle([5, 3, 12, 9], fill=(40, 90, 200))  # x 5..12, y 3..9
+    image = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 255
+    expected = torch.zeros(16, 20, dtype=torch.bool)
+    expected[3:10, 5:13] = True
+    assert torch.equal(evaluate.silhouette(image), expected)
+    faint = Image.new("RGB", (20, 16), (240, 235, 230))
+    ImageDraw.Draw(faint).rectangle([5, 3, 12, 9], fill=(230, 225, 220))  # distance 0.068 < 0.2
+    faint = torch.from_numpy(np.asarray(faint).copy()).permute(2, 0, 1).float() / 255
+    assert not evaluate.silhouette(faint).any()
+    assert torch.equal(evaluate.silhouette(faint, threshold=0.05), expected)
+    # a figure cut by the frame covers a third of the border: the median still finds the backdrop
+    cut = Image.new("RGB", (20, 16), (240, 235, 230))
+    ImageDraw.Draw(cut).rectangle([0, 3, 12, 15], fill=(40, 90, 200))
+    cut = torch.from_numpy(np.asarray(cut).copy()).permute(2, 0, 1).float() / 255
+    expected = torch.zeros(16, 20, dtype=torch.bool)
+    expected[3:, :13] = True
+    assert torch.equal(evaluate.silhouette(cut), expected)
+
+
+def test_derangement_moves_every_index_and_depends_only_on_the_seed():
+    for n in (2, 3, 10):
+        partner = evaluate.derangement(n, torch.Generator().manual_seed(n))
+        assert sorted(partner.tolist()) == list(range(n))
+        assert (partner != torch.arange(n)).all()
+        assert torch.equal(partner, evaluate.derangement(n, torch.Generator().manual_seed(n)))
+
+
+def test_histogram_draws_one_bar_per_used_code_tallest_first(tmp_path):
+    path = tmp_path / "codes.png"
+    evaluate.save_code_histogram(torch.tensor([0, 5, 0, 10, 0, 0, 1, 0]), str(path))
+    image = np.asarray(Image.open(path).convert("RGB"))
+    bar = np.all(image == utils.CURVE_COLOURS[0], axis=-1)  # (H, W)
+    columns = bar.any(axis=0)
+    starts = np.flatnonzero(columns & ~np.r_[False, columns[:-1]])
+    assert len(starts) == 3  # three used codes, drawn next to each other
+    heights = [bar[:, start + 5].sum() for start in starts]
+    assert heights[0] > heights[1] > heights[2]
+    assert heights[1] / heights[0] == pytest.approx(0.5, abs=0.02)
+    assert heights[2] / heights[0] == pytest.approx(0.1, abs=0.02)
+
+
+# ---- pose fidelity with stand-in models -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mannequins") / "set"
+    mannequins.write_dataset(str(folder), count=40, image_size=32, seed=0, workers=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def val_set(dataset_dir):
+    return utils.PoseImageDataset(str(dataset_dir), image_size=32, split="val",
+                                  val_fraction=float(VAL_FRACTION), progress=False)
+
+
+class RedrawingModel:
+    """A 'perfect' part-conditioned model: its sample for a pose is the real image of that pose.
+
+    Its tokens are the image's index repeated, and decoding a token row gives that image back.
+    """
+
+    condition = "parts"
+
+    def __init__(self, dataset):
+        self.images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        self.parts = torch.stack([dataset[i]["parts"] for i in range(len(dataset))])
+
+    def eval(self):
+        return self
+
+    def condition_tokens(self, keypoints=None, part_maps=None, batch_size=None):
+        return part_maps.flatten(1)
+
+    def _index(self, rows, table):
+        return torch.tensor([next(i for i, known in enumerate(table) if torch.equal(row, known))
+                             for row in rows])
+
+    def sample(self, cond, generator=None, **options):
+        return self._index(cond, self.parts.flatten(1))[:, None].repeat(1, 4)
+
+    def image_tokens(self, images):
+        return self._index(images, self.images)[:, None].repeat(1, 4)
+
+    def decode(self, tokens):
+        return self.images[tokens[:, 0]]
+
+
+def test_silhouettes_of_real_mannequins_match_their_part_maps(val_set):
+    images = torch.stack([val_set[i]["image"] for i in range(len(val_set))])
+    truth = torch.stack([val_set[i]["parts"] for i in range(len(val_set))]) > 0
+    scores = evaluate.iou(evaluate.silhouette(utils.denormalize(images)), truth)
+    assert scores.min() > 0.65 and scores.mean() > 0.75  # edges only: see the module docstring
+
+
+def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_floor(val_set):
+    result = evaluate.evaluate_pose_fidelity(RedrawingModel(val_set), val_set, num_poses=8,
+                                             batch_size=3, device=torch.device("cpu"))
+    assert result["num_poses"] == 8
+    assert result["sample_iou"] == result["ceiling_iou"] == result["real_iou"]
+    assert result["sample_over_ceiling"] == 1.0
+    assert result["floor_iou"] < 0.6 * result["sample_iou"]
+    assert result["sample_over_floor"] == pytest.approx(result["sample_iou"] / result["floor_iou"])
+
+
+def test_pose_fidelity_is_skipped_without_a_pose_or_part_maps(val_set):
+    device = torch.device("cpu")
+    unconditional = SimpleNamespace(condition="none")
+    assert "skipped" in evaluate.evaluate_pose_fidelity(unconditional, val_set, 4, 2, device)
+    no_parts = SimpleNamespace(has_parts=False)
+    assert "part maps" in evaluate.evaluate_pose_fidelity(
+        RedrawingModel(val_set), no_parts, 4, 2, device)["skipped"]
+
+
+# ---- the script end to end ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(dataset_dir, tmp_path_factory):
+    """A tiny untrained VQGAN and a keypoint transformer trained for 2 steps on it."""
+    folder = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    vqgan_path = folder / "vqgan.pt"
+    save_vqgan(VQGAN(TINY_CONFIG), str(vqgan_path))
+    run_dir = folder / "transformer"
+    training_transformer.main([
+        "--vqgan-checkpoint", str(vqgan_path), "--dataset-path", str(dataset_dir),
+        "--image-size", "32", "--val-fraction", VAL_FRACTION, "--run-dir", str(run_dir),
+        "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8",
+        "--max-steps", "2", "--warmup-steps", "1", "--num-workers", "0", "--device", "cpu",
+        "--grid-examples", "1"])
+    return SimpleNamespace(vqgan=vqgan_path, transformer=run_dir / "transformer_last.pt",
+                           metrics=run_dir / "metrics.jsonl", folder=folder)
+
+
+def evaluate_args(trained, dataset_dir, json_path):
+    lpips = (["--lpips-weights", str(ALEXNET_WEIGHTS)] if ALEXNET_WEIGHTS.is_file()
+             else ["--no-lpips"])
+    return ["--vqgan-checkpoint", str(trained.vqgan),
+            "--transformer-checkpoint", str(trained.transformer),
+            "--dataset-path", str(dataset_dir), "--val-fraction", VAL_FRACTION,
+            "--json", str(json_path), "--batch-size", "4", "--num-pose-samples", "4",
+            "--num-workers", "0", "--device", "cpu", "--seed", "3", *lpips]
+
+
+@pytest.fixture(scope="module")
+def report(trained, dataset_dir):
+    json_path = trained.folder / "eval" / "eval.json"
+    evaluate.main(evaluate_args(trained, dataset_dir, json_path))
+    return json_path
+
+
+def test_json_has_the_documented_keys_in_sane_ranges(report, val_set):
+    results = json.loads(report.read_text())
+    assert results["split"] == "val" and results["num_images"] == len(val_set)
+    assert results["image_size"] == 32  # taken from the VQGAN
+    rec = results["reconstruction"]
+    assert set(rec) == {"psnr_db", "ssim", "lpips_alex", "l1"}
+    assert 0 < rec["psnr_db"] < 100 and -1 < rec["ssim"] <= 1 and 0 < rec["l1"] <= 2
+    if ALEXNET_WEIGHTS.is_file():
+        assert 0 < rec["lpips_alex"] < 2
+    codes = results["codebook"]
+    assert len(codes["counts"]) == codes["n_embed"] == 32
+    assert sum(codes["counts"]) == len(val_set) * 16 * 16
+    assert codes["codes_used"] == sum(c > 0 for c in codes["counts"])
+    assert codes["usage"] == codes["codes_used"] / 32
+    assert 1 <= codes["perplexity"] <= codes["codes_used"]
+    assert Path(codes["histogram"]) == report.parent / "eval_codes.png"
+    assert Image.open(codes["histogram"]).size == (720, 360)
+    transformer = results["transformer"]
+    assert transformer["condition"] == "keypoints" and transformer["tokens_per_image"] == 256
+    assert 0 < transformer["bits_per_token"] < 10  # log2(32) = 5 for a uniform guess
+    assert transformer["bits_per_image"] == pytest.approx(256 * transformer["bits_per_token"])
+    pose = results["pose_fidelity"]
+    assert pose["num_poses"] == 4 and pose["threshold"] == evaluate.SILHOUETTE_THRESHOLD
+    for key in ("sample_iou", "ceiling_iou", "floor_iou", "real_iou"):
+        assert 0 <= pose[key] <= 1
+    assert pose["real_iou"] > 0.7
+    assert pose["sample_over_ceiling"] == pytest.approx(pose["sample_iou"] / pose["ceiling_iou"])
+
+
+def test_reported_numbers_equal_a_direct_computation(report, trained, val_set):
+    results = json.loads(report.read_text())
+    model, _ = load_transformer(str(trained.transformer), "cpu", str(trained.vqgan))
+    images = torch.stack([val_set[i]["image"] for i in range(len(val_set))])
+    keypoints = torch.stack([val_set[i]["keypoints"] for i in range(len(val_set))])
+    with torch.no_grad():
+        reconstructions, _, indices = model.vqgan(images)
+        tokens = indices.flatten(1)
+        cond = model.condition_tokens(keypoints=keypoints)
+        P = cond.shape[1]
+        logits = model.gpt(torch.cat([cond, tokens[:, :-1]], dim=1))[:, P - 1:]
+    nats = -logits.log_softmax(-1).gather(-1, tokens[..., None]).mean().item()
+    assert results["transformer"]["bits_per_token"] == pytest.approx(nats / math.log(2), rel=1e-5)
+    # ... and training's own validation of the same checkpoint
+    logged = [r["val_bits_per_token"] for r in utils.read_jsonl(trained.metrics)
+              if "val_bits_per_token" in r]
+    assert results["transformer"]["bits_per_token"] == pytest.approx(logged[-1], rel=1e-5)
+    assert results["codebook"]["counts"] == torch.bincount(tokens.flatten(), minlength=32).tolist()
+    x = images.numpy().astype(np.float64)
+    y = reconstructions.clamp(-1, 1).numpy().astype(np.float64)
+    mse = (((x + 1) / 2 - (y + 1) / 2) ** 2).reshape(len(x), -1).mean(axis=1)
+    rec = results["reconstruction"]
+    assert rec["psnr_db"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-4)
+    assert rec["l1"] == pytest.approx(np.abs(x - y).mean(), rel=1e-4)
+
+
+def test_two_runs_write_identical_json(report, trained, dataset_dir):
+    first = report.read_text()
+    evaluate.main(evaluate_args(trained, dataset_dir, report))
+    assert report.read_text() == first
+
+
+def test_bad_checkpoints_stop_with_one_line(trained, tmp_path, capsys):
+    for argv, expected in (
+            (["--vqgan-checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
+            (["--vqgan-checkpoint", str(trained.transformer)], "stage-2 training checkpoint"),
+            (["--vqgan-checkpoint", str(trained.vqgan), "--transformer-checkpoint",
+              str(trained.vqgan)], "stage-1 inference checkpoint")):
+        with pytest.raises(SystemExit) as stopped:
+            utils.run_cli(lambda: evaluate.main(argv))
+        assert stopped.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+
+
+def test_an_image_size_other_than_the_vqgans_is_refused(trained):
+    with pytest.raises(utils.UserError, match="--image-size 32"):
+        evaluate.main(["--vqgan-checkpoint", str(trained.vqgan), "--image-size", "64"])

@@ -1,0 +1,278 @@
+"""sample.py end to end on a two-step transformer over an untrained 32 px VQGAN.
+
+The samples are noise, which is fine: these tests check which files appear, where a pose lands
+on the model's square, that a seed repeats itself, that a completion keeps the given top half,
+and that every bad input stops with one clear UserError.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mannequins
+import sample
+import training_transformer
+from transformer import PoseTransformer
+import utils
+from utils import UserError
+from vqgan import VQGAN, VQGANConfig, load_vqgan, save_vqgan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32
+TINY_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=32, embed_dim=16, n_embed=32, resolution=SIZE)
+HALF = 16 * 16 // 2  # tokens in the top half of the 16 x 16 grid
+NOSE, LEFT_ANKLE = 0, 15
+
+
+def save_tiny_vqgan(path, seed):
+    torch.manual_seed(seed)
+    save_vqgan(VQGAN(TINY_VQGAN), path)
+    return path
+
+
+def pose(*visible):
+    """17 COCO keypoints: the given (index, x, y, v) ones, every other joint not visible."""
+    keypoints = [[0, 0, 0] for _ in range(17)]
+    for index, x, y, v in visible:
+        keypoints[index] = [x, y, v]
+    return keypoints
+
+
+def write_json(path, value):
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: with the few shared cores busy, more threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample") / "mannequins"
+    mannequins.write_dataset(str(root), count=48, image_size=SIZE, seed=0, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vqgan_path(tmp_path_factory):
+    return save_tiny_vqgan(str(tmp_path_factory.mktemp("vqgan") / "vqgan.pt"), seed=0)
+
+
+def train(data, vqgan_path, run_dir, *extra):
+    training_transformer.main([
+        "--dataset-path", str(data), "--vqgan-checkpoint", vqgan_path, "--image-size", str(SIZE),
+        "--val-fraction", "0.2", "--run-dir", str(run_dir), "--n-layer", "1", "--n-head", "2",
+        "--n-embd", "32", "--batch-size", "8", "--max-steps", "2", "--grid-examples", "1",
+        "--num-workers", "0", "--device", "cpu", *extra])
+    return str(run_dir / "transformer_last.pt")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data, vqgan_path, tmp_path_factory):
+    """A keypoint-conditioned model (the mannequins' poses, padded to squares)."""
+    return train(data, vqgan_path, tmp_path_factory.mktemp("keypoints"))
+
+
+@pytest.fixture(scope="module")
+def parts_checkpoint(data, vqgan_path, tmp_path_factory):
+    return train(data, vqgan_path, tmp_path_factory.mktemp("parts"), "--condition", "parts")
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """Record what PoseTransformer.sample is given and returns, call by call."""
+    calls, original = [], PoseTransformer.sample
+
+    def spy(model, cond, **kwargs):
+        tokens = original(model, cond, **kwargs)
+        calls.append(dict(model=model, cond=cond, tokens=tokens, **kwargs))
+        return tokens
+    monkeypatch.setattr(PoseTransformer, "sample", spy)
+    return calls
+
+
+def run(checkpoint, out, *extra):
+    sample.main(["--checkpoint", checkpoint, "--out", str(out), "--device", "cpu", *extra])
+
+
+def png_bytes(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture
+def pose_file(tmp_path):
+    """poses.json for 'photo.png' (a 64 x 32 picture beside it) and 'drawn.png' (no picture)."""
+    Image.new("RGB", (64, 32), "gray").save(tmp_path / "photo.png")
+    return write_json(tmp_path / "poses.json", {
+        "photo.png": pose((NOSE, 20, 4, 2), (LEFT_ANKLE, 40, 30, 1)),
+        "drawn.png": pose((NOSE, 50, 25, 2), (LEFT_ANKLE, 25, 0, 2))})
+
+
+# ---- what sample.py writes -----------------------------------------------------------------
+
+
+def test_validation_poses_give_one_file_per_pose_and_sample_and_a_grid(checkpoint, data,
+                                                                      tmp_path):
+    out = tmp_path / "out"
+    run(checkpoint, out, "--count", "2", "--num-samples", "2")
+    val_set = utils.PoseImageDataset(str(data), SIZE, "val", 0.2, progress=False)
+    stems = [os.path.splitext(os.path.basename(e.name))[0] for e in val_set.examples[:2]]
+    assert sorted(os.listdir(out)) == sorted(
+        [f"{stem}_{i}.png" for stem in stems for i in range(2)] + ["grid.png"])
+    assert Image.open(out / f"{stems[0]}_0.png").size == (SIZE, SIZE)
+    # rows: pose | original | sample 0 | sample 1, cells of 32 px with 2 px gaps
+    assert Image.open(out / "grid.png").size == (4 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)
+
+
+def test_pose_coordinates_map_onto_the_model_square_as_training_squared_images():
+    keypoints = np.array(pose((NOSE, 20, 4, 2), (LEFT_ANKLE, 40, 30, 1)), np.float32)
+    # 64 x 32 padded: a 64 px square from y = -16, halved
+    padded = sample.to_model_pose(keypoints, (64, 32), SIZE, "pad")
+    assert padded[NOSE].tolist() == [10, 10, 2] and padded[LEFT_ANKLE].tolist() == [20, 23, 1]
+    # 64 x 32 cropped: the 32 px square from x = 16, unscaled
+    cropped = sample.to_model_pose(keypoints, (64, 32), SIZE, "crop")
+    assert cropped[NOSE].tolist() == [4, 4, 2] and cropped[LEFT_ANKLE].tolist() == [24, 30, 1]
+    # 100 x 50 padded: a 100 px square from y = -25, scaled by 0.32
+    drawn = np.array(pose((NOSE, 50, 25, 2), (LEFT_ANKLE, 25, 0, 2)), np.float32)
+    padded = sample.to_model_pose(drawn, (100, 50), SIZE, "pad")
+    assert padded[NOSE].tolist() == pytest.approx([16, 16, 2])
+    assert padded[LEFT_ANKLE].tolist() == pytest.approx([8, 8, 2])
+
+
+def test_pose_file_uses_the_picture_beside_it_else_pose_image_size(checkpoint, pose_file,
+                                                                   tmp_path, sampled):
+    out = tmp_path / "out"
+    run(checkpoint, out, "--poses", pose_file, "--pose-image-size", "100", "50")
+    assert sorted(os.listdir(out)) == ["drawn_0.png", "drawn_1.png", "grid.png", "photo_0.png",
+                                       "photo_1.png"]
+    # worked out by hand in the test above: photo.png is 64 x 32, drawn.png 100 x 50
+    expected = torch.tensor([pose((NOSE, 10, 10, 2), (LEFT_ANKLE, 20, 23, 1)),
+                             pose((NOSE, 16, 16, 2), (LEFT_ANKLE, 8, 8, 2))], dtype=torch.float32)
+    (call,) = sampled
+    cond = call["model"].condition_tokens(keypoints=expected)
+    assert torch.equal(call["cond"], cond.repeat_interleave(2, dim=0))  # 2 samples per pose
+
+
+def test_pose_file_follows_a_run_trained_on_centre_crops(data, vqgan_path, pose_file, tmp_path,
+                                                         sampled):
+    cropped = train(data, vqgan_path, tmp_path / "run", "--resize-mode", "crop",
+                    "--max-steps", "1")
+    sampled.clear()  # training drew its sample grid
+    run(cropped, tmp_path / "out", "--poses", pose_file, "--pose-image-size", "100", "50",
+        "--num-samples", "1")
+    # 100 x 50 cropped: the 50 px square from x = 25, scaled by 0.64
+    expected = torch.tensor([pose((NOSE, 4, 4, 2), (LEFT_ANKLE, 24, 30, 1)),
+                             pose((NOSE, 16, 16, 2), (LEFT_ANKLE, 0, 0, 2))], dtype=torch.float32)
+    (call,) = sampled
+    assert torch.equal(call["cond"], call["model"].condition_tokens(keypoints=expected))
+
+
+def test_same_seed_repeats_the_same_files_and_another_seed_does_not(checkpoint, pose_file,
+                                                                    tmp_path):
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        run(checkpoint, tmp_path / name, "--poses", pose_file, "--pose-image-size", "100", "50",
+            "--seed", seed)
+    assert png_bytes(tmp_path / "a") == png_bytes(tmp_path / "b")
+    differ = [name for name, content in png_bytes(tmp_path / "a").items()
+              if png_bytes(tmp_path / "c")[name] != content]
+    assert "photo_0.png" in differ and "drawn_1.png" in differ
+
+
+def test_completion_keeps_the_top_half_tokens_of_the_image(checkpoint, data, vqgan_path,
+                                                           tmp_path, sampled):
+    image = Image.open(data / "images" / "000002.png")
+    image.save(tmp_path / "person.png")
+    with open(data / "poses.json") as f:
+        keypoints = json.load(f)["images/000002.png"]
+    poses = write_json(tmp_path / "poses.json", {"person.png": keypoints})
+    out = tmp_path / "out"
+    run(checkpoint, out, "--complete", str(tmp_path / "person.png"), "--poses", poses)
+    assert sorted(os.listdir(out)) == ["grid.png", "person_0.png", "person_1.png"]
+
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1)
+    with torch.no_grad():
+        own = load_vqgan(vqgan_path).encode(pixels.permute(2, 0, 1)[None])[2].flatten(1)
+    (call,) = sampled
+    assert call["tokens"].shape == (2, 2 * HALF)
+    assert torch.equal(call["tokens"][:, :HALF], own[:, :HALF].expand(2, -1))
+    assert not torch.equal(call["tokens"], own.expand(2, -1))  # the bottom half is sampled
+
+
+def test_completion_for_a_part_map_model_needs_an_image_with_a_part_map(parts_checkpoint,
+                                                                        data, tmp_path):
+    outside_validation = str(data / "images" / "000002.png")
+    with pytest.raises(UserError, match="part map"):
+        run(parts_checkpoint, tmp_path / "out", "--complete", outside_validation)
+
+
+# ---- bad input: one clear UserError each ---------------------------------------------------
+
+
+BAD_POSE_FILES = {
+    "18 keypoints": ([[1, 1, 2]] * 18, "18 keypoints.*17"),
+    "outside the image": (pose((NOSE, 40, 4, 2)), r"outside its 32x32 image"),
+    "NaN": ("[" + ", ".join(["[NaN, 1, 2]"] + ["[1, 1, 2]"] * 16) + "]", "finite numbers"),
+    "a string": (pose((NOSE, "10", 4, 2)), "finite numbers"),
+    "v = 3": (pose((NOSE, 10, 4, 3)), "visibility 3"),
+}
+
+
+@pytest.mark.parametrize("flaw", sorted(BAD_POSE_FILES))
+def test_flawed_pose_file_is_a_user_error(flaw, checkpoint, tmp_path):
+    keypoints, message = BAD_POSE_FILES[flaw]
+    text = keypoints if isinstance(keypoints, str) else json.dumps(keypoints)
+    path = tmp_path / "poses.json"
+    path.write_text('{"person.png": ' + text + "}")
+    with pytest.raises(UserError, match=message):
+        run(checkpoint, tmp_path / "out", "--poses", str(path))
+
+
+def test_pose_file_that_is_not_json_is_a_user_error(checkpoint, tmp_path):
+    path = tmp_path / "poses.json"
+    path.write_text('{"person.png": [[1, 2, 2],')
+    with pytest.raises(UserError, match="not valid JSON"):
+        run(checkpoint, tmp_path / "out", "--poses", str(path))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"),
+    (["--top-k", "0"], "--top-k"), (["--temperature", "0"], "--temperature")])
+def test_sampling_option_out_of_range_is_a_user_error(flags, message, checkpoint, tmp_path):
+    with pytest.raises(UserError, match=message):
+        run(checkpoint, tmp_path / "out", *flags)
+
+
+def test_stage1_checkpoint_given_as_checkpoint_is_a_user_error(vqgan_path, tmp_path):
+    with pytest.raises(UserError, match="stage-1"):
+        run(vqgan_path, tmp_path / "out")
+
+
+def test_vqgan_other_than_the_one_trained_with_is_a_user_error(checkpoint, tmp_path):
+    other = save_tiny_vqgan(str(tmp_path / "other.pt"), seed=1)  # same shape, other weights
+    with pytest.raises(UserError, match="not the VQGAN"):
+        run(checkpoint, tmp_path / "out", "--vqgan-checkpoint", other)
+
+
+def test_poses_for_a_part_map_model_is_a_user_error(parts_checkpoint, pose_file, tmp_path):
+    with pytest.raises(UserError, match="conditioned on parts"):
+        run(parts_checkpoint, tmp_path / "out", "--poses", pose_file)
+
+
+def test_command_line_reports_a_user_error_as_one_line_and_exit_status_2(tmp_path):
+    result = subprocess.run([sys.executable, "sample.py", "--checkpoint", "unused.pt",
+                             "--top-k", "0"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --top-k must be at least 1, got 0"]

@@ -1,0 +1,383 @@
+"""Stage 2 training end to end on 48 tiny mannequins and an untrained 32 px VQGAN.
+
+No stage-1 training is needed: the transformer only needs *some* frozen VQGAN. Runs are a few
+steps of a one-layer GPT; main() is called in-process (it raises UserError for bad input) and
+the command line is checked once through a subprocess.
+"""
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import mannequins
+import mingpt
+import training_transformer
+import utils
+from transformer import load_transformer
+from training_transformer import lr_at
+from utils import COCO17, UserError
+from vqgan import VQGAN, VQGANConfig, load_vqgan, save_vqgan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32  # pixels; the VQGAN below makes 16 x 16 tokens of it
+TINY_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=32, embed_dim=16, n_embed=32, resolution=SIZE)
+STEPS = 5  # the training split holds 39 images: 4 batches of 8 make an epoch
+
+
+def save_tiny_vqgan(path, seed):
+    torch.manual_seed(seed)
+    save_vqgan(VQGAN(TINY_VQGAN), path)
+    return path
+
+
+def train_args(data, vqgan_path, run_dir, *extra):
+    """Flags of a tiny run; `extra` flags come last, so they override these."""
+    return ["--dataset-path", str(data), "--vqgan-checkpoint", str(vqgan_path),
+            "--image-size", str(SIZE), "--val-fraction", "0.2", "--run-dir", str(run_dir),
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8",
+            "--lr", "1e-3", "--warmup-steps", "2", "--pkeep", "0.5", "--dropout", "0.1",
+            "--grid-examples", "2", "--num-workers", "0", "--device", "cpu",
+            "--max-steps", str(STEPS), *extra]
+
+
+def datasets(data):
+    common = dict(root=str(data), image_size=SIZE, val_fraction=0.2, progress=False)
+    return (utils.PoseImageDataset(split="train", **common),
+            utils.PoseImageDataset(split="val", **common))
+
+
+def read_cache(run_dir):
+    (name,) = os.listdir(os.path.join(run_dir, "token_cache"))
+    return torch.load(os.path.join(run_dir, "token_cache", name), weights_only=True)
+
+
+def last_checkpoint(run_dir):
+    return torch.load(os.path.join(run_dir, "transformer_last.pt"), weights_only=True)
+
+
+def count_calls(monkeypatch, owner, name):
+    """Wrap owner.name so that calls are counted; returns the list of call arguments."""
+    calls, original = [], getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: with the few shared cores busy, more threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2") / "mannequins"
+    mannequins.write_dataset(str(root), count=48, image_size=SIZE, seed=0, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vqgan_path(tmp_path_factory):
+    return save_tiny_vqgan(str(tmp_path_factory.mktemp("vqgan") / "vqgan.pt"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(data, vqgan_path, tmp_path_factory):
+    """One keypoint-conditioned run of STEPS steps, watching its VQGAN and optimizer."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    seen = {}
+
+    def watch_vqgan(*args, **kwargs):
+        seen["vqgan"] = load_vqgan(*args, **kwargs)
+        return seen["vqgan"]
+
+    configure_optimizer = mingpt.GPT.configure_optimizer
+
+    def watch_optimizer(gpt, *args, **kwargs):
+        seen["gpt"], seen["optimizer"] = gpt, configure_optimizer(gpt, *args, **kwargs)
+        return seen["optimizer"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training_transformer, "load_vqgan", watch_vqgan)
+        patch.setattr(mingpt.GPT, "configure_optimizer", watch_optimizer)
+        training_transformer.main(train_args(data, vqgan_path, run_dir))
+    return run_dir, seen
+
+
+def fresh_run_with_cache_of(trained_run_dir, tmp_path):
+    """A new run folder that already holds the trained run's token cache."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run_dir / "token_cache", run_dir / "token_cache")
+    return run_dir
+
+
+# ---- the learning-rate schedule ------------------------------------------------------------
+
+
+def test_lr_rises_linearly_during_warmup_then_follows_a_cosine_down_to_the_floor():
+    peak, warmup, total, floor = 1.0, 10, 110, 0.1
+    assert lr_at(0, peak, warmup, total, floor) == pytest.approx(0.1)  # 1 / 10 of the peak
+    assert lr_at(4, peak, warmup, total, floor) == pytest.approx(0.5)
+    assert lr_at(9, peak, warmup, total, floor) == pytest.approx(1.0)
+    assert lr_at(10, peak, warmup, total, floor) == pytest.approx(1.0)  # cosine starts at peak
+    # a quarter of the way: 0.1 + 0.9 * (1 + cos(pi / 4)) / 2
+    assert lr_at(35, peak, warmup, total, floor) == pytest.approx(0.1 + 0.45 * (1 + 0.5**0.5))
+    assert lr_at(60, peak, warmup, total, floor) == pytest.approx(0.55)  # half way
+    assert lr_at(110, peak, warmup, total, floor) == pytest.approx(0.1)
+    assert lr_at(500, peak, warmup, total, floor) == pytest.approx(0.1)  # stays at the floor
+
+
+# ---- the frozen VQGAN ----------------------------------------------------------------------
+
+
+def test_vqgan_is_frozen_left_out_of_the_optimizer_and_of_the_checkpoint(trained, vqgan_path):
+    run_dir, seen = trained
+    vqgan, optimizer = seen["vqgan"], seen["optimizer"]
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in seen["gpt"].parameters()}
+    assert not optimized & {id(p) for p in vqgan.parameters()}
+    on_disk = torch.load(vqgan_path, weights_only=True)["state_dict"]
+    after = vqgan.state_dict()
+    assert after.keys() == on_disk.keys()
+    assert all(torch.equal(after[k], on_disk[k]) for k in on_disk), "training changed the VQGAN"
+    keys = last_checkpoint(run_dir)["model"].keys()
+    assert keys and all(k.startswith("gpt.") for k in keys), sorted(keys)[:5]
+
+
+# ---- the token cache -----------------------------------------------------------------------
+
+
+def test_token_cache_is_read_instead_of_encoding_and_trains_exactly_like_encoding(
+        trained, data, vqgan_path, tmp_path, monkeypatch):
+    trained_dir, _ = trained
+    run_dir = fresh_run_with_cache_of(trained_dir, tmp_path)
+    encodes = count_calls(monkeypatch, VQGAN, "encode")
+    training_transformer.main(train_args(data, vqgan_path, run_dir))
+    assert encodes == []
+    # encoding must not use the global RNG that --pkeep and dropout draw from
+    cached, encoded = last_checkpoint(run_dir)["model"], last_checkpoint(trained_dir)["model"]
+    assert all(torch.equal(cached[k], encoded[k]) for k in encoded)
+
+
+def test_token_cache_is_rebuilt_when_the_vqgan_file_changes(trained, data, vqgan_path, tmp_path,
+                                                            monkeypatch):
+    run_dir = fresh_run_with_cache_of(trained[0], tmp_path)
+    copy = str(tmp_path / "copy_of_vqgan.pt")
+    shutil.copy(vqgan_path, copy)
+    encodes = count_calls(monkeypatch, VQGAN, "encode")
+    args = train_args(data, copy, run_dir, "--max-steps", "1")
+    training_transformer.main(args)
+    assert encodes == [], "the same VQGAN content under another name should reuse the cache"
+    save_tiny_vqgan(copy, seed=1)  # same file, other weights
+    training_transformer.main(args)
+    assert encodes
+
+
+def test_token_cache_is_rebuilt_when_the_dataset_gains_an_image(data, vqgan_path, tmp_path,
+                                                                monkeypatch):
+    folder = tmp_path / "data"
+    shutil.copytree(data, folder)
+    args = train_args(folder, vqgan_path, tmp_path / "run", "--max-steps", "1")
+    training_transformer.main(args)
+    for sub in ("images", "parts/images"):
+        shutil.copy(folder / sub / "000002.png", folder / sub / "extra.png")
+    encodes = count_calls(monkeypatch, VQGAN, "encode")
+    training_transformer.main(args)
+    assert encodes
+    cache = read_cache(tmp_path / "run")
+    assert "images/extra.png" in cache["train"]["paths"] + cache["val"]["paths"]
+
+
+def test_cached_tokens_equal_a_direct_encode_and_flipped_tokens_encode_the_mirrored_image(
+        trained, data, vqgan_path):
+    cache = read_cache(trained[0])
+    train_set, val_set = datasets(data)
+    vqgan = load_vqgan(vqgan_path)
+
+    def encode(images):
+        with torch.no_grad():
+            return vqgan.encode(images)[2].flatten(1)  # (B, h * w)
+    train_images = torch.stack([train_set[i]["image"] for i in range(len(train_set))])
+    val_images = torch.stack([val_set[i]["image"] for i in range(len(val_set))])
+    assert cache["train"]["tokens"].shape == (len(train_set), 2, 16 * 16)
+    assert torch.equal(cache["train"]["tokens"][:, 0], encode(train_images))
+    assert torch.equal(cache["train"]["tokens"][:, 1], encode(train_images.flip(-1)))
+    assert torch.equal(cache["val"]["tokens"][:, 0], encode(val_images))
+
+
+def test_condition_prefixes_of_flipped_examples_come_from_mirrored_keypoints_with_sides_swapped(
+        trained, data):
+    cache = read_cache(trained[0])
+    model, _ = load_transformer(os.path.join(trained[0], "transformer_last.pt"))
+    train_set, _ = datasets(data)
+    keypoints = torch.stack([train_set[i]["keypoints"] for i in range(len(train_set))])
+    # by joint name: left_wrist takes the mirrored right_wrist and so on
+    other_side = [COCO17.joints.index(name.replace("left_", "RIGHT_").replace("right_", "left_")
+                                      .replace("RIGHT_", "right_")) for name in COCO17.joints]
+    mirrored = keypoints.clone()
+    mirrored[..., 0] = SIZE - mirrored[..., 0]
+    swapped = mirrored[:, other_side]
+
+    prefixes = training_transformer.condition_tokens(model, cache["train"])  # (N, 2, 17)
+    assert torch.equal(prefixes[:, 0], model.condition_tokens(keypoints=keypoints))
+    assert torch.equal(prefixes[:, 1], model.condition_tokens(keypoints=swapped))
+    assert not torch.equal(prefixes[:, 1], model.condition_tokens(keypoints=mirrored))
+
+
+# ---- exact resume --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resumed(data, vqgan_path, tmp_path_factory):
+    """Six steps in one run, and the same six stopped by Ctrl-C after four and resumed."""
+    whole, split = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("split")
+    training_transformer.main(train_args(data, vqgan_path, whole, "--max-steps", "6",
+                                         "--log-every", "1"))
+    args = train_args(data, vqgan_path, split, "--max-steps", "6", "--log-every", "100")
+
+    def ctrl_c_during_step_4(step, *rest):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, *rest)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training_transformer, "lr_at", ctrl_c_during_step_4)
+        training_transformer.main(args)
+    stopped_at = last_checkpoint(split)["step"]
+    training_transformer.main(args + ["--resume"])
+    return whole, split, stopped_at
+
+
+def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(resumed):
+    whole_dir, split_dir, stopped_at = resumed
+    assert stopped_at == 4
+    whole, split = last_checkpoint(whole_dir), last_checkpoint(split_dir)
+    assert whole["step"] == split["step"] == 6
+    assert whole["model"].keys() == split["model"].keys()
+    assert all(torch.equal(whole["model"][k], split["model"][k]) for k in whole["model"])
+    a, b = whole["optimizer"], split["optimizer"]
+    assert a["param_groups"] == b["param_groups"]  # the lr of the last step among them
+    assert a["state"].keys() == b["state"].keys()
+    for index, state in a["state"].items():
+        assert all(torch.equal(value, b["state"][index][name]) for name, value in state.items())
+
+
+def test_resumed_run_logs_the_mean_loss_and_lr_of_its_own_steps(resumed):
+    whole_dir, split_dir, _ = resumed
+    per_step = {r["step"]: r for r in utils.read_jsonl(os.path.join(whole_dir, "metrics.jsonl"))
+                if "loss" in r}
+    (last,) = [r for r in utils.read_jsonl(os.path.join(split_dir, "metrics.jsonl"))
+               if "loss" in r]
+    assert last["step"] == 6
+    assert last["loss"] == pytest.approx((per_step[5]["loss"] + per_step[6]["loss"]) / 2)
+    assert last["lr"] == pytest.approx(per_step[6]["lr"])
+
+
+def test_resume_from_a_stage1_checkpoint_says_so(trained, data, vqgan_path):
+    with pytest.raises(UserError, match="stage-1"):
+        training_transformer.main(train_args(data, vqgan_path, trained[0], "--resume",
+                                             vqgan_path))
+
+
+def test_resume_with_another_architecture_names_the_field_that_differs(trained, data,
+                                                                       vqgan_path):
+    with pytest.raises(UserError, match="n_layer"):
+        training_transformer.main(train_args(data, vqgan_path, trained[0], "--n-layer", "2",
+                                             "--resume"))
+
+
+# ---- what a run writes ---------------------------------------------------------------------
+
+
+def test_validation_bits_per_token_are_logged_each_epoch_and_equal_the_cross_entropy(
+        trained, data):
+    run_dir, _ = trained
+    records = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+               if "val_bits_per_token" in r]
+    assert [r["step"] for r in records] == [4, STEPS]  # end of epoch 1, end of the run
+    model, _ = load_transformer(os.path.join(run_dir, "transformer_last.pt"))
+    _, val_set = datasets(data)
+    images = torch.stack([val_set[i]["image"] for i in range(len(val_set))])
+    keypoints = torch.stack([val_set[i]["keypoints"] for i in range(len(val_set))])
+    with torch.no_grad():
+        tokens = model.vqgan.encode(images)[2].flatten(1)  # (N, L)
+        cond = model.condition_tokens(keypoints=keypoints)  # (N, P)
+        logits = model.gpt(torch.cat([cond, tokens[:, :-1]], dim=1))[:, cond.size(1) - 1:]
+        nats = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    assert records[-1]["val_bits_per_token"] == pytest.approx(nats.item() / math.log(2),
+                                                              rel=1e-5)
+
+
+def cell(grid, row, column, side=SIZE, pad=2):
+    left, top = pad + column * (side + pad), pad + row * (side + pad)
+    return np.asarray(grid.crop((left, top, left + side, top + side)))
+
+
+def test_sample_grid_rows_are_pose_original_reconstruction_completion_and_two_samples(
+        trained, data):
+    run_dir, seen = trained
+    grid = Image.open(os.path.join(run_dir, "samples", f"samples_{STEPS:06d}.png"))
+    examples, pad = 2, 2
+    assert grid.size == (6 * (SIZE + pad) + pad, examples * (SIZE + pad) + pad)
+    _, val_set = datasets(data)
+    tokens = read_cache(run_dir)["val"]["tokens"][:, 0]
+    with torch.no_grad():
+        reconstructions = seen["vqgan"].decode_indices(tokens[:examples].view(-1, 16, 16))
+    for row in range(examples):
+        item = val_set[row]
+        skeleton = utils.draw_skeleton(item["keypoints"], COCO17, (SIZE, SIZE))
+        assert np.array_equal(cell(grid, row, 0), np.asarray(skeleton))
+        assert np.array_equal(cell(grid, row, 1), np.asarray(utils.to_uint8_image(item["image"])))
+        reconstruction = utils.to_uint8_image(reconstructions[row])
+        assert np.array_equal(cell(grid, row, 2), np.asarray(reconstruction))
+
+
+@pytest.mark.parametrize("condition", ["parts", "none"])
+def test_part_map_and_unconditional_models_train_and_draw_their_condition(
+        condition, trained, data, vqgan_path, tmp_path):
+    run_dir = fresh_run_with_cache_of(trained[0], tmp_path)
+    training_transformer.main(train_args(data, vqgan_path, run_dir, "--max-steps", "2",
+                                         "--condition", condition))
+    checkpoint = last_checkpoint(run_dir)
+    assert checkpoint["step"] == 2 and checkpoint["config"]["condition"] == condition
+    losses = [r["loss"] for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+              if "loss" in r]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    grid = Image.open(os.path.join(run_dir, "samples", "samples_000002.png"))
+    _, val_set = datasets(data)
+    expected = (utils.colorize_parts(val_set[0]["parts"]) if condition == "parts"
+                else Image.new("RGB", (SIZE, SIZE), "white"))
+    assert np.array_equal(cell(grid, 0, 0), np.asarray(expected))
+
+
+def test_condition_keypoints_on_a_folder_without_poses_json_is_a_user_error(
+        data, vqgan_path, tmp_path):
+    folder = tmp_path / "no_poses"
+    shutil.copytree(data / "images", folder / "images")
+    with pytest.raises(UserError, match="poses.json"):
+        training_transformer.main(train_args(folder, vqgan_path, tmp_path / "run",
+                                             "--condition", "keypoints"))
+
+
+def test_command_line_reports_a_user_error_as_one_line_and_exit_status_2(tmp_path):
+    missing = str(tmp_path / "missing.pt")
+    result = subprocess.run([sys.executable, "training_transformer.py", "--vqgan-checkpoint",
+                             missing, "--run-dir", str(tmp_path / "run")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: no stage-1 checkpoint at {missing}; run python training_vqgan.py first or pass "
+        "--vqgan-checkpoint"]

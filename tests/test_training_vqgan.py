@@ -1,0 +1,452 @@
+"""Stage-1 training: the split-graph loss equals the textbook one, the GAN switches on at
+--disc-start, grids are real pixels, runs resume exactly, checkpoints survive crashes, NaN and
+Ctrl-C stop cleanly, wrong --resume files are refused, and a tiny run learns.
+
+Everything runs on the CPU with 32 px mannequins and a tiny VQGAN (ch 32, ch_mult 1,2).
+"""
+import copy
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import mannequins
+import training_vqgan
+import utils
+from discriminator import NLayerDiscriminator, hinge_d_loss
+from lpips_loss import LPIPSLoss
+from vqgan import VQGAN, VQGANConfig, load_vqgan
+
+REPO = Path(__file__).resolve().parents[1]
+LPIPS_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_features.pth"
+needs_lpips = pytest.mark.skipif(not LPIPS_WEIGHTS.is_file(),
+                                 reason=f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
+TINY_CONFIG = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                          z_channels=32, embed_dim=32, n_embed=32, resolution=32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mannequins") / "set"
+    mannequins.write_dataset(str(folder), count=64, image_size=32, seed=0, workers=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    if not LPIPS_WEIGHTS.is_file():
+        pytest.skip(f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
+    return LPIPSLoss(weights_path=str(LPIPS_WEIGHTS))
+
+
+@pytest.fixture
+def shared_lpips(monkeypatch, lpips):
+    """In-process runs reuse one frozen LPIPS instead of building VGG16 each time."""
+    monkeypatch.setattr(training_vqgan, "LPIPSLoss", lambda weights_path=None: lpips)
+    return lpips
+
+
+def run_args(dataset, run_dir, *extra):
+    """Flags of a tiny CPU run: the small preset shrunk to ch 32, ch_mult 1,2, 32 codes.
+
+    --val-fraction 0.5 leaves 31 training images: 7 batches of 4 per epoch, so a few steps
+    cross an epoch boundary.
+    """
+    return ["--dataset-path", str(dataset), "--image-size", "32", "--val-fraction", "0.5",
+            "--run-dir", str(run_dir), "--device", "cpu", "--num-workers", "0",
+            "--batch-size", "4", "--preset", "small", "--ch", "32", "--ch-mult", "1,2",
+            "--num-res-blocks", "1", "--attn-resolutions", "", "--z-channels", "32",
+            "--embed-dim", "32", "--n-embed", "32", "--lr", "1e-3",
+            "--lpips-weights", str(LPIPS_WEIGHTS), *extra]
+
+
+def train(dataset, run_dir, *extra):
+    training_vqgan.main(run_args(dataset, run_dir, *extra))
+    return run_dir
+
+
+def load_last(run_dir):
+    return utils.load_checkpoint(str(run_dir / "vqgan_last.pt"), "vqgan_train")
+
+
+def assert_identical(a, b, where="checkpoint"):
+    """Nested dicts/lists of tensors and plain values are bit-for-bit equal."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+# ----------------------------------------------------------------------------------------------
+# One step: the generator loss and the discriminator loss
+# ----------------------------------------------------------------------------------------------
+
+LOSS_WEIGHTS = SimpleNamespace(perceptual_weight=0.7, codebook_weight=1.3, disc_weight=0.8)
+
+
+def reference_generator_backward(model, lpips, discriminator, images, args):
+    """taming-transformers' way: two autograd.grad calls at the last layer, one full backward."""
+    x_hat, codebook_loss, _ = model(images)
+    rec_loss = (images - x_hat).abs().mean() + args.perceptual_weight * lpips(images, x_hat)
+    g_loss = -discriminator(x_hat).mean()
+    rec_grad, = torch.autograd.grad(rec_loss, model.last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, model.last_layer, retain_graph=True)
+    lam = (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * args.disc_weight
+    total = rec_loss + lam * g_loss + args.codebook_weight * codebook_loss
+    total.backward()
+    return lam
+
+
+def tiny_models(seed=0):
+    torch.manual_seed(seed)
+    return VQGAN(TINY_CONFIG).train(), NLayerDiscriminator().train()
+
+
+def test_split_graph_generator_step_matches_the_two_autograd_grad_reference(lpips):
+    model, discriminator = tiny_models()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    # same weights; copies keep BatchNorm running stats and code-usage counters apart
+    ref_model, ref_disc = copy.deepcopy(model), copy.deepcopy(discriminator)
+    expected_lambda = reference_generator_backward(ref_model, lpips, ref_disc, images,
+                                                   LOSS_WEIGHTS)
+
+    _, _, terms = training_vqgan.generator_backward(model, lpips, discriminator, images,
+                                                    LOSS_WEIGHTS, gan_on=True)
+
+    assert 1e-3 < expected_lambda < 1e3  # a real balance, not the clamp
+    torch.testing.assert_close(terms["disc_lambda"], expected_lambda, rtol=1e-5, atol=0)
+    for (name, param), ref_param in zip(model.named_parameters(), ref_model.parameters()):
+        # float32 sums in another order; some biases before a GroupNorm have a zero gradient
+        error = (param.grad - ref_param.grad).norm()
+        assert error <= 1e-4 * ref_param.grad.norm() + 1e-6, f"{name}: error {error:.2e}"
+
+
+def test_generator_step_leaves_discriminator_grads_none(lpips):
+    model, discriminator = tiny_models()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    training_vqgan.generator_backward(model, lpips, discriminator, images, LOSS_WEIGHTS,
+                                      gan_on=True)
+    assert all(p.grad is None for p in discriminator.parameters())
+
+
+def test_discriminator_step_leaves_generator_grads_untouched_and_is_the_hinge_loss():
+    model, discriminator = tiny_models()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    x_hat, _, _ = model(images)  # still attached to the generator's graph
+    ref_disc = copy.deepcopy(discriminator)
+
+    loss = training_vqgan.discriminator_backward(discriminator, images, x_hat, hinge_d_loss,
+                                                 scale=0.5)
+
+    assert all(p.grad is None for p in model.parameters())
+    expected = 0.5 * (F.relu(1 - ref_disc(images)).mean()
+                      + F.relu(1 + ref_disc(x_hat.detach())).mean())
+    torch.testing.assert_close(loss, expected.detach())  # reported unscaled
+    expected.backward()
+    for (name, param), ref_param in zip(discriminator.named_parameters(), ref_disc.parameters()):
+        torch.testing.assert_close(param.grad, 0.5 * ref_param.grad,
+                                   msg=lambda text: f"{name}: {text}")
+
+
+@needs_lpips
+def test_no_discriminator_forward_or_lambda_before_disc_start(dataset, tmp_path, monkeypatch,
+                                                              shared_lpips):
+    calls = {"discriminator": 0, "lambda": 0}
+
+    class CountingDiscriminator(NLayerDiscriminator):
+        def forward(self, x):
+            calls["discriminator"] += 1
+            return super().forward(x)
+
+    real_lambda = training_vqgan.adaptive_lambda
+
+    def counting_lambda(*args, **kwargs):
+        calls["lambda"] += 1
+        return real_lambda(*args, **kwargs)
+
+    monkeypatch.setattr(training_vqgan, "NLayerDiscriminator", CountingDiscriminator)
+    monkeypatch.setattr(training_vqgan, "adaptive_lambda", counting_lambda)
+    train(dataset, tmp_path, "--max-steps", "4", "--disc-start", "2", "--log-every", "1")
+
+    # steps 3 and 4 only: one D pass for the GAN term, two for D's own loss
+    assert calls == {"discriminator": 2 * 3, "lambda": 2}
+    records = [r for r in utils.read_jsonl(tmp_path / "metrics.jsonl") if "rec_loss" in r]
+    gan_keys = {"generator", "discriminator", "disc_lambda"}
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [gan_keys <= r.keys() for r in records] == [False, False, True, True]
+    assert not gan_keys & records[1].keys()
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures are saved as real pixels
+# ----------------------------------------------------------------------------------------------
+
+
+def test_image_grid_maps_minus_one_to_0_zero_to_128_and_one_to_255(tmp_path):
+    image = torch.zeros(3, 2, 3)
+    image[:, :, 0], image[:, :, 1], image[:, :, 2] = -1.0, 0.0, 1.0
+    image[:, 1, :] = torch.tensor([-5.0, 0.5, 5.0])  # out of range clamps; 0.5 -> 191.25
+    utils.save_image_grid([[image]], tmp_path / "grid.png", pad=0)
+    pixels = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert pixels.shape == (2, 3, 3)
+    assert pixels[0, :, 0].tolist() == [0, 128, 255]
+    assert pixels[1, :, 0].tolist() == [0, 191, 255]
+
+
+def test_reconstruction_grid_shows_originals_over_reconstructions_in_pixels(tmp_path):
+    class Constant(torch.nn.Module):  # "reconstructs" every image as mid-grey
+        def forward(self, images):
+            return torch.zeros_like(images), torch.tensor(0.0), None
+
+    model = Constant().train()
+    images = torch.stack([torch.full((3, 4, 4), -1.0), torch.full((3, 4, 4), 1.0)])
+    training_vqgan.save_reconstructions(model, images, tmp_path / "r.png")
+    grid = np.asarray(Image.open(tmp_path / "r.png"))  # 2 rows x 2 columns, pad 2
+    assert grid.shape == (2 * 6 + 2, 2 * 6 + 2, 3)
+    assert (grid[2:6, 2:6] == 0).all() and (grid[2:6, 8:12] == 255).all()
+    assert (grid[8:12, 2:6] == 128).all() and (grid[8:12, 8:12] == 128).all()
+    assert model.training  # put back into training mode
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume, checkpoints, NaN, Ctrl-C
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_lpips
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_stop_and_resume_gives_the_same_weights_as_one_unbroken_run(dataset, tmp_path, grad_accum,
+                                                                    shared_lpips):
+    # GAN on from step 2, flips on, codes restarted from random batch rows every step (RNG),
+    # and an epoch boundary inside the resumed part
+    common = ["--disc-start", "2", "--flip", "--restart-dead-codes", "--dead-code-window", "1",
+              "--grad-accum", str(grad_accum), "--log-every", "1"]
+    train(dataset, tmp_path / "unbroken", *common, "--max-steps", "8")
+    train(dataset, tmp_path / "split", *common, "--max-steps", "4")
+    train(dataset, tmp_path / "split", *common, "--max-steps", "8", "--resume")
+
+    unbroken, resumed = load_last(tmp_path / "unbroken"), load_last(tmp_path / "split")
+    assert unbroken["step"] == resumed["step"] == 8  # --max-steps counts the run's total
+    for key in ("model", "discriminator", "opt_g", "opt_d", "scaler", "rng"):
+        assert_identical(unbroken[key], resumed[key], key)
+
+    def training_records(run_dir):
+        return [{k: v for k, v in r.items() if k != "images_per_s"}
+                for r in utils.read_jsonl(run_dir / "metrics.jsonl") if "rec_loss" in r]
+
+    assert training_records(tmp_path / "unbroken") == training_records(tmp_path / "split")
+
+
+@needs_lpips
+def test_fp16_grad_scaler_trains_like_an_unscaled_run(dataset, tmp_path, monkeypatch,
+                                                      shared_lpips):
+    """CUDA without bf16 scales losses for fp16; on the CPU the same code path runs in fp32."""
+    flags = ["--max-steps", "3", "--disc-start", "1", "--grad-accum", "2"]
+    train(dataset, tmp_path / "unscaled", *flags)
+    monkeypatch.setattr(utils, "grad_scaler",
+                        lambda device: torch.amp.GradScaler(device.type, enabled=True))
+    train(dataset, tmp_path / "scaled", *flags)
+
+    unscaled, scaled = load_last(tmp_path / "unscaled"), load_last(tmp_path / "scaled")
+    assert scaled["step"] == 3 and scaled["scaler"]["scale"] == 2.0**16
+    for key in ("model", "discriminator"):
+        for name, tensor in unscaled[key].items():
+            if tensor.is_floating_point():
+                torch.testing.assert_close(scaled[key][name], tensor, rtol=1e-4, atol=1e-6,
+                                           msg=lambda text: f"{key}.{name}: {text}")
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "vqgan_last.pt"
+    utils.atomic_save({"kind": "vqgan_train", "step": 1, "weight": torch.ones(3)}, str(path))
+    real_save = torch.save
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        utils.atomic_save({"kind": "vqgan_train", "step": 2, "weight": torch.zeros(3)},
+                          str(path))
+    monkeypatch.setattr(torch, "save", real_save)
+
+    checkpoint = utils.load_checkpoint(str(path), "vqgan_train")
+    assert checkpoint["step"] == 1 and torch.equal(checkpoint["weight"], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ["vqgan_last.pt"]  # no temporary files left
+
+
+@needs_lpips
+@pytest.mark.parametrize("source", ["perceptual", "discriminator"])
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch,
+                                                                   shared_lpips, source):
+    calls = {"n": 0}
+
+    def nan_from_step_4(real_forward, calls_per_step):
+        def forward(*args, **kwargs):
+            out = real_forward(*args, **kwargs)
+            calls["n"] += 1
+            return out * math.nan if calls["n"] > 3 * calls_per_step else out
+        return forward
+
+    if source == "perceptual":  # one LPIPS call per step
+        monkeypatch.setattr(shared_lpips, "forward", nan_from_step_4(shared_lpips.forward, 1))
+    else:  # D's outputs only: the reconstruction losses of step 4 stay finite
+
+        class NaNDiscriminator(NLayerDiscriminator):
+            pass
+
+        def patched(*args, **kwargs):
+            model = NaNDiscriminator(*args, **kwargs)
+            model.forward = nan_from_step_4(model.forward, 3)  # three D calls per step
+            return model
+
+        monkeypatch.setattr(training_vqgan, "NLayerDiscriminator", patched)
+    handler_before = signal.getsignal(signal.SIGINT)
+
+    # step 4 is a checkpoint step: the check must come before that save
+    with pytest.raises(utils.UserError, match=r"by step 4.*last good checkpoint .* is intact"):
+        train(dataset, tmp_path, "--max-steps", "6", "--disc-start", "0", "--save-every", "2",
+              "--log-every", "10")
+
+    assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl-C works again afterwards
+    checkpoint = load_last(tmp_path)
+    assert checkpoint["step"] == 2
+    for part in ("model", "discriminator"):
+        assert all(torch.isfinite(t).all() for t in checkpoint[part].values()
+                   if t.is_floating_point()), part
+    inference = load_vqgan(str(tmp_path / "vqgan.pt"))
+    assert all(torch.isfinite(p).all() for p in inference.parameters())
+
+
+@needs_lpips
+def test_ctrl_c_saves_at_the_current_step_and_says_how_to_resume(dataset, tmp_path, monkeypatch,
+                                                                 shared_lpips, capsys):
+    real_step = training_vqgan.generator_backward
+    calls = {"n": 0}
+
+    def press_ctrl_c_in_step_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)  # what the terminal sends
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training_vqgan, "generator_backward", press_ctrl_c_in_step_2)
+    handler_before = signal.getsignal(signal.SIGINT)
+    # default --log-every 50: no metrics line exists yet when it stops
+    train(dataset, tmp_path, "--max-steps", "20")
+
+    assert calls["n"] == 2
+    assert load_last(tmp_path)["step"] == 2
+    assert load_vqgan(str(tmp_path / "vqgan.pt")).config.n_embed == 32
+    assert "stopped at step 2; continue with the same command plus --resume" in (
+        capsys.readouterr().out)
+    assert signal.getsignal(signal.SIGINT) is handler_before
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusing checkpoints that cannot be resumed
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset, tmp_path_factory, lpips):
+    """A one-step run: its vqgan_last.pt and vqgan.pt (32 codes)."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(training_vqgan, "LPIPSLoss", lambda weights_path=None: lpips)
+    try:
+        train(dataset, run_dir, "--max-steps", "1")
+    finally:
+        patch.undo()
+    return run_dir
+
+
+@needs_lpips
+def test_resume_with_another_architecture_names_the_differing_field(dataset, finished_run,
+                                                                    tmp_path, shared_lpips):
+    with pytest.raises(utils.UserError, match=r"another architecture \(differs in: n_embed\)"):
+        train(dataset, tmp_path, "--max-steps", "2", "--n-embed", "64",
+              "--resume", str(finished_run / "vqgan_last.pt"))
+
+
+@needs_lpips
+@pytest.mark.parametrize("kind, name", [("vqgan", "vqgan.pt"),
+                                        ("transformer_train", "transformer_last.pt")])
+def test_resume_from_an_inference_or_stage_2_checkpoint_says_which_kind_it_is(
+        dataset, finished_run, tmp_path, shared_lpips, kind, name):
+    path = finished_run / name
+    if not path.exists():
+        utils.atomic_save({"kind": kind, "step": 1}, str(path))
+    expected = re.escape(f"is {utils.CHECKPOINT_KINDS[kind]}, but a stage-1 training")
+    with pytest.raises(utils.UserError, match=expected):
+        train(dataset, tmp_path, "--max-steps", "2", "--resume", str(path))
+
+
+@needs_lpips
+def test_command_line_prints_one_error_line_for_a_wrong_resume_file(dataset, finished_run,
+                                                                     tmp_path):
+    command = [sys.executable, str(REPO / "training_vqgan.py"),
+               *run_args(dataset, tmp_path, "--max-steps", "2",
+                         "--resume", str(finished_run / "vqgan.pt"))]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stage-1 inference checkpoint (vqgan.pt)" in errors[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny run learns and writes its outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_lpips
+def test_tiny_run_lowers_the_reconstruction_loss_and_writes_every_output(dataset, tmp_path):
+    train(dataset, tmp_path, "--max-steps", "30", "--disc-start", "20", "--log-every", "1",
+          "--sample-every", "15")
+
+    records = utils.read_jsonl(tmp_path / "metrics.jsonl")
+    training = [r for r in records if "rec_loss" in r]
+    validation = [r for r in records if "val_l1" in r]
+    assert [r["step"] for r in training] == list(range(1, 31))
+    base_keys = {"step", "rec_loss", "perceptual", "codebook", "usage", "perplexity", "lr",
+                 "images_per_s"}
+    assert all(r.keys() == base_keys for r in training[:20])
+    assert all(r.keys() == base_keys | {"generator", "discriminator", "disc_lambda"}
+               for r in training[20:])
+    assert all(r.keys() == {"step", "val_l1", "val_psnr"} for r in validation)
+    assert validation[-1]["step"] == 30
+    first = np.mean([r["rec_loss"] for r in training[:5]])
+    last = np.mean([r["rec_loss"] for r in training[-5:]])
+    assert last < 0.8 * first
+
+    model = load_vqgan(str(tmp_path / "vqgan.pt"))
+    assert model.config.n_embed == 32 and model.config.resolution == 32
+    assert Image.open(tmp_path / "loss_curves.png").size == (720, 420)
+    grids = sorted(os.listdir(tmp_path / "samples"))
+    assert grids == ["reconstructions_000015.png", "reconstructions_000030.png"]
+    # the first validation batch (4 images) over its reconstructions, 32 px cells, 2 px padding
+    assert Image.open(tmp_path / "samples" / grids[-1]).size == (4 * 34 + 2, 2 * 34 + 2)
+    checkpoint = load_last(tmp_path)
+    assert checkpoint["step"] == 30
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
