@@ -5,7 +5,6 @@ Ctrl-C stop cleanly, wrong --resume files are refused, and a tiny run learns.
 Everything runs on the CPU with 32 px mannequins and a tiny VQGAN (ch 32, ch_mult 1,2).
 """
 import copy
-import json
 import math
 import os
 import re
@@ -34,6 +33,15 @@ needs_lpips = pytest.mark.skipif(not LPIPS_WEIGHTS.is_file(),
                                  reason=f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
 TINY_CONFIG = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                           z_channels=32, embed_dim=32, n_embed=32, resolution=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions gain little from threads; on shared cores threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +200,8 @@ def test_no_discriminator_forward_or_lambda_before_disc_start(dataset, tmp_path,
     records = [r for r in utils.read_jsonl(tmp_path / "metrics.jsonl") if "rec_loss" in r]
     gan_keys = {"generator", "discriminator", "disc_lambda"}
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert [gan_keys <= r.keys() for r in records] == [False, False, True, True]
-    assert not gan_keys & records[1].keys()
+    assert [bool(gan_keys & r.keys()) for r in records] == [False, False, True, True]
+    assert all(gan_keys <= r.keys() for r in records[2:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,16 +319,12 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_
     if source == "perceptual":  # one LPIPS call per step
         monkeypatch.setattr(shared_lpips, "forward", nan_from_step_4(shared_lpips.forward, 1))
     else:  # D's outputs only: the reconstruction losses of step 4 stay finite
-
-        class NaNDiscriminator(NLayerDiscriminator):
-            pass
-
-        def patched(*args, **kwargs):
-            model = NaNDiscriminator(*args, **kwargs)
+        def nan_discriminator():
+            model = NLayerDiscriminator()
             model.forward = nan_from_step_4(model.forward, 3)  # three D calls per step
             return model
 
-        monkeypatch.setattr(training_vqgan, "NLayerDiscriminator", patched)
+        monkeypatch.setattr(training_vqgan, "NLayerDiscriminator", nan_discriminator)
     handler_before = signal.getsignal(signal.SIGINT)
 
     # step 4 is a checkpoint step: the check must come before that save
@@ -390,12 +394,13 @@ def test_resume_with_another_architecture_names_the_differing_field(dataset, fin
 
 
 @needs_lpips
-@pytest.mark.parametrize("kind, name", [("vqgan", "vqgan.pt"),
-                                        ("transformer_train", "transformer_last.pt")])
+@pytest.mark.parametrize("kind", ["vqgan", "transformer_train"])
 def test_resume_from_an_inference_or_stage_2_checkpoint_says_which_kind_it_is(
-        dataset, finished_run, tmp_path, shared_lpips, kind, name):
-    path = finished_run / name
-    if not path.exists():
+        dataset, finished_run, tmp_path, shared_lpips, kind):
+    if kind == "vqgan":
+        path = finished_run / "vqgan.pt"
+    else:  # only its kind matters
+        path = tmp_path / "transformer_last.pt"
         utils.atomic_save({"kind": kind, "step": 1}, str(path))
     expected = re.escape(f"is {utils.CHECKPOINT_KINDS[kind]}, but a stage-1 training")
     with pytest.raises(utils.UserError, match=expected):
@@ -408,7 +413,8 @@ def test_command_line_prints_one_error_line_for_a_wrong_resume_file(dataset, fin
     command = [sys.executable, str(REPO / "training_vqgan.py"),
                *run_args(dataset, tmp_path, "--max-steps", "2",
                          "--resume", str(finished_run / "vqgan.pt"))]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
