@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
+from codebook import CodebookStats
 from discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
 from lpips_loss import LPIPSLoss
 from vqgan import VQGAN, add_vqgan_args, config_from_args, save_vqgan
@@ -148,8 +149,6 @@ def main(argv=None):
     device = utils.pick_device(args.device)
     utils.seed_everything(args.seed)
     config = config_from_args(args)
-    if config.resolution != args.image_size:
-        config = dataclasses.replace(config, resolution=args.image_size)
     train_set, val_set = utils.build_datasets(args)
     sampler = utils.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
     loader = utils.make_loader(train_set, sampler, args.num_workers, device)
@@ -199,7 +198,7 @@ def main(argv=None):
 
     total_steps = utils.total_steps(args, sampler.batches_per_epoch)
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
-    code_counts = torch.zeros(config.n_embed, device=device)
+    code_stats = CodebookStats(config.n_embed)
     health = utils.FiniteCheck()
     stop = utils.StopRequest()
     progress = tqdm(total=total_steps, initial=step, desc="stage 1", dynamic_ncols=True)
@@ -225,7 +224,7 @@ def main(argv=None):
                 if gan_on:
                     terms["discriminator"] = discriminator_backward(
                         discriminator, images, x_hat, disc_loss_fn, scale)
-                code_counts += torch.bincount(indices.flatten(), minlength=config.n_embed)
+                code_stats.update(indices)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value / args.grad_accum
                 window_images += images.shape[0]
@@ -241,13 +240,13 @@ def main(argv=None):
             if step % args.log_every == 0 or step == total_steps:
                 health.check(step, run.path("vqgan_last.pt"))
                 elapsed = time.perf_counter() - window_start
-                usage, perplexity = utils.code_usage(code_counts)
+                usage, perplexity = code_stats.usage, code_stats.perplexity
                 record = {"step": step, **{k: float(v) for k, v in sums.items()},
                           "usage": usage, "perplexity": perplexity, "lr": lr,
                           "images_per_s": window_images / elapsed}
                 metrics.write(record)
                 progress.set_postfix(l1=f"{record['rec_loss']:.4f}", usage=f"{usage:.2f}")
-                code_counts.zero_()
+                code_stats.reset()
                 window_start, window_images = time.perf_counter(), 0
             if step % steps_per_epoch == 0 or step == total_steps:
                 metrics.write({"step": step, **validate(forward_model, val_loader, device)})

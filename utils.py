@@ -998,15 +998,6 @@ class StopRequest:
         self._signal.signal(self._signal.SIGINT, self._previous)
 
 
-def code_usage(counts):
-    """(fraction of codes used at least once, perplexity) from a histogram of code indices."""
-    counts = counts.float()
-    total = counts.sum().clamp_min(1)
-    probs = counts / total
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
-    return (counts > 0).float().mean().item(), entropy.exp().item()
-
-
 # ----------------------------------------------------------------------------------------------
 # Command-line pieces shared by the scripts
 # ----------------------------------------------------------------------------------------------
