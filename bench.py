@@ -61,7 +61,7 @@ def bench_vqgan(args, device):
 
     def ours():
         x_hat, _, _ = generator_backward(forward_model, lpips, discriminator, images, loss_args,
-                                         gan_on=True)
+                                         gan_on=True, last_layer=model.last_layer)
         discriminator_backward(discriminator, images, x_hat, hinge_d_loss)
 
     def conventional():  # autograd.grad twice through LPIPS and D, then a full backward

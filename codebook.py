@@ -96,14 +96,15 @@ class Codebook(nn.Module):
 
         Runs before the lookup, so no autograd graph holds the weights being overwritten.
         """
-        dead = (self.steps_unused >= self.dead_code_window).nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return
-        new_codes = z[torch.randint(0, z.shape[0], (dead.numel(),), device=z.device)]
+        dead = self.steps_unused >= self.dead_code_window  # (n_embed,)
+        # A candidate for every code, used where dead: no data-dependent shapes, so no
+        # host-device synchronisation in the training step.
+        new_codes = z[torch.randint(0, z.shape[0], (self.n_embed,), device=z.device)]
         if _distributed():
             dist.broadcast(new_codes, src=0)  # every rank takes rank 0's choice
-        self.embedding.weight[dead] = new_codes.to(self.embedding.weight.dtype)
-        self.steps_unused[dead] = 0
+        weight = self.embedding.weight
+        weight.copy_(torch.where(dead[:, None], new_codes.to(weight.dtype), weight))
+        self.steps_unused.masked_fill_(dead, 0)
 
     @torch.no_grad()
     def _count_usage(self, indices):

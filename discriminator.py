@@ -4,10 +4,42 @@ The stage-1 training script feeds it real images and VQGAN reconstructions (B, 3
 [-1, 1] and gets one logit per patch (B, 1, h, w); the GAN term of the VQGAN loss and the
 discriminator's own loss (hinge_d_loss or vanilla_d_loss) are built from those logits.
 NLayerDiscriminator and weights_init are the pix2pix ones that CompVis taming-transformers uses,
-with the same parameter names (main.0.weight, ...).
+with the same parameter names (main.0.weight, ...). Its BatchNorm layers are GlobalBatchNorm2d:
+plain BatchNorm2d in one process, batch statistics over every process under DDP.
 """
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_functional
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of a DDP job.
+
+    torch's SyncBatchNorm only runs on CUDA; this one all-reduces per-channel sums with an
+    autograd-aware all_reduce, so it works with gloo (CPU) and NCCL alike, and W processes with
+    batch B normalise exactly as one process with batch W * B. Same parameters and buffers as
+    BatchNorm2d; in one process (or in eval mode) it is BatchNorm2d.
+    """
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        C = x.size(1)
+        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)),
+                           x.new_full((1,), x.numel() / C)])  # (2C + 1,) sums and count
+        total = dist_functional.all_reduce(local)  # summed over ranks, differentiable
+        count = total[-1]
+        mean = total[:C] / count
+        var = total[C:2 * C] / count - mean * mean  # biased, as BatchNorm normalises with
+        with torch.no_grad():  # running statistics keep the unbiased variance, as BatchNorm2d
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)  # (C,)
+        return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
 
 
 def weights_init(module):
@@ -32,7 +64,7 @@ class NLayerDiscriminator(nn.Module):
             prev_mult, mult = mult, min(2 ** n, 8)
             stride = 2 if n < n_layers else 1
             layers += [nn.Conv2d(ndf * prev_mult, ndf * mult, 4, stride, padding=1, bias=False),
-                       nn.BatchNorm2d(ndf * mult),
+                       GlobalBatchNorm2d(ndf * mult),
                        nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)

@@ -200,8 +200,15 @@ def choose_condition(requested, dataset):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.pick_device(args.device)
-    utils.seed_everything(args.seed)
+    dist, device = utils.setup_distributed(args.device)
+    try:
+        train(args, dist, device)
+    finally:
+        dist.close()
+
+
+def train(args, dist, device):
+    utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     if not os.path.exists(args.vqgan_checkpoint):
         raise utils.UserError(f"no stage-1 checkpoint at {args.vqgan_checkpoint}; run "
                               "python training_vqgan.py first or pass --vqgan-checkpoint")
@@ -211,7 +218,8 @@ def main(argv=None):
         raise utils.UserError(f"the VQGAN in {args.vqgan_checkpoint} was trained on "
                               f"{vqgan.config.resolution} px images; pass --image-size "
                               f"{vqgan.config.resolution}")
-    train_set, val_set = utils.build_datasets(args)
+    with dist.main_first():  # rank 0 generates the default data before the others read it
+        train_set, val_set = utils.build_datasets(args, progress=dist.is_main)
     condition = choose_condition(args.condition, train_set)
     layout = train_set.layout or utils.COCO17
     model = PoseTransformer(vqgan, condition=condition, image_size=args.image_size,
@@ -219,27 +227,31 @@ def main(argv=None):
                             n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                             dropout=args.dropout).to(device)
     run = utils.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt")
-    cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
+    with dist.main_first():  # rank 0 encodes and writes the cache; the others then read it
+        cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
     train_tokens, val_tokens = cache["train"]["tokens"], cache["val"]["tokens"][:, 0]
     train_prefixes = condition_tokens(model, cache["train"])  # (N, F, P)
     val_prefixes = condition_tokens(model, cache["val"])[:, 0]  # (N_val, P)
 
-    peak_lr = utils.learning_rate(args)
+    peak_lr = utils.learning_rate(args, dist.world_size)
     optimizer = model.gpt.configure_optimizer(args.weight_decay, peak_lr, (0.9, 0.95),
                                               device.type)
-    forward_model = torch.compile(model) if args.compile else model
-    sampler = utils.EpochBatchSampler(len(train_tokens), args.batch_size, args.seed, args.flip)
+    sampler = utils.EpochBatchSampler(len(train_tokens), args.batch_size, args.seed, args.flip,
+                                      dist.rank, dist.world_size)
     total_steps = utils.total_steps(args, sampler.batches_per_epoch)
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
     config = dict(model.config, vqgan_sha256=vqgan_sha256)  # flat: --resume names the field
     step = 0
-    if args.resume:
+    if args.resume:  # every rank loads the same checkpoint
         checkpoint = run.load_for_resume(args.resume, config, args)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         utils.set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
-    metrics = utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume else None)
+    ddp_model, = utils.wrap_ddp(dist, device, model)
+    forward_model = torch.compile(ddp_model) if args.compile else ddp_model
+    metrics = (utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume
+                                else None) if dist.is_main else None)
 
     def save_checkpoint():
         run.save({"kind": "transformer_train", "step": step, "config": config,
@@ -247,63 +259,79 @@ def main(argv=None):
                   "optimizer": optimizer.state_dict(), "rng": utils.get_rng_state(),
                   "vqgan_checkpoint": os.path.abspath(args.vqgan_checkpoint),
                   "layout": layout.name, "resize_mode": train_set.resize_mode})
-        utils.plot_curves(utils.read_jsonl(metrics.path), ["loss", "val_bits_per_token"],
-                          run.path("loss_curves.png"), title="stage 2 losses")
+        records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
+        utils.plot_curves(records, ["loss", "val_bits_per_token"], run.path("loss_curves.png"),
+                          title="stage 2 losses")
 
-    print(f"stage 2: {condition} conditioning, {model.gpt.num_params() / 1e6:.2f}M parameters, "
-          f"{len(train_tokens)} training images, {total_steps} steps")
+    if dist.is_main:
+        print(f"stage 2: {condition} conditioning, {model.gpt.num_params() / 1e6:.2f}M "
+              f"parameters, {len(train_tokens)} training images, {total_steps} steps")
     health, stop = utils.FiniteCheck(), utils.StopRequest()
-    progress = tqdm(total=total_steps, initial=step, desc="stage 2", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, desc="stage 2", dynamic_ncols=True,
+                    disable=not dist.is_main)
     window_start, window_step, window_tokens, loss_sum = time.perf_counter(), step, 0, 0.0
     batches = utils.resume_batches(sampler, sampler, step * args.grad_accum)
     model.train()
-    while step < total_steps and not stop.requested:
-        lr = lr_at(step, peak_lr, args.warmup_steps, total_steps, args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(args.grad_accum):
-            pairs = next(batches)
-            index = torch.tensor([i for i, _ in pairs])
-            flip = torch.tensor([int(f) for _, f in pairs])
-            tokens = train_tokens[index, flip].to(device, non_blocking=True)  # (B, L)
-            prefixes = train_prefixes[index, flip].to(device, non_blocking=True)  # (B, P)
-            with utils.autocast_context(device):
-                _, loss = forward_model(prefixes, tokens, pkeep=args.pkeep)
-            (loss / args.grad_accum).backward()
-            loss_sum = loss_sum + loss.detach() / args.grad_accum
-            window_tokens += tokens.numel()
-        health.add(loss)
-        torch.nn.utils.clip_grad_norm_(model.gpt.parameters(), args.grad_clip)
-        optimizer.step()
-        step += 1
-        progress.update(1)
+    stopping = False
+    try:
+        while step < total_steps and not stopping:
+            lr = lr_at(step, peak_lr, args.warmup_steps, total_steps, args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(args.grad_accum):
+                pairs = next(batches)
+                index = torch.tensor([i for i, _ in pairs])
+                flip = torch.tensor([int(f) for _, f in pairs])
+                tokens = train_tokens[index, flip].to(device, non_blocking=True)  # (B, L)
+                prefixes = train_prefixes[index, flip].to(device, non_blocking=True)  # (B, P)
+                # gradients are all-reduced once per step, on its last micro-batch
+                with dist.no_sync(ddp_model, last=micro == args.grad_accum - 1):
+                    with utils.autocast_context(device):
+                        _, loss = forward_model(prefixes, tokens, pkeep=args.pkeep)
+                    (loss / args.grad_accum).backward()
+                loss_sum = loss_sum + loss.detach() / args.grad_accum
+                health.add(loss)
+                window_tokens += tokens.numel() * dist.world_size
+            torch.nn.utils.clip_grad_norm_(model.gpt.parameters(), args.grad_clip)
+            optimizer.step()
+            step += 1
+            progress.update(1)
 
-        if step % args.log_every == 0 or step == total_steps:
-            health.check(step, run.path("transformer_last.pt"))
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": float(loss_sum) / (step - window_step), "lr": lr,
-                      "tokens_per_s": window_tokens / elapsed}
-            metrics.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}")
-            window_start, window_step, window_tokens, loss_sum = time.perf_counter(), step, 0, 0.0
-        if step % steps_per_epoch == 0 or step == total_steps:
-            bits = validation_bits(forward_model, val_tokens, val_prefixes, args.batch_size,
-                                   device)
-            metrics.write({"step": step, "val_bits_per_token": bits})
-            progress.write(f"step {step}: validation {bits:.3f} bits/token")
-        if step % args.sample_every == 0 or step == total_steps:
-            save_sample_grid(model, val_set, cache["val"], val_prefixes, args, device,
-                             run.path("samples", f"samples_{step:06d}.png"))
-        if step % args.save_every == 0 or step == total_steps or stop.requested:
-            health.check(step, run.path("transformer_last.pt"))
-            save_checkpoint()
-    progress.close()
-    stop.restore()
-    if stop.requested:
-        print(f"stopped at step {step}; continue with the same command plus --resume")
-    print(f"stage 2 outputs in {args.run_dir}: transformer_last.pt (sample.py --checkpoint), "
-          "metrics.jsonl, loss_curves.png, samples/")
+            log_step = step % args.log_every == 0 or step == total_steps
+            save_step = step % args.save_every == 0 or step == total_steps
+            stopping = stop.should_stop(dist, log_step)
+            if log_step or save_step or stopping:  # never log or save past a NaN
+                health.check(step, run.path("transformer_last.pt"), dist)
+            if log_step:
+                mean_loss = float(dist.mean(torch.as_tensor(loss_sum))) / (step - window_step)
+                if dist.is_main:
+                    metrics.write({"step": step, "loss": mean_loss, "lr": lr,
+                                   "tokens_per_s": window_tokens
+                                   / (time.perf_counter() - window_start)})
+                    progress.set_postfix(loss=f"{mean_loss:.3f}")
+                window_start, window_step, window_tokens, loss_sum = (time.perf_counter(), step,
+                                                                      0, 0.0)
+            if not dist.is_main:
+                continue
+            # Rank 0 alone validates, samples and saves, with the bare model (no collectives).
+            if step % steps_per_epoch == 0 or step == total_steps:
+                bits = validation_bits(model, val_tokens, val_prefixes, args.batch_size, device)
+                metrics.write({"step": step, "val_bits_per_token": bits})
+                progress.write(f"step {step}: validation {bits:.3f} bits/token")
+            if step % args.sample_every == 0 or step == total_steps:
+                save_sample_grid(model, val_set, cache["val"], val_prefixes, args, device,
+                                 run.path("samples", f"samples_{step:06d}.png"))
+            if save_step or stopping:
+                save_checkpoint()
+    finally:  # also on errors (NaN, a second Ctrl-C): in-process callers get Ctrl-C back
+        progress.close()
+        stop.restore()
+    if dist.is_main:
+        if stopping:
+            print(f"stopped at step {step}; continue with the same command plus --resume")
+        print(f"stage 2 outputs in {args.run_dir}: transformer_last.pt (sample.py --checkpoint), "
+              "metrics.jsonl, loss_curves.png, samples/")
 
 
 if __name__ == "__main__":

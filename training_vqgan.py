@@ -43,13 +43,13 @@ def parse_args(argv=None):
     utils.add_data_args(parser)
     utils.add_run_args(parser, default_run_dir=os.path.join("runs", "vqgan"),
                        default_batch_size=16, default_base_lr=1.25e-5,
-                       default_max_steps=1500)
+                       default_max_steps=500)
     group = parser.add_argument_group("loss")
     group.add_argument("--perceptual-weight", type=float, default=1.0)
     group.add_argument("--codebook-weight", type=float, default=1.0)
     group.add_argument("--disc-weight", type=float, default=0.8,
                        help="multiplies the adaptive lambda of the GAN term")
-    group.add_argument("--disc-start", type=int, default=2000,
+    group.add_argument("--disc-start", type=int, default=10000,
                        help="optimizer step at which the discriminator and GAN term switch on")
     group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
     group.add_argument("--lpips-weights", default=None,
@@ -64,23 +64,29 @@ def psnr(x, y):
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def adaptive_lambda(x_hat, last_layer, grad_rec, grad_gan, disc_weight):
+def adaptive_lambda(x_hat, last_layer, grad_rec, grad_gan, disc_weight, average=None):
     """lambda = ||dL_rec/dw|| / (||dL_G/dw|| + 1e-4) at the last layer w, clamped and detached.
 
     grad_rec and grad_gan are the two losses' gradients at x_hat; pushing each back through
-    the last conv alone gives the weight gradients, without touching LPIPS or D again.
+    the last conv alone gives the weight gradients, without touching LPIPS or D again. Under
+    DDP `average` all-reduces these two small tensors, so every rank uses the lambda of the
+    global batch (the one a single process with the whole batch would compute).
     """
     rec_w, = torch.autograd.grad(x_hat, last_layer, grad_outputs=grad_rec, retain_graph=True)
     gan_w, = torch.autograd.grad(x_hat, last_layer, grad_outputs=grad_gan, retain_graph=True)
+    if average is not None:
+        rec_w, gan_w = average(rec_w), average(gan_w)
     weight = rec_w.norm() / (gan_w.norm() + 1e-4)
     return weight.clamp(0.0, 1e4).detach() * disc_weight
 
 
-def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=1.0):
+def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=1.0,
+                       average=None, last_layer=None):
     """Forward the VQGAN, back-propagate its whole loss (times `scale`); return loss terms.
 
     The discriminator's parameters receive no gradient here: D is only differentiated with
-    respect to its input.
+    respect to its input. `model` may be wrapped (DDP, torch.compile); then `last_layer` names
+    the bare VQGAN's last weight.
     """
     with utils.autocast_context(images.device):
         x_hat, codebook_loss, indices = model(images)
@@ -97,8 +103,8 @@ def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=
         with utils.autocast_context(images.device):
             generator_loss = -discriminator(x_hat_leaf).mean()
         grad_gan, = torch.autograd.grad(generator_loss, x_hat_leaf)
-        lam = adaptive_lambda(x_hat, model.last_layer, grad_x_hat.to(x_hat.dtype),
-                              grad_gan.to(x_hat.dtype), args.disc_weight)
+        lam = adaptive_lambda(x_hat, model.last_layer if last_layer is None else last_layer, grad_x_hat.to(x_hat.dtype),
+                              grad_gan.to(x_hat.dtype), args.disc_weight, average)
         grad_x_hat = grad_x_hat + lam * grad_gan
         terms.update(generator=generator_loss.detach(), disc_lambda=lam)
     torch.autograd.backward(
@@ -146,33 +152,41 @@ def save_reconstructions(model, images, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.pick_device(args.device)
-    utils.seed_everything(args.seed)
+    dist, device = utils.setup_distributed(args.device)
+    try:
+        train(args, dist, device)
+    finally:
+        dist.close()
+
+
+def train(args, dist, device):
+    utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     config = config_from_args(args)
-    train_set, val_set = utils.build_datasets(args)
-    sampler = utils.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
+    with dist.main_first():  # rank 0 generates the default data / fetches LPIPS weights first
+        train_set, val_set = utils.build_datasets(args, progress=dist.is_main)
+        lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
+    sampler = utils.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip,
+                                      dist.rank, dist.world_size)
     loader = utils.make_loader(train_set, sampler, args.num_workers, device)
     # its own generator: drawing a loader's seed must not move the global RNG (exact resume)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size,
                                              generator=torch.Generator())
 
     model = VQGAN(config).to(device)
-    discriminator = NLayerDiscriminator().to(device)
-    lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
+    discriminator = NLayerDiscriminator().to(device)  # its BatchNorm sees the global batch
     if device.type == "cuda":  # convolutions run faster in NHWC on tensor cores
         for module in (model, discriminator, lpips):
             module.to(memory_format=torch.channels_last)
-    lr = utils.learning_rate(args)
+    lr = utils.learning_rate(args, dist.world_size)
     fused = device.type == "cuda"
     opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9), fused=fused)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.9), fused=fused)
     scaler = utils.grad_scaler(device)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
-    forward_model = torch.compile(model) if args.compile else model
 
     run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt")
     step = 0
-    if args.resume:
+    if args.resume:  # every rank loads the same checkpoint
         checkpoint = run.load_for_resume(args.resume, dataclasses.asdict(config), args)
         model.load_state_dict(checkpoint["model"])
         discriminator.load_state_dict(checkpoint["discriminator"])
@@ -181,7 +195,13 @@ def main(argv=None):
         scaler.load_state_dict(checkpoint["scaler"])
         utils.set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
-    metrics = utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume else None)
+    # DDP all-reduces gradients in backward. The generator loss differentiates D with respect
+    # to its input only, through the bare module; D's own step goes through its DDP wrapper.
+    ddp_model, ddp_discriminator = utils.wrap_ddp(dist, device, model, discriminator)
+    forward_model = torch.compile(ddp_model) if args.compile else ddp_model
+    average = dist.mean if dist.enabled else None
+    metrics = (utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume
+                                else None) if dist.is_main else None)
     fixed_images = next(iter(val_loader))["image"][:8].to(device)
 
     def save_checkpoint():
@@ -201,13 +221,15 @@ def main(argv=None):
     code_stats = CodebookStats(config.n_embed)
     health = utils.FiniteCheck()
     stop = utils.StopRequest()
-    progress = tqdm(total=total_steps, initial=step, desc="stage 1", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, desc="stage 1", dynamic_ncols=True,
+                    disable=not dist.is_main)
     window_start, window_images = time.perf_counter(), 0
     model.train()
     discriminator.train()
     batches = utils.resume_batches(loader, sampler, step * args.grad_accum)
+    stopping = False
     try:
-        while step < total_steps and not stop.requested:
+        while step < total_steps and not stopping:
             gan_on = step >= args.disc_start
             opt_g.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
@@ -215,19 +237,23 @@ def main(argv=None):
             # Each micro-batch's loss is divided by grad_accum (and scaled for fp16 if needed:
             # scaler.scale also starts the scaler's state that scaler.step checks for).
             scale = scaler.scale(torch.full((), 1.0 / args.grad_accum, device=device))
-            for _ in range(args.grad_accum):
+            for micro in range(args.grad_accum):
                 images = next(batches)["image"].to(device, non_blocking=True)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
-                x_hat, indices, terms = generator_backward(
-                    forward_model, lpips, discriminator, images, args, gan_on, scale)
-                if gan_on:
-                    terms["discriminator"] = discriminator_backward(
-                        discriminator, images, x_hat, disc_loss_fn, scale)
+                # gradients are all-reduced once per step, on its last micro-batch
+                with dist.no_sync(ddp_model, ddp_discriminator,
+                                  last=micro == args.grad_accum - 1):
+                    x_hat, indices, terms = generator_backward(
+                        forward_model, lpips, discriminator, images, args, gan_on, scale,
+                        average, model.last_layer)
+                    if gan_on:
+                        terms["discriminator"] = discriminator_backward(
+                            ddp_discriminator, images, x_hat, disc_loss_fn, scale)
                 code_stats.update(indices)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value / args.grad_accum
-                window_images += images.shape[0]
+                window_images += images.shape[0] * dist.world_size
             for value in sums.values():  # every term: a NaN in D or the GAN term stops it too
                 health.add(value)
             scaler.step(opt_g)
@@ -237,32 +263,40 @@ def main(argv=None):
             step += 1
             progress.update(1)
 
-            if step % args.log_every == 0 or step == total_steps:
-                health.check(step, run.path("vqgan_last.pt"))
-                elapsed = time.perf_counter() - window_start
-                usage, perplexity = code_stats.usage, code_stats.perplexity
-                record = {"step": step, **{k: float(v) for k, v in sums.items()},
-                          "usage": usage, "perplexity": perplexity, "lr": lr,
-                          "images_per_s": window_images / elapsed}
-                metrics.write(record)
-                progress.set_postfix(l1=f"{record['rec_loss']:.4f}", usage=f"{usage:.2f}")
+            log_step = step % args.log_every == 0 or step == total_steps
+            save_step = step % args.save_every == 0 or step == total_steps
+            stopping = stop.should_stop(dist, log_step)
+            if log_step or save_step or stopping:  # never log or save past a NaN
+                health.check(step, run.path("vqgan_last.pt"), dist)
+            if log_step:
+                sums = {key: float(dist.mean(value)) for key, value in sums.items()}
+                if dist.is_main:
+                    elapsed = time.perf_counter() - window_start
+                    usage, perplexity = code_stats.usage, code_stats.perplexity
+                    metrics.write({"step": step, **sums, "usage": usage,
+                                   "perplexity": perplexity, "lr": lr,
+                                   "images_per_s": window_images / elapsed})
+                    progress.set_postfix(l1=f"{sums['rec_loss']:.4f}", usage=f"{usage:.2f}")
                 code_stats.reset()
                 window_start, window_images = time.perf_counter(), 0
+            if not dist.is_main:
+                continue
+            # Rank 0 alone validates, draws and saves, with the bare model (no collectives).
             if step % steps_per_epoch == 0 or step == total_steps:
-                metrics.write({"step": step, **validate(forward_model, val_loader, device)})
+                metrics.write({"step": step, **validate(model, val_loader, device)})
             if step % args.sample_every == 0 or step == total_steps:
-                save_reconstructions(forward_model, fixed_images,
+                save_reconstructions(model, fixed_images,
                                      run.path("samples", f"reconstructions_{step:06d}.png"))
-            if step % args.save_every == 0 or step == total_steps or stop.requested:
-                health.check(step, run.path("vqgan_last.pt"))
+            if save_step or stopping:
                 save_checkpoint()
     finally:  # also on errors (NaN, a second Ctrl-C): in-process callers get Ctrl-C back
         progress.close()
         stop.restore()
-    if stop.requested:
-        print(f"stopped at step {step}; continue with the same command plus --resume")
-    print(f"stage 1 outputs in {args.run_dir}: vqgan.pt (for stage 2), vqgan_last.pt "
-          f"(--resume), metrics.jsonl, loss_curves.png, samples/")
+    if dist.is_main:
+        if stopping:
+            print(f"stopped at step {step}; continue with the same command plus --resume")
+        print(f"stage 1 outputs in {args.run_dir}: vqgan.pt (for stage 2), vqgan_last.pt "
+              f"(--resume), metrics.jsonl, loss_curves.png, samples/")
 
 
 if __name__ == "__main__":

@@ -970,8 +970,11 @@ class FiniteCheck:
         flag = ~torch.isfinite(loss.detach())
         self.bad = flag if self.bad is None else self.bad | flag
 
-    def check(self, step, checkpoint_path):
-        if self.bad is not None and bool(self.bad):
+    def check(self, step, checkpoint_path, dist=None):
+        bad = self.bad is not None and bool(self.bad)
+        if dist is not None:  # every rank stops together, or none does
+            bad = dist.any(bad)
+        if bad:
             last = (f"the last good checkpoint {checkpoint_path} is intact"
                     if os.path.exists(checkpoint_path) else "no checkpoint was written yet")
             raise UserError(f"the loss became NaN or infinite by step {step}; nothing was saved "
@@ -994,8 +997,111 @@ class StopRequest:
         print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)",
               file=sys.stderr)
 
+    def should_stop(self, dist, at_sync_point):
+        """One process stops as soon as asked; several agree at sync points (the log steps),
+        so that no rank waits forever in a collective the others left."""
+        if not dist.enabled:
+            return self.requested
+        return at_sync_point and dist.any(self.requested)
+
     def restore(self):
         self._signal.signal(self._signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed training: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them, one process
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    """Where this process stands in a (possibly one-process) job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        """Rank 0 alone writes checkpoints, grids, metrics and progress bars."""
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def mean(self, tensor):
+        """Average a tensor over all processes (a no-op for one)."""
+        if self.enabled:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def any(self, flag):
+        """True on every rank when `flag` is true on any rank (a collective: all must call it)."""
+        if not self.enabled:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return bool(tensor.item())
+
+    def no_sync(self, *ddp_modules, last):
+        """DDP's no_sync on every micro-batch but a step's last: one all-reduce per step."""
+        stack = contextlib.ExitStack()
+        if self.enabled and not last:
+            for module in ddp_modules:
+                stack.enter_context(module.no_sync())
+        return stack
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (e.g. writes a dataset or cache), the others after it."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def close(self):
+        if self.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def wrap_ddp(dist, device, *modules):
+    """Each module in DistributedDataParallel when distributed, else the module itself."""
+    if not dist.enabled:
+        return modules
+    device_ids = [device.index] if device.type == "cuda" else None
+    return tuple(torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+                 for module in modules)
+
+
+def setup_distributed(device_name):
+    """(Distributed, device): joins the process group when launched by torchrun.
+
+    NCCL between CUDA devices (one per local rank), gloo on the CPU.
+    """
+    if torch.cuda.is_available():  # TF32 tensor-core matmuls and convolutions (Ampere and later)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        info = Distributed()
+        info.device = pick_device(device_name)
+        return info, info.device
+    info = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                       int(os.environ["WORLD_SIZE"]))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    info.device = device
+    return info, device
 
 
 # ----------------------------------------------------------------------------------------------
