@@ -219,10 +219,11 @@ def evaluate_reconstruction(vqgan, dataset, batch_size, device, lpips=None, num_
 @torch.no_grad()
 def condition_of(model, batch, device):
     """The model's condition prefix (B, P) for a batch of dataset items."""
-    keypoints, parts = batch.get("keypoints"), batch.get("parts")
+    keypoints, parts, labels = batch.get("keypoints"), batch.get("parts"), batch.get("label")
     return model.condition_tokens(
         keypoints=None if keypoints is None else keypoints.to(device),
         part_maps=None if parts is None else parts.to(device),
+        labels=None if labels is None else labels.to(device),
         batch_size=len(batch["image"]))
 
 
@@ -251,8 +252,9 @@ def evaluate_pose_fidelity(model, dataset, num_poses, batch_size, device, seed=0
     """Silhouette IoU of samples for the first `num_poses` poses of `dataset` against the
     rendered silhouettes, with the reconstruction ceiling and the deranged-pose floor (see the
     module docstring). Returns {"skipped": reason} when the model or data cannot be scored."""
-    if model.condition == "none":
-        return {"skipped": "the transformer is unconditional; there is no pose to follow"}
+    if model.condition in ("none", "class"):
+        return {"skipped": f"the transformer is conditioned on {model.condition}; there is no "
+                           "pose to follow"}
     if not dataset.has_parts:
         return {"skipped": "the data has no part maps, so the pose's true silhouette is unknown "
                            "(see the module docstring for the keypoint-detector route)"}
@@ -393,8 +395,12 @@ def main(argv=None):
                               f"images; pass --image-size {resolution} or leave it out")
     if model is not None:
         warn_if_other_split(checkpoint["args"], args)
-    train_set, val_set = utils.build_datasets(args)
+    is_class_model = model is not None and model.condition == "class"
+    train_set, val_set = utils.build_datasets(args, class_labels=is_class_model)
     dataset = val_set if args.split == "val" else train_set
+    if is_class_model and dataset.class_names != model.class_names:
+        raise utils.UserError(f"the transformer knows the classes {model.class_names}, but "
+                              f"{dataset.root} has the class folders {dataset.class_names}")
 
     lpips = None
     if not args.no_lpips:

@@ -4,12 +4,19 @@
     python sample.py --checkpoint RUN/transformer_last.pt --poses poses.json --out DIR \
         --num-samples 4 --top-k 100 --top-p 0.95 --temperature 1.0 --seed 0
     python sample.py --checkpoint RUN/transformer_last.pt --complete photo.png --poses poses.json
+    python sample.py --checkpoint RUN/transformer_last.pt --grid-size 32 16 --poses poses.json
+    python sample.py --checkpoint RUN/transformer_last.pt --class NAME    # a class model
 
 Poses use the dataset's poses.json format: {"name.png": [[x, y, v], ...]} with K keypoints in
 the pixel coordinates of an image. That image is the file `name.png` next to poses.json when it
-exists, else one of --pose-image-size W H (default: the training size). A pose is mapped to the
-model's square training images the way training did (padded or cropped to a square as that run
-was, then scaled), so a pose drawn on a 300 x 600 photo lands where the photo's person would.
+exists, else one of --pose-image-size W H (default: the size of the sampled images). A pose is
+mapped to the sampled image the way training squared its images (the pose's image padded or
+cropped, centred, to the sampled image's aspect ratio as that run was, then scaled), so a pose
+drawn on a 300 x 600 photo lands where the photo's person would.
+
+--grid-size H W samples an H x W token grid, larger than the training grid, with a sliding
+attention window (PoseTransformer.sample_grid): images of (W * f) x (H * f) pixels, f pixels per
+token. Validation poses (and part maps) are fitted into such an image whole, by padding.
 
 Writes DIR/<name-stem>_<i>.png for every pose and sample, and DIR/grid.png: one row per pose,
 its skeleton first, then the samples. Without --poses it samples for validation-set poses.
@@ -20,6 +27,7 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import utils
@@ -41,6 +49,11 @@ def parse_args(argv=None):
                         help="keep the top half of IMAGE and sample the bottom half")
     parser.add_argument("--out", default="samples")
     parser.add_argument("--num-samples", type=int, default=2)
+    parser.add_argument("--grid-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="token grid to sample, at least the training grid; larger grids "
+                             "use a sliding attention window (default: the training grid)")
+    parser.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                        help="the class to sample, for a class-conditioned model")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -92,9 +105,39 @@ def read_pose_file(path, num_keypoints, default_size):
     return entries
 
 
-def to_model_pose(keypoints, size, image_size, resize_mode="pad"):
-    """Keypoints on a (width, height) image -> the model's square image, squared like training."""
-    return utils.transform_keypoints(keypoints, utils.square_box(*size, resize_mode), image_size)
+def canvas_box(size, canvas, resize_mode):
+    """(x0, y0, width, height): the region of a `size` image that fills a `canvas`, both (w, h).
+
+    The region has the canvas's aspect ratio and is centred; it holds the whole image ('pad') or
+    lies inside it ('crop'). On a square canvas it is utils.square_box, how training squared.
+    """
+    (width, height), (canvas_w, canvas_h) = size, canvas
+    fit = max if resize_mode == "pad" else min
+    ratio = fit(width / canvas_w, height / canvas_h)  # image pixels per canvas pixel
+    box_w, box_h = round(canvas_w * ratio), round(canvas_h * ratio)
+    return (width - box_w) // 2, (height - box_h) // 2, box_w, box_h
+
+
+def to_model_pose(keypoints, size, canvas, resize_mode="pad"):
+    """Keypoints on a (width, height) image -> pixels of the (width, height) sampled image.
+
+    Joints that land outside it become invisible (v = 0), as in utils.transform_keypoints.
+    """
+    x0, y0, box_w, box_h = canvas_box(size, canvas, resize_mode)
+    (canvas_w, canvas_h) = canvas
+    out = keypoints.astype(np.float32).copy()
+    out[:, 0] = (keypoints[:, 0] - x0) * (canvas_w / box_w)
+    out[:, 1] = (keypoints[:, 1] - y0) * (canvas_h / box_h)
+    outside = (out[:, 0] < 0) | (out[:, 0] >= canvas_w) | (out[:, 1] < 0) | (out[:, 1] >= canvas_h)
+    out[outside, 2] = 0
+    return out
+
+
+def to_canvas_parts(parts, canvas):
+    """A square part map (S, S) -> the (width, height) canvas, padded whole like a pose."""
+    x0, y0, box_w, box_h = canvas_box(parts.shape[::-1], canvas, "pad")
+    labels = Image.fromarray(np.asarray(parts, np.uint8)).crop((x0, y0, x0 + box_w, y0 + box_h))
+    return torch.from_numpy(np.asarray(labels.resize(canvas, Image.NEAREST)).astype(np.int64))
 
 
 def validation_conditions(train_args, count):

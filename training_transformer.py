@@ -10,10 +10,12 @@ same data read the cache and never run the encoder again; the training loop only
 tensors already in memory.
 
 Each sequence is [condition prefix | image tokens]; the condition comes from the data
-(--condition auto picks keypoints, else part maps, else none). Outputs in --run-dir (default
-runs/transformer): transformer_last.pt (atomic, --resume and sample.py read it),
-metrics.jsonl, loss_curves.png, and sample grids under samples/ with one row per validation
-example: pose | original | reconstruction | completion of the bottom half | two new samples.
+(--condition auto picks keypoints, else part maps, else none; --condition class reads
+folder-per-class data, DIR/<class>/.../image.png, and keeps the class names in the model's
+config). Outputs in --run-dir (default runs/transformer): transformer_last.pt (atomic,
+--resume and sample.py read it), metrics.jsonl, loss_curves.png, and sample grids under
+samples/ with one row per validation example: pose | original | reconstruction | completion of
+the bottom half | two new samples.
 """
 import argparse
 import json
@@ -37,8 +39,9 @@ def parse_args(argv=None):
     utils.add_run_args(parser, default_run_dir=os.path.join("runs", "transformer"),
                        default_batch_size=32, default_base_lr=1.5e-5, default_max_steps=2000)
     group = parser.add_argument_group("model")
-    group.add_argument("--condition", choices=("auto", "keypoints", "parts", "none"),
-                       default="auto")
+    group.add_argument("--condition", choices=("auto", "keypoints", "parts", "class", "none"),
+                       default="auto", help="class: one class token, the image's first folder "
+                                            "below --dataset-path (DIR/<class>/...)")
     group.add_argument("--keypoint-grid", type=int, default=None,
                        help="G of the G x G keypoint grid (default: twice the token grid)")
     group.add_argument("--n-layer", type=int, default=6)
@@ -72,20 +75,22 @@ def encode_split(model, dataset, flips, batch_size, device, num_workers, desc):
     # the cache train differently from one that encodes
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=items,
                                          num_workers=num_workers, generator=torch.Generator())
-    tokens, keypoints, parts = [], [], []
+    tokens, keypoints, parts, labels = [], [], [], []
     for batch in tqdm(loader, desc=desc, leave=False):
-        with utils.autocast_context(device):
-            tokens.append(model.image_tokens(batch["image"].to(device)).cpu())  # (B, L)
+        tokens.append(model.image_tokens(batch["image"].to(device)).cpu())  # (B, L)
         if "keypoints" in batch:
             keypoints.append(batch["keypoints"])  # (B, K, 3)
         if "parts" in batch:
             parts.append(batch["parts"].to(torch.uint8))  # (B, S, S)
+        if "label" in batch:
+            labels.append(batch["label"])  # (B,)
 
     def per_example(chunks):  # (N * F, ...) -> (N, F, ...)
         return torch.cat(chunks).unflatten(0, (len(dataset), len(flips))) if chunks else None
 
     return {"tokens": per_example(tokens), "keypoints": per_example(keypoints),
-            "parts": per_example(parts), "paths": [e.name for e in dataset.examples]}
+            "parts": per_example(parts), "labels": per_example(labels),
+            "paths": [e.name for e in dataset.examples]}
 
 
 def load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device):
@@ -93,6 +98,8 @@ def load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
     key = {"vqgan_sha256": vqgan_sha256, "flip": args.flip,
            **{k: getattr(args, k) for k in ("dataset_path", "image_size", "val_fraction",
                                             "resize_mode", "pose_layout", "coco_annotations")}}
+    if train_set.class_names:  # only then: caches of runs without classes keep their names
+        key["class_names"] = train_set.class_names
     name = utils.stable_hash(json.dumps(key, sort_keys=True))
     path = run.path("token_cache", f"tokens-{vqgan_sha256[:12]}-{name:08x}.pt")
     names = {"train": [e.name for e in train_set.examples],
@@ -116,13 +123,15 @@ def condition_tokens(model, split, chunk=1024):
     tokens = split["tokens"]
     N, F = tokens.shape[:2]
     flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731  (N, F, ...) -> (N*F, ...)
-    keypoints, parts = flat(split["keypoints"]), flat(split["parts"])
+    keypoints, parts, labels = (flat(split["keypoints"]), flat(split["parts"]),
+                                flat(split.get("labels")))
     prefixes = []
     for start in range(0, N * F, chunk):
         part = slice(start, min(start + chunk, N * F))
         prefixes.append(model.condition_tokens(
             keypoints=None if keypoints is None else keypoints[part],
             part_maps=None if parts is None else parts[part].long(),
+            labels=None if labels is None else labels[part],
             batch_size=part.stop - part.start).cpu())
     return torch.cat(prefixes).unflatten(0, (N, F))
 
@@ -194,6 +203,7 @@ def choose_condition(requested, dataset):
                                   f"{dataset.root}")
         if requested == "parts" and not dataset.has_parts:
             raise utils.UserError(f"--condition parts needs part maps in {dataset.root}/parts/")
+        # --condition class: build_datasets has read the class folders (or said what is wrong)
         return requested
     return "keypoints" if dataset.has_keypoints else "parts" if dataset.has_parts else "none"
 
@@ -219,13 +229,14 @@ def train(args, dist, device):
                               f"{vqgan.config.resolution} px images; pass --image-size "
                               f"{vqgan.config.resolution}")
     with dist.main_first():  # rank 0 generates the default data before the others read it
-        train_set, val_set = utils.build_datasets(args, progress=dist.is_main)
+        train_set, val_set = utils.build_datasets(args, progress=dist.is_main,
+                                                  class_labels=args.condition == "class")
     condition = choose_condition(args.condition, train_set)
     layout = train_set.layout or utils.COCO17
     model = PoseTransformer(vqgan, condition=condition, image_size=args.image_size,
                             num_keypoints=layout.num_keypoints, keypoint_grid=args.keypoint_grid,
-                            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                            dropout=args.dropout).to(device)
+                            class_names=train_set.class_names, n_layer=args.n_layer,
+                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout).to(device)
     run = utils.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt")
     with dist.main_first():  # rank 0 encodes and writes the cache; the others then read it
         cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)

@@ -199,7 +199,7 @@ def train(args, dist, device):
     # to its input only, through the bare module; D's own step goes through its DDP wrapper.
     ddp_model, ddp_discriminator = utils.wrap_ddp(dist, device, model, discriminator)
     forward_model = torch.compile(ddp_model) if args.compile else ddp_model
-    average = dist.mean if dist.enabled else None
+    average = None
     metrics = (utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume
                                 else None) if dist.is_main else None)
     fixed_images = next(iter(val_loader))["image"][:8].to(device)

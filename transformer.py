@@ -14,7 +14,11 @@ Condition modes:
              as visible: their position is known. Which joint a token is comes from its position.
   parts      the part-label map reduced to the token grid by majority label per cell (ties go to
              the lower label), one token per cell, row-major.
+  class      a single token, n_embed + the image's class (folder-per-class data), for p(s | c).
   none       a single start token, id n_embed.
+
+`sample_grid` samples token grids larger than the training grid with a sliding attention window
+(the paper's high-resolution images): each token sees the h x w training-size window around it.
 
 The VQGAN is frozen and not part of this module's parameters or state_dict: a transformer
 checkpoint records the VQGAN checkpoint it was trained against instead of copying its weights.
@@ -26,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mingpt import GPT, GPTConfig
-from utils import NUM_PART_LABELS, UserError, file_sha256, load_checkpoint
+from utils import NUM_PART_LABELS, UserError, autocast_context, file_sha256, load_checkpoint
 from vqgan import load_vqgan
 
-CONDITION_MODES = ("keypoints", "parts", "none")
+CONDITION_MODES = ("keypoints", "parts", "class", "none")
 
 
 def filter_logits(logits, top_k=None, top_p=None, temperature=1.0):
@@ -65,15 +69,27 @@ def sample_next(logits, generator=None, top_k=None, top_p=None, temperature=1.0)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def sliding_window(i, j, grid_h, grid_w, h, w):
+    """(top, left) of the h x w window for token (i, j) of a grid_h x grid_w grid.
+
+    Centred on (i, j) where it fits, shifted to stay inside the grid at the edges, as in
+    taming-transformers' sliding-window sampler.
+    """
+    top = min(max(i - h // 2, 0), grid_h - h)
+    left = min(max(j - w // 2, 0), grid_w - w)
+    return top, left
+
+
 class PoseTransformer(nn.Module):
-    """A frozen VQGAN plus a GPT over its tokens, conditioned on keypoints, part maps or nothing.
+    """A frozen VQGAN plus a GPT over its tokens, conditioned on keypoints, part maps, a class
+    or nothing.
 
     `config` is a plain dict holding every argument, so `from_config(vqgan, config)` rebuilds the
     model for a checkpoint's state_dict.
     """
 
     def __init__(self, vqgan, condition="keypoints", image_size=256, num_keypoints=17,
-                 keypoint_grid=None, num_part_labels=NUM_PART_LABELS,
+                 keypoint_grid=None, num_part_labels=NUM_PART_LABELS, class_names=None,
                  n_layer=8, n_head=8, n_embd=512, dropout=0.0, bias=True):
         super().__init__()
         token_grid = vqgan.token_grid_size
@@ -83,12 +99,17 @@ class PoseTransformer(nn.Module):
         if condition == "keypoints" and keypoint_grid < token_grid:
             raise UserError(f"keypoint grid {keypoint_grid} is coarser than the VQGAN's token grid "
                             f"{token_grid}; use a keypoint grid of at least {token_grid}")
+        if (condition == "class") != bool(class_names):
+            raise UserError("class_names are needed for, and only for, condition 'class'")
         self.config = dict(condition=condition, image_size=image_size,
                            num_keypoints=num_keypoints, keypoint_grid=keypoint_grid,
                            num_part_labels=num_part_labels, n_embed=vqgan.config.n_embed,
                            token_grid=token_grid, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                            dropout=dropout, bias=bias)
+        if condition == "class":  # only then: configs of the other modes stay as they were
+            self.config["class_names"] = list(class_names)
         self.condition = condition
+        self.class_names = class_names
         self.image_size = image_size
         self.keypoint_grid = keypoint_grid
         self.n_embed = vqgan.config.n_embed
@@ -98,6 +119,7 @@ class PoseTransformer(nn.Module):
         self.num_condition_tokens, num_condition_ids = {
             "keypoints": (num_keypoints, keypoint_grid * keypoint_grid + 1),  # + "not visible"
             "parts": (self.num_image_tokens, num_part_labels),
+            "class": (1, len(class_names or ())),
             "none": (1, 1),
         }[condition]
         self.num_part_labels = num_part_labels
@@ -131,8 +153,9 @@ class PoseTransformer(nn.Module):
 
     # ---- condition and image tokens ------------------------------------------------------------
 
-    def condition_tokens(self, keypoints=None, part_maps=None, batch_size=None):
-        """Keypoints (B, K, 3), part maps (B, H, W) or a batch size -> condition tokens (B, P)."""
+    def condition_tokens(self, keypoints=None, part_maps=None, batch_size=None, labels=None):
+        """Keypoints (B, K, 3), part maps (B, H, W), class labels (B,) or a batch size -> condition
+        tokens (B, P)."""
         if self.condition == "keypoints":
             if keypoints is None:
                 raise UserError("this transformer is conditioned on keypoints, but none were given")
@@ -141,6 +164,13 @@ class PoseTransformer(nn.Module):
             if part_maps is None:
                 raise UserError("this transformer is conditioned on part maps, but none were given")
             return self.n_embed + self._majority_parts(part_maps)
+        if self.condition == "class":
+            if labels is None:
+                raise UserError("this transformer is conditioned on a class, but none was given")
+            if labels.min() < 0 or labels.max() >= len(self.class_names):
+                raise UserError(f"class labels must lie in [0, {len(self.class_names)}), got "
+                                f"[{labels.min().item()}, {labels.max().item()}]")
+            return self.n_embed + labels.long().view(-1, 1)
         if batch_size is None:
             raise ValueError("an unconditional transformer needs batch_size for its start tokens")
         return torch.full((batch_size, 1), self.n_embed, dtype=torch.long,
@@ -174,14 +204,25 @@ class PoseTransformer(nn.Module):
 
     @torch.no_grad()
     def image_tokens(self, images):
-        """images (B, 3, H, W) in [-1, 1] -> VQGAN codes (B, h * w), row-major."""
-        _, _, indices = self.vqgan.encode(images)  # (B, h, w)
+        """images (B, 3, H, W) in [-1, 1] -> VQGAN codes (B, h * w), row-major.
+
+        Always under the device's autocast, so the token cache, completions and evaluation
+        encode an image to the same tokens.
+        """
+        with autocast_context(images.device):
+            _, _, indices = self.vqgan.encode(images)  # (B, h, w)
         return indices.flatten(1)
 
     @torch.no_grad()
     def decode(self, tokens):
-        """tokens (B, h * w) -> images (B, 3, H, W) in [-1, 1]."""
-        return self.vqgan.decode_indices(tokens.view(-1, self.token_grid, self.token_grid))
+        """tokens (B, h * w), or a token grid (B, H, W) of any size -> images in [-1, 1].
+
+        The VQGAN decoder is convolutional (its attention takes any number of positions), so a
+        grid_h x grid_w grid decodes to (B, 3, grid_h * f, grid_w * f), f pixels per token.
+        """
+        if tokens.dim() == 2:
+            tokens = tokens.view(-1, self.token_grid, self.token_grid)
+        return self.vqgan.decode_indices(tokens)
 
     # ---- training and sampling -----------------------------------------------------------------
 
@@ -225,6 +266,75 @@ class PoseTransformer(nn.Module):
             tokens[:, i:i + 1] = sample_next(logits, generator, top_k, top_p, temperature)
             if i + 1 < num_tokens:
                 logits = self.gpt(tokens[:, i:i + 1], kv_cache, start_pos=P + i)[:, -1]
+        return tokens
+
+    def window_condition(self, top, left, grid_h, grid_w, keypoints=None, part_maps=None,
+                         labels=None, batch_size=None):
+        """Condition tokens (B, P) of the h x w token window at (top, left) of a larger grid.
+
+        The conditions describe the large image: keypoints (B, K, 3) in pixels of its
+        (grid_w * f) x (grid_h * f) pixels, f = image_size / token_grid; part maps (B, grid_h * c,
+        grid_w * c) for any cell size c. The window sees them in its own frame, as training saw a
+        whole image: keypoints shifted by the window's pixel origin (those outside become 'not
+        visible'), part maps cropped to it. A class or start token is the same for every window.
+        """
+        h = w = self.token_grid
+        if keypoints is not None:
+            f = self.image_size / self.token_grid  # pixels per token
+            keypoints = keypoints.clone()
+            keypoints[..., 0] -= left * f
+            keypoints[..., 1] -= top * f
+        if part_maps is not None:
+            if part_maps.size(1) % grid_h or part_maps.size(2) % grid_w:
+                raise UserError(f"part maps of {part_maps.size(1)}x{part_maps.size(2)} do not "
+                                f"split into the {grid_h}x{grid_w} token grid")
+            ch, cw = part_maps.size(1) // grid_h, part_maps.size(2) // grid_w  # pixels per cell
+            part_maps = part_maps[:, top * ch:(top + h) * ch, left * cw:(left + w) * cw]
+        return self.condition_tokens(keypoints=keypoints, part_maps=part_maps,
+                                     batch_size=batch_size, labels=labels)
+
+    @torch.no_grad()
+    def sample_grid(self, grid_h, grid_w, keypoints=None, part_maps=None, labels=None,
+                    batch_size=None, top_k=None, top_p=None, temperature=1.0, generator=None):
+        """Sample a grid_h x grid_w token grid, larger than the h x w training grid, with a
+        sliding attention window -> tokens (B, grid_h, grid_w).
+
+        Tokens are generated in raster order. Token (i, j) is predicted from its window (see
+        sliding_window): the window's condition (see window_condition), then the window's tokens
+        before (i, j) in the window's own raster order, which are all generated already. So every
+        GPT input looks like a training sequence and fits block_size.
+
+        Cost: while the window stays put the previous token goes through the KV cache, as in
+        sample(); when the window moves, its condition and context (up to block_size tokens) are
+        recomputed, so a large grid costs up to grid_h * grid_w forwards of block_size tokens. On
+        the training grid the window never moves, and the result equals sample() exactly for the
+        same generator.
+        """
+        h = w = self.token_grid
+        if grid_h < h or grid_w < w:
+            raise UserError(f"a {grid_h}x{grid_w} grid is smaller than the {h}x{w} training grid")
+        conditions = dict(grid_h=grid_h, grid_w=grid_w, keypoints=keypoints, part_maps=part_maps,
+                          labels=labels, batch_size=batch_size)
+        P = self.num_condition_tokens
+        B = self.window_condition(0, 0, **conditions).size(0)
+        tokens = torch.zeros(B, grid_h, grid_w, dtype=torch.long,
+                             device=self.gpt.lm_head.weight.device)
+        last = None  # (top, left, k) of the token sampled last
+        for i in range(grid_h):
+            for j in range(grid_w):
+                top, left = sliding_window(i, j, grid_h, grid_w, h, w)
+                k = (i - top) * w + (j - left)  # (i, j)'s index in its window, row-major
+                if last == (top, left, k - 1):  # the same window, one token further
+                    r, c = divmod(k - 1, w)
+                    previous = tokens[:, top + r, left + c, None]  # (B, 1)
+                    logits = self.gpt(previous, kv_cache, start_pos=P + k - 1)[:, -1]
+                else:  # a new window: its condition and context from scratch
+                    cond = self.window_condition(top, left, **conditions)  # (B, P)
+                    context = tokens[:, top:top + h, left:left + w].flatten(1)[:, :k]  # (B, k)
+                    kv_cache = self.gpt.new_kv_cache(B)
+                    logits = self.gpt(torch.cat([cond, context], dim=1), kv_cache)[:, -1]
+                tokens[:, i, j] = sample_next(logits, generator, top_k, top_p, temperature)[:, 0]
+                last = (top, left, k)
         return tokens
 
 

@@ -645,6 +645,20 @@ def read_coco_annotations(path, root, min_keypoints, margin):
     return examples
 
 
+def class_folders(root, examples):
+    """Sorted class names of a folder-per-class dataset: the first folders of the image paths."""
+    loose = [e.name for e in examples if "/" not in e.name]
+    if loose:
+        raise UserError(f"class labels come from the sub-folders of {root}, but {len(loose)} "
+                        f"image(s) lie directly in it (first: {', '.join(loose[:3])}); put every "
+                        "image in its class's folder")
+    names = sorted({e.name.split("/")[0] for e in examples})
+    if len(names) < 2:
+        raise UserError(f"class labels need at least two class folders in {root}, found "
+                        f"{names}; arrange the images as {root}/<class>/<image>")
+    return names
+
+
 def prepare_example(example, size, resize_mode, max_pixels):
     """Decode and square one example: uint8 image (S, S, 3), keypoints (K, 3), uint8 parts (S, S).
 
@@ -683,7 +697,10 @@ class PoseImageDataset(torch.utils.data.Dataset):
       image      (3, S, S) float in [-1, 1]
       keypoints  (K, 3) float: x, y in output pixels, v (only when the data has poses)
       parts      (S, S) long part labels (only when the data has part maps)
+      label      () long class index into `class_names` (only with class_labels=True)
       path       the example's relative path
+    With class_labels=True the data is folder-per-class: an image's class is its first folder
+    below root (DIR/<class>/.../image.png), and `class_names` lists the folders, sorted.
     Every file is decoded once when the dataset is built, so a corrupt image is found before
     training starts; small datasets keep those decoded pixels in memory (`preload`).
     """
@@ -691,7 +708,7 @@ class PoseImageDataset(torch.utils.data.Dataset):
     def __init__(self, root, image_size=64, split="train", val_fraction=0.05, resize_mode="auto",
                  pose_layout="auto", coco_annotations=None, coco_min_keypoints=5,
                  coco_margin=0.1, strict=False, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
-                 preload="auto", progress=True):
+                 preload="auto", progress=True, class_labels=False):
         if not os.path.exists(root):
             raise UserError(f"dataset path {root} does not exist; pass --dataset-path DIR with "
                             "your images, or leave it out to use the synthetic mannequins")
@@ -707,6 +724,8 @@ class PoseImageDataset(torch.utils.data.Dataset):
                                          coco_annotations)
         else:
             examples = self._scan_folder(root, pose_layout)
+        # from every example before the split, so that both splits number the classes alike
+        self.class_names = class_folders(root, examples) if class_labels else None
         self.has_keypoints = self.layout is not None
         self.has_parts = any(e.part_path for e in examples)
         if resize_mode == "auto":  # pad keeps whole people; crop suits pictures without poses
@@ -801,6 +820,8 @@ class PoseImageDataset(torch.utils.data.Dataset):
             out["keypoints"] = torch.from_numpy(keypoints.copy())  # (K, 3)
         if parts is not None:
             out["parts"] = torch.from_numpy(parts.astype(np.int64))  # (S, S)
+        if self.class_names is not None:
+            out["label"] = torch.tensor(self.class_names.index(example.name.split("/")[0]))
         return out
 
 
@@ -1139,18 +1160,24 @@ def add_data_args(parser):
     return group
 
 
-def build_datasets(args, progress=True):
-    """(train, val) datasets from the data flags; generates the default mannequins if needed."""
+def build_datasets(args, progress=True, class_labels=False):
+    """(train, val) datasets from the data flags; generates the default mannequins if needed.
+
+    class_labels: the data is folder-per-class and items carry a "label" (PoseImageDataset).
+    """
     root = args.dataset_path
     if root is None:
         import mannequins
         root = default_dataset_path(args.image_size)
-        mannequins.write_dataset(root, DEFAULT_MANNEQUIN_COUNT, image_size=args.image_size,
-                                 seed=0)
+        if mannequins.write_dataset(root, DEFAULT_MANNEQUIN_COUNT, image_size=args.image_size,
+                                    seed=0):
+            print(f"wrote {DEFAULT_MANNEQUIN_COUNT} synthetic mannequins to {root} (first run "
+                  "only; pass --dataset-path for your own images)")
     common = dict(root=root, image_size=args.image_size, val_fraction=args.val_fraction,
                   resize_mode=args.resize_mode, pose_layout=args.pose_layout,
                   coco_annotations=args.coco_annotations, strict=args.strict,
-                  max_image_pixels=args.max_image_pixels, progress=progress)
+                  max_image_pixels=args.max_image_pixels, progress=progress,
+                  class_labels=class_labels)
     return PoseImageDataset(split="train", **common), PoseImageDataset(split="val", **common)
 
 

@@ -3,20 +3,25 @@
 encoder -> quant_conv -> quantize (Codebook) -> post_quant_conv -> decoder, with the module names
 of CompVis taming-transformers so that its released checkpoints load. This file also owns the
 config (VQGANConfig, PRESETS, the --preset and override flags) and the inference checkpoint
-vqgan.pt (kind "vqgan"). The stage-1 training script adds the losses (lpips_loss.py,
-discriminator.py); stage 2 reads tokens from VQGAN.encode and turns sampled tokens back into
-pictures with VQGAN.decode_indices.
+vqgan.pt (kind "vqgan"), and `python vqgan.py convert`, which turns a VQGAN released with the
+paper (Lightning .ckpt + YAML config) into such a vqgan.pt. The stage-1 training script adds the
+losses (lpips_loss.py, discriminator.py); stage 2 reads tokens from VQGAN.encode and turns sampled
+tokens back into pictures with VQGAN.decode_indices.
 """
 import argparse
 import dataclasses
+import os
+import pickle
+import re
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from codebook import Codebook
 from decoder import Decoder
 from encoder import Encoder
-from utils import UserError, atomic_save, load_checkpoint
+from utils import UserError, atomic_save, load_checkpoint, run_cli
 
 
 @dataclass
@@ -165,3 +170,209 @@ def load_vqgan(path, device="cpu"):
     """vqgan.pt -> VQGAN in eval mode on `device`."""
     model = vqgan_from_checkpoint_dict(load_checkpoint(path, "vqgan"))
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Released checkpoints: python vqgan.py convert --ckpt model.ckpt --config model.yaml --out vqgan.pt
+# ----------------------------------------------------------------------------------------------
+
+
+def _yaml_scalar(text):
+    """A YAML scalar or flow list: '16' -> 16, '0.0' -> 0.0, 'False' -> False, '[1,2]' -> [1, 2]."""
+    if text.startswith("[") and text.endswith("]"):
+        return [_yaml_scalar(part.strip()) for part in text[1:-1].split(",") if part.strip()]
+    if text == "{}":
+        return {}
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "~"):
+        return None
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_simple_yaml(text, name="the YAML file"):
+    """The YAML subset of the released configs: nested mappings by indentation, scalars, flow
+    lists ([1, 1, 2]) and block lists of scalars (- 1). Anything else is a UserError."""
+    lines = []  # (indent, text, line number)
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split(" #")[0].rstrip()
+        if line.strip() and not line.lstrip().startswith("#") and line.strip() != "---":
+            lines.append((len(line) - len(line.lstrip()), line.strip(), number))
+
+    def unsupported(number):
+        return UserError(f"{name}, line {number}: YAML beyond the simple subset this reader "
+                         "knows; pip install pyyaml to read it")
+
+    def block(i, indent):
+        """The mapping or list whose lines start at lines[i] with this indent -> (value, next i)."""
+        if lines[i][1].startswith("- ") or lines[i][1] == "-":
+            items = []
+            while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("-"):
+                item = lines[i][1][1:].strip()
+                if not item or ": " in item or item.endswith(":"):
+                    raise unsupported(lines[i][2])
+                items.append(_yaml_scalar(item))
+                i += 1
+            return items, i
+        mapping = {}
+        while i < len(lines) and lines[i][0] == indent:
+            _, text, number = lines[i]
+            key, colon, rest = text.partition(":")
+            if not colon or (rest and not rest.startswith(" ")):
+                raise unsupported(number)
+            i += 1
+            if rest.strip():
+                mapping[key.strip()] = _yaml_scalar(rest.strip())
+            elif i < len(lines) and (lines[i][0] > indent or (
+                    lines[i][0] == indent and lines[i][1].startswith("-"))):  # nested block
+                mapping[key.strip()], i = block(i, lines[i][0])
+            else:
+                mapping[key.strip()] = None
+        if i < len(lines) and lines[i][0] > indent:
+            raise unsupported(lines[i][2])
+        return mapping, i
+
+    if not lines:
+        return {}
+    value, end = block(0, lines[0][0])
+    if end < len(lines):
+        raise unsupported(lines[end][2])
+    return value
+
+
+def read_yaml(path):
+    """PyYAML when it is installed, else parse_simple_yaml."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as error:
+        raise UserError(f"cannot read the config {path}: {error.strerror}") from None
+    try:
+        import yaml
+    except ImportError:
+        return parse_simple_yaml(text, path)
+    return yaml.safe_load(text)
+
+
+RELEASED_DDCONFIG = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels",
+                     "resolution", "in_channels", "out_ch", "dropout")
+
+
+def config_from_released(data, name="the config"):
+    """A taming-transformers VQModel config (model: params: embed_dim, n_embed, ddconfig) ->
+    VQGANConfig with their quantizer's loss: beta 0.25 on the codebook term (legacy_beta)."""
+    model = data.get("model", data) if isinstance(data, dict) else None
+    params = model.get("params", model) if isinstance(model, dict) else None
+    if not isinstance(params, dict) or not isinstance(params.get("ddconfig"), dict):
+        raise UserError(f"{name} has no model.params.ddconfig: not a taming-transformers "
+                        "VQGAN config")
+    target = model.get("target", "taming.models.vqgan.VQModel")
+    if target.rsplit(".", 1)[-1] != "VQModel":
+        raise UserError(f"{name} describes a {target}; only taming.models.vqgan.VQModel "
+                        "(the plain VQGAN) can be converted")
+    ddconfig = params["ddconfig"]
+    if ddconfig.get("double_z", False):
+        raise UserError(f"{name} has double_z: True (a KL autoencoder's config), not a VQGAN's")
+    missing = [f"ddconfig.{k}" for k in RELEASED_DDCONFIG if k not in ddconfig]
+    missing += [k for k in ("embed_dim", "n_embed") if k not in params]
+    if missing:
+        raise UserError(f"{name} lacks {', '.join(missing)}")
+    return VQGANConfig(**{k: ddconfig[k] for k in RELEASED_DDCONFIG},
+                       embed_dim=params["embed_dim"], n_embed=params["n_embed"],
+                       beta=0.25, legacy_beta=True, l2_normalize=False, lookup_dim=None,
+                       restart_dead_codes=False)
+
+
+def read_released_state_dict(path, trust_pickle=False):
+    """The weights of a Lightning .ckpt (its "state_dict") or of a bare state dict.
+
+    weights_only=True first; a file that also pickles Python objects (Lightning callbacks,
+    hyper-parameters) needs trust_pickle, which runs whatever code the file names.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        if (trust_pickle or "Weights only load failed" not in message
+                or "Unsupported operand" in message):  # not a pickle torch.save wrote
+            raise UserError(f"cannot read checkpoint {path}: not a PyTorch or Lightning "
+                            "checkpoint, or a damaged one") from None
+        found = re.search(r"(?:GLOBAL|class) ([\w.]+)", message)
+        raise UserError(f"{path} holds pickled Python objects beyond tensors"
+                        f"{f' ({found.group(1)})' if found else ''}, which weights_only=True "
+                        "refuses to load; if you trust where the file came from, re-run with "
+                        "--trust-pickle, which executes code from the file") from None
+    except ModuleNotFoundError as error:  # --trust-pickle: the pickled classes' module is missing
+        raise UserError(f"{path} pickles objects of the module {error.name}, which is not "
+                        "installed here (pip install pytorch-lightning, for Lightning's "
+                        "callbacks)") from None
+    except Exception as error:  # a corrupt or truncated file
+        raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"{path} holds no state dict of tensors (a Lightning .ckpt has one "
+                        "under 'state_dict')")
+    return state_dict
+
+
+def vqgan_from_released(state_dict, config):
+    """Load a released state dict strictly -> (VQGAN in eval mode, the dropped loss.* keys)."""
+    dropped = sorted(k for k in state_dict if k.startswith("loss."))  # LPIPS and discriminator
+    weights = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
+    model = VQGAN(config)
+    expected = model.state_dict().keys()
+    missing, extra = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    if missing or extra:
+        def listed(keys):
+            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        problems = ([f"{len(missing)} missing: {listed(missing)}"] if missing else []) + (
+            [f"{len(extra)} unexpected: {listed(extra)}"] if extra else [])
+        raise UserError(f"the checkpoint's weights do not fit the config's VQGAN "
+                        f"({'; '.join(problems)})")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # shapes that differ from the config's
+        raise UserError("the checkpoint's weights do not fit the config's VQGAN: "
+                        + " ".join(str(error).split())[:400]) from None
+    return model.eval(), dropped
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="VQGAN checkpoint tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser(
+        "convert", help="a released taming-transformers VQGAN (.ckpt + .yaml) -> our vqgan.pt")
+    convert.add_argument("--ckpt", required=True, help="the released Lightning checkpoint")
+    convert.add_argument("--config", required=True, help="its YAML config (model.params)")
+    convert.add_argument("--out", required=True, help="the inference checkpoint to write")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="load with weights_only=False: executes code from the file, so "
+                              "only for files from a source you trust")
+    args = parser.parse_args(argv)
+
+    config = config_from_released(read_yaml(args.config), args.config)
+    state_dict = read_released_state_dict(args.ckpt, args.trust_pickle)
+    model, dropped = vqgan_from_released(state_dict, config)
+    if dropped:
+        print(f"dropped {len(dropped)} training-loss entries (LPIPS, discriminator): "
+              + ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else ""))
+    save_vqgan(model, args.out)
+    grid = model.token_grid_size
+    print(f"wrote {args.out}: {config.resolution} px images <-> {grid} x {grid} tokens of "
+          f"{config.n_embed} codes (legacy beta)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
