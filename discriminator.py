@@ -28,8 +28,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 and dist.get_world_size() > 1):
             return super().forward(x)
         C = x.size(1)
-        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)),
-                           x.new_full((1,), x.numel() / C)])  # (2C + 1,) sums and count
+        # statistics in float32 at least: under autocast x is bf16 or fp16, too coarse for sums
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)),
+                           xf.new_full((1,), x.numel() / C)])  # (2C + 1,) sums and count
         total = dist_functional.all_reduce(local)  # summed over ranks, differentiable
         count = total[-1]
         mean = total[:C] / count
@@ -39,7 +41,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
         scale = self.weight * torch.rsqrt(var + self.eps)  # (C,)
-        return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+        shift = self.bias - mean * scale
+        return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
 
 
 def weights_init(module):

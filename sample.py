@@ -149,33 +149,67 @@ def validation_conditions(train_args, count):
             for item in items], val_set.layout
 
 
+def choose_class(args, config):
+    """The class index to sample (None for models of another condition), checked."""
+    if config["condition"] != "class":
+        if args.class_name is not None:
+            raise utils.UserError(f"--class needs a class-conditioned model, but this one is "
+                                  f"conditioned on {config['condition']}; leave --class out")
+        return None
+    names = config["class_names"]
+    if args.class_name not in names:
+        given = "no --class" if args.class_name is None else f"unknown class {args.class_name!r}"
+        raise utils.UserError(f"{given}: this model samples one of the classes "
+                              f"{', '.join(names)}; pass --class NAME")
+    return names.index(args.class_name)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
     model, checkpoint = load_transformer(args.checkpoint, device, args.vqgan_checkpoint)
     model.eval()
     config, train_args = model.config, checkpoint["args"]
-    image_size = config["image_size"]
+    image_size, token_grid = config["image_size"], config["token_grid"]
     resize_mode = checkpoint["resize_mode"]  # how training squared its images: "pad" or "crop"
     layout = utils.LAYOUTS[checkpoint["layout"]]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                    generator=generator)
+    class_index = choose_class(args, config)
+    grid_h, grid_w = args.grid_size or (token_grid, token_grid)
+    if grid_h < token_grid or grid_w < token_grid:
+        raise utils.UserError(f"--grid-size {grid_h} {grid_w} is smaller than the model's "
+                              f"{token_grid}x{token_grid} token grid")
+    sliding = (grid_h, grid_w) != (token_grid, token_grid)
+    pixels_per_token = image_size // token_grid
+    canvas = (grid_w * pixels_per_token, grid_h * pixels_per_token)  # (width, height) sampled
 
     # What to sample for: (name, keypoints, parts, image or None) per row of the grid.
     if args.poses is not None:
         if config["condition"] != "keypoints":
             raise utils.UserError(f"--poses gives keypoints, but this model is conditioned on "
                                   f"{config['condition']}; leave --poses out")
-        default_size = tuple(args.pose_image_size or (image_size, image_size))
+        default_size = tuple(args.pose_image_size or canvas)
         poses = read_pose_file(args.poses, layout.num_keypoints, default_size)
-        rows = [(name, torch.from_numpy(to_model_pose(kp, size, image_size, resize_mode)),
+        rows = [(name, torch.from_numpy(to_model_pose(kp, size, canvas, resize_mode)),
                  None, None) for name, kp, size in poses]
+    elif class_index is not None:
+        rows = [(args.class_name, None, None, None)]
     else:
         rows, _ = validation_conditions(train_args, args.count)
+        if sliding:  # validation conditions are on the training square: pad it to the canvas
+            square = (image_size, image_size)
+            rows = [(name, None if kp is None else
+                     torch.from_numpy(to_model_pose(kp.numpy(), square, canvas)),
+                     None if parts is None else to_canvas_parts(parts, canvas), image)
+                    for name, kp, parts, image in rows]
 
     prefix = None
     if args.complete is not None:
+        if sliding:
+            raise utils.UserError("--complete works on the training grid only; leave "
+                                  "--grid-size out")
         example = utils.Example(os.path.basename(args.complete), args.complete)
         image, _, _ = utils.prepare_example(example, image_size, resize_mode,
                                             utils.DEFAULT_MAX_IMAGE_PIXELS)
@@ -194,41 +228,46 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     grid = []
+    n = args.num_samples
     for start in tqdm(range(0, len(rows), args.batch_size), desc="sampling"):
         chunk = rows[start:start + args.batch_size]
-        keypoints = (torch.stack([r[1] for r in chunk]).to(device)
-                     if config["condition"] == "keypoints" else None)
-        parts = (torch.stack([r[2] for r in chunk]).to(device)
-                 if config["condition"] == "parts" else None)
-        cond = model.condition_tokens(keypoints=keypoints, part_maps=parts,
-                                      batch_size=len(chunk))  # (b, P)
-        cond = cond.repeat_interleave(args.num_samples, dim=0)  # (b * n, P)
-        chunk_prefix = None if prefix is None else prefix.repeat(len(cond), 1)
+        conditions = dict(  # one per sample: each row's condition repeated n times
+            keypoints=(torch.stack([r[1] for r in chunk]).repeat_interleave(n, dim=0).to(device)
+                       if config["condition"] == "keypoints" else None),
+            part_maps=(torch.stack([r[2] for r in chunk]).repeat_interleave(n, dim=0).to(device)
+                       if config["condition"] == "parts" else None),
+            labels=(torch.full((len(chunk) * n,), class_index, device=device)
+                    if class_index is not None else None),
+            batch_size=len(chunk) * n)
         with utils.autocast_context(device):
-            tokens = model.sample(cond, prefix_tokens=chunk_prefix, **options)
-            images = model.decode(tokens).float().cpu()  # (b * n, 3, S, S)
+            if sliding:
+                tokens = model.sample_grid(grid_h, grid_w, **conditions, **options)
+            else:
+                cond = model.condition_tokens(**conditions)  # (b * n, P)
+                chunk_prefix = None if prefix is None else prefix.repeat(len(cond), 1)
+                tokens = model.sample(cond, prefix_tokens=chunk_prefix, **options)
+            images = model.decode(tokens).float().cpu()  # (b * n, 3, height, width)
         for row_index, (name, row_keypoints, row_parts, original) in enumerate(chunk):
             stem = os.path.splitext(os.path.basename(name))[0]
-            row = [pose_picture(row_keypoints, row_parts, config["condition"], layout,
-                                image_size)]
+            row = [pose_picture(row_keypoints, row_parts, config["condition"], layout, canvas)]
             if original is not None:
                 row.append(original)
-            for i in range(args.num_samples):
-                picture = utils.to_uint8_image(images[row_index * args.num_samples + i])
+            for i in range(n):
+                picture = utils.to_uint8_image(images[row_index * n + i])
                 picture.save(os.path.join(args.out, f"{stem}_{i}.png"))
                 row.append(picture)
             grid.append(row)
     utils.save_image_grid(grid, os.path.join(args.out, "grid.png"))
-    print(f"wrote {len(rows) * args.num_samples} samples and grid.png to {args.out}")
+    print(f"wrote {len(rows) * n} samples and grid.png to {args.out}")
 
 
-def pose_picture(keypoints, parts, condition, layout, image_size):
-    """The row's condition as a picture (blank for an unconditional model)."""
+def pose_picture(keypoints, parts, condition, layout, size):
+    """The row's condition as a (width, height) picture (blank for a class or no condition)."""
     if condition == "keypoints":
-        return utils.draw_skeleton(np.asarray(keypoints), layout, (image_size, image_size))
+        return utils.draw_skeleton(np.asarray(keypoints), layout, size)
     if condition == "parts":
         return utils.colorize_parts(np.asarray(parts))
-    return utils.Image.new("RGB", (image_size, image_size), "white")
+    return Image.new("RGB", size, "white")
 
 
 if __name__ == "__main__":

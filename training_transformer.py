@@ -254,7 +254,7 @@ def train(args, dist, device):
     config = dict(model.config, vqgan_sha256=vqgan_sha256)  # flat: --resume names the field
     step = 0
     if args.resume:  # every rank loads the same checkpoint
-        checkpoint = run.load_for_resume(args.resume, config, args)
+        checkpoint = run.load_for_resume(args.resume, config, args, dist.world_size)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         utils.set_rng_state(checkpoint["rng"])
@@ -266,7 +266,8 @@ def train(args, dist, device):
 
     def save_checkpoint():
         run.save({"kind": "transformer_train", "step": step, "config": config,
-                  "args": utils.plain_args(args), "model": model.state_dict(),
+                  "args": utils.plain_args(args), "world_size": dist.world_size,
+                  "model": model.state_dict(),
                   "optimizer": optimizer.state_dict(), "rng": utils.get_rng_state(),
                   "vqgan_checkpoint": os.path.abspath(args.vqgan_checkpoint),
                   "layout": layout.name, "resize_mode": train_set.resize_mode})

@@ -187,7 +187,8 @@ def train(args, dist, device):
     run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt")
     step = 0
     if args.resume:  # every rank loads the same checkpoint
-        checkpoint = run.load_for_resume(args.resume, dataclasses.asdict(config), args)
+        checkpoint = run.load_for_resume(args.resume, dataclasses.asdict(config), args,
+                                         dist.world_size)
         model.load_state_dict(checkpoint["model"])
         discriminator.load_state_dict(checkpoint["discriminator"])
         opt_g.load_state_dict(checkpoint["opt_g"])
@@ -199,14 +200,15 @@ def train(args, dist, device):
     # to its input only, through the bare module; D's own step goes through its DDP wrapper.
     ddp_model, ddp_discriminator = utils.wrap_ddp(dist, device, model, discriminator)
     forward_model = torch.compile(ddp_model) if args.compile else ddp_model
-    average = None
+    average = dist.mean if dist.enabled else None
     metrics = (utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume
                                 else None) if dist.is_main else None)
     fixed_images = next(iter(val_loader))["image"][:8].to(device)
 
     def save_checkpoint():
         run.save({"kind": "vqgan_train", "step": step, "config": dataclasses.asdict(config),
-                  "args": utils.plain_args(args), "model": model.state_dict(),
+                  "args": utils.plain_args(args), "world_size": dist.world_size,
+                  "model": model.state_dict(),
                   "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(),
                   "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
                   "rng": utils.get_rng_state()})
@@ -270,6 +272,7 @@ def train(args, dist, device):
                 health.check(step, run.path("vqgan_last.pt"), dist)
             if log_step:
                 sums = {key: float(dist.mean(value)) for key, value in sums.items()}
+                code_stats.counts = dist.sum(code_stats.counts)  # usage of every rank's codes
                 if dist.is_main:
                     elapsed = time.perf_counter() - window_start
                     usage, perplexity = code_stats.usage, code_stats.perplexity

@@ -960,7 +960,7 @@ class RunDirectory:
     def save(self, checkpoint):
         atomic_save(checkpoint, self.path(self.last_name))
 
-    def load_for_resume(self, resume, config, args):
+    def load_for_resume(self, resume, config, args, world_size=1):
         """Load the checkpoint to resume; refuse one of another stage, model or data order."""
         path = self.path(self.last_name) if resume == "last" else resume
         if resume == "last" and not os.path.exists(path):
@@ -978,6 +978,12 @@ class RunDirectory:
             details = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}" for k in changed)
             raise UserError(f"--resume: {path} was trained with other data settings ({details}); "
                             "an exact resume needs the same ones")
+        # the global batch (and so the data order and default lr) depends on the process count
+        saved_world_size = checkpoint.get("world_size", 1)
+        if saved_world_size != world_size:
+            raise UserError(f"--resume: {path} was trained by {saved_world_size} process(es), "
+                            f"this run has {world_size}; an exact resume needs the same number "
+                            f"(torchrun --nproc_per_node {saved_world_size})")
         return checkpoint
 
 
@@ -1055,13 +1061,16 @@ class Distributed:
         if self.enabled:
             torch.distributed.barrier()
 
-    def mean(self, tensor):
-        """Average a tensor over all processes (a no-op for one)."""
+    def sum(self, tensor):
+        """Sum a tensor over all processes (a no-op for one)."""
         if self.enabled:
             tensor = tensor.clone()
             torch.distributed.all_reduce(tensor)
-            tensor /= self.world_size
         return tensor
+
+    def mean(self, tensor):
+        """Average a tensor over all processes (a no-op for one)."""
+        return self.sum(tensor) / self.world_size if self.enabled else tensor
 
     def any(self, flag):
         """True on every rank when `flag` is true on any rank (a collective: all must call it)."""

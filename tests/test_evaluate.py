@@ -186,7 +186,7 @@ class RedrawingModel:
     def eval(self):
         return self
 
-    def condition_tokens(self, keypoints=None, part_maps=None, batch_size=None):
+    def condition_tokens(self, keypoints=None, part_maps=None, batch_size=None, labels=None):
         return part_maps.flatten(1)
 
     def _index(self, rows, table):

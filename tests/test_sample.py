@@ -139,14 +139,14 @@ def test_validation_poses_give_one_file_per_pose_and_sample_and_a_grid(checkpoin
 def test_pose_coordinates_map_onto_the_model_square_as_training_squared_images():
     keypoints = np.array(pose((NOSE, 20, 4, 2), (LEFT_ANKLE, 40, 30, 1)), np.float32)
     # 64 x 32 padded: a 64 px square from y = -16, halved
-    padded = sample.to_model_pose(keypoints, (64, 32), SIZE, "pad")
+    padded = sample.to_model_pose(keypoints, (64, 32), (SIZE, SIZE), "pad")
     assert padded[NOSE].tolist() == [10, 10, 2] and padded[LEFT_ANKLE].tolist() == [20, 23, 1]
     # 64 x 32 cropped: the 32 px square from x = 16, unscaled
-    cropped = sample.to_model_pose(keypoints, (64, 32), SIZE, "crop")
+    cropped = sample.to_model_pose(keypoints, (64, 32), (SIZE, SIZE), "crop")
     assert cropped[NOSE].tolist() == [4, 4, 2] and cropped[LEFT_ANKLE].tolist() == [24, 30, 1]
     # 100 x 50 padded: a 100 px square from y = -25, scaled by 0.32
     drawn = np.array(pose((NOSE, 50, 25, 2), (LEFT_ANKLE, 25, 0, 2)), np.float32)
-    padded = sample.to_model_pose(drawn, (100, 50), SIZE, "pad")
+    padded = sample.to_model_pose(drawn, (100, 50), (SIZE, SIZE), "pad")
     assert padded[NOSE].tolist() == pytest.approx([16, 16, 2])
     assert padded[LEFT_ANKLE].tolist() == pytest.approx([8, 8, 2])
 
