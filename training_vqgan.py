@@ -103,7 +103,8 @@ def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=
         with utils.autocast_context(images.device):
             generator_loss = -discriminator(x_hat_leaf).mean()
         grad_gan, = torch.autograd.grad(generator_loss, x_hat_leaf)
-        lam = adaptive_lambda(x_hat, model.last_layer if last_layer is None else last_layer, grad_x_hat.to(x_hat.dtype),
+        last_layer = model.last_layer if last_layer is None else last_layer
+        lam = adaptive_lambda(x_hat, last_layer, grad_x_hat.to(x_hat.dtype),
                               grad_gan.to(x_hat.dtype), args.disc_weight, average)
         grad_x_hat = grad_x_hat + lam * grad_gan
         terms.update(generator=generator_loss.detach(), disc_lambda=lam)
