@@ -211,12 +211,7 @@ def choose_condition(requested, dataset):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    dist, device = utils.setup_distributed(args.device)
-    try:
-        train(args, dist, device)
-    finally:
-        dist.close()
+    utils.run_training(train, parse_args(argv))
 
 
 def train(args, dist, device):
@@ -274,8 +269,8 @@ def train(args, dist, device):
                   "vqgan_checkpoint": os.path.abspath(args.vqgan_checkpoint),
                   "layout": layout.name, "resize_mode": train_set.resize_mode})
         records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
-        utils.plot_curves(records, ["loss", "val_bits_per_token"], run.path("loss_curves.png"),
-                          title="stage 2 losses")
+        utils.plot_curves(records, ["train_bits_per_token", "val_bits_per_token"],
+                          run.path("loss_curves.png"), title="stage 2: bits per image token")
 
     if dist.is_main:
         print(f"stage 2: {condition} conditioning, {model.gpt.num_params() / 1e6:.2f}M "
@@ -320,7 +315,8 @@ def train(args, dist, device):
             if log_step:
                 mean_loss = float(dist.mean(torch.as_tensor(loss_sum))) / (step - window_step)
                 if dist.is_main:
-                    metrics.write({"step": step, "loss": mean_loss, "lr": lr,
+                    metrics.write({"step": step, "loss": mean_loss,
+                                   "train_bits_per_token": mean_loss / math.log(2), "lr": lr,
                                    "tokens_per_s": window_tokens
                                    / (time.perf_counter() - window_start)})
                     progress.set_postfix(loss=f"{mean_loss:.3f}")

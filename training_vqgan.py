@@ -22,12 +22,10 @@ loss_curves.png and reconstruction grids under samples/.
 """
 import argparse
 import dataclasses
-import math
 import os
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
@@ -42,8 +40,8 @@ def parse_args(argv=None):
     add_vqgan_args(parser)
     utils.add_data_args(parser)
     utils.add_run_args(parser, default_run_dir=os.path.join("runs", "vqgan"),
-                       default_batch_size=16, default_base_lr=1.25e-5,
-                       default_max_steps=500)
+                       default_batch_size=8, default_base_lr=5e-5,
+                       default_max_steps=1500)
     group = parser.add_argument_group("loss")
     group.add_argument("--perceptual-weight", type=float, default=1.0)
     group.add_argument("--codebook-weight", type=float, default=1.0)
@@ -152,12 +150,7 @@ def save_reconstructions(model, images, path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    dist, device = utils.setup_distributed(args.device)
-    try:
-        train(args, dist, device)
-    finally:
-        dist.close()
+    utils.run_training(train, parse_args(argv))
 
 
 def train(args, dist, device):

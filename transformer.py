@@ -319,7 +319,7 @@ class PoseTransformer(nn.Module):
         B = self.window_condition(0, 0, **conditions).size(0)
         tokens = torch.zeros(B, grid_h, grid_w, dtype=torch.long,
                              device=self.gpt.lm_head.weight.device)
-        last = None  # (top, left, k) of the token sampled last
+        last, kv_cache = None, None  # (top, left, k) of the token sampled last; its cache
         for i in range(grid_h):
             for j in range(grid_w):
                 top, left = sliding_window(i, j, grid_h, grid_w, h, w)

@@ -1102,6 +1102,15 @@ class Distributed:
             torch.distributed.destroy_process_group()
 
 
+def run_training(train, args):
+    """train(args, dist, device) inside the process group when torchrun started us."""
+    dist, device = setup_distributed(args.device)
+    try:
+        train(args, dist, device)
+    finally:
+        dist.close()
+
+
 def wrap_ddp(dist, device, *modules):
     """Each module in DistributedDataParallel when distributed, else the module itself."""
     if not dist.enabled:

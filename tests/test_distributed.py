@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import mannequins
 import training_transformer
 import utils
 from discriminator import GlobalBatchNorm2d
@@ -40,20 +39,9 @@ STAGE_2_STEPS = 4
 STAGE_1_LR = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on two shared cores: more threads per process only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed") / "mannequins"
-    mannequins.write_dataset(str(root), count=48, image_size=32, seed=0, workers=1)
-    return root
+def data(mannequin_set):
+    return mannequin_set(48, 32)
 
 
 def torchrun(script, args, cwd):

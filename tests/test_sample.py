@@ -14,26 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-import mannequins
 import sample
 import training_transformer
 from transformer import PoseTransformer
 import utils
 from utils import UserError
-from vqgan import VQGAN, VQGANConfig, load_vqgan, save_vqgan
+from vqgan import load_vqgan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
-TINY_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                         z_channels=32, embed_dim=16, n_embed=32, resolution=SIZE)
 HALF = 16 * 16 // 2  # tokens in the top half of the 16 x 16 grid
 NOSE, LEFT_ANKLE = 0, 15
 
-
-def save_tiny_vqgan(path, seed):
-    torch.manual_seed(seed)
-    save_vqgan(VQGAN(TINY_VQGAN), path)
-    return path
 
 
 def pose(*visible):
@@ -49,25 +41,9 @@ def write_json(path, value):
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: with the few shared cores busy, more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample") / "mannequins"
-    mannequins.write_dataset(str(root), count=48, image_size=SIZE, seed=0, workers=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def vqgan_path(tmp_path_factory):
-    return save_tiny_vqgan(str(tmp_path_factory.mktemp("vqgan") / "vqgan.pt"), seed=0)
+def data(mannequin_set):
+    return mannequin_set(48, SIZE)
 
 
 def train(data, vqgan_path, run_dir, *extra):
@@ -259,7 +235,8 @@ def test_stage1_checkpoint_given_as_checkpoint_is_a_user_error(vqgan_path, tmp_p
         run(vqgan_path, tmp_path / "out")
 
 
-def test_vqgan_other_than_the_one_trained_with_is_a_user_error(checkpoint, tmp_path):
+def test_vqgan_other_than_the_one_trained_with_is_a_user_error(checkpoint, tmp_path,
+                                                               save_tiny_vqgan):
     other = save_tiny_vqgan(str(tmp_path / "other.pt"), seed=1)  # same shape, other weights
     with pytest.raises(UserError, match="not the VQGAN"):
         run(checkpoint, tmp_path / "out", "--vqgan-checkpoint", other)

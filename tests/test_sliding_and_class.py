@@ -44,15 +44,6 @@ def random_keypoints(batch, width, height, k=17):
     return torch.cat([xy, torch.randint(0, 3, (batch, k, 1)).float()], dim=-1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: with the few shared cores busy, more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- the sliding window --------------------------------------------------------------------
 
 

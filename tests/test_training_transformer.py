@@ -17,26 +17,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import mannequins
 import mingpt
 import training_transformer
 import utils
 from transformer import load_transformer
 from training_transformer import lr_at
 from utils import COCO17, UserError
-from vqgan import VQGAN, VQGANConfig, load_vqgan, save_vqgan
+from vqgan import VQGAN, load_vqgan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32  # pixels; the VQGAN below makes 16 x 16 tokens of it
-TINY_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                         z_channels=32, embed_dim=16, n_embed=32, resolution=SIZE)
 STEPS = 5  # the training split holds 39 images: 4 batches of 8 make an epoch
 
-
-def save_tiny_vqgan(path, seed):
-    torch.manual_seed(seed)
-    save_vqgan(VQGAN(TINY_VQGAN), path)
-    return path
 
 
 def train_args(data, vqgan_path, run_dir, *extra):
@@ -75,25 +67,9 @@ def count_calls(monkeypatch, owner, name):
     return calls
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: with the few shared cores busy, more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage2") / "mannequins"
-    mannequins.write_dataset(str(root), count=48, image_size=SIZE, seed=0, workers=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def vqgan_path(tmp_path_factory):
-    return save_tiny_vqgan(str(tmp_path_factory.mktemp("vqgan") / "vqgan.pt"), seed=0)
+def data(mannequin_set):
+    return mannequin_set(48, SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +150,7 @@ def test_token_cache_is_read_instead_of_encoding_and_trains_exactly_like_encodin
 
 
 def test_token_cache_is_rebuilt_when_the_vqgan_file_changes(trained, data, vqgan_path, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, save_tiny_vqgan):
     run_dir = fresh_run_with_cache_of(trained[0], tmp_path)
     copy = str(tmp_path / "copy_of_vqgan.pt")
     shutil.copy(vqgan_path, copy)

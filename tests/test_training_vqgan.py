@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import mannequins
 import training_vqgan
 import utils
 from discriminator import NLayerDiscriminator, hinge_d_loss
@@ -35,20 +34,9 @@ TINY_CONFIG = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resoluti
                           z_channels=32, embed_dim=32, n_embed=32, resolution=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain little from threads; on shared cores threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mannequins") / "set"
-    mannequins.write_dataset(str(folder), count=64, image_size=32, seed=0, workers=1)
-    return folder
+def dataset(mannequin_set):
+    return mannequin_set(64, 32)
 
 
 @pytest.fixture(scope="module")
