@@ -1107,6 +1107,7 @@ def run_training(train, args):
     dist, device = setup_distributed(args.device)
     try:
         train(args, dist, device)
+        dist.barrier()  # no rank leaves the group while rank 0 still writes its last files
     finally:
         dist.close()
 
