@@ -4,9 +4,9 @@
     python training_vqgan.py --dataset-path DIR --preset paper --image-size 256
 
 The objective is the paper's:
-    L = L1 + perceptual_weight * LPIPS + codebook loss + lambda * disc_factor * (-mean D(x_hat))
+    L = L1 + perceptual_weight * LPIPS + codebook loss + lambda * (-mean D(x_hat))
 with the adaptive weight lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last
-layer, and a hinge-loss PatchGAN that switches on at --disc-start. Before that step neither the
+layer (times --disc-weight), and a hinge-loss PatchGAN; the GAN term switches on at --disc-start. Before that step neither the
 GAN term nor the discriminator runs: an untrained generator gives the discriminator nothing
 useful to learn from, and skipping it saves two of its forward/backward passes per step.
 
