@@ -72,12 +72,6 @@ SILHOUETTE_THRESHOLD = 0.2  # RGB distance in [0, 1] units from the border's med
 # ----------------------------------------------------------------------------------------------
 
 
-def psnr(x, y, max_db=100.0):
-    """Peak signal-to-noise ratio per image in dB, for images (B, C, H, W) in [0, 1] -> (B,)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(dim=1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(10 ** (-max_db / 10)))
-
-
 def gaussian_window(size=11, sigma=1.5):
     """(size, size) Gaussian weights summing to 1."""
     offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
@@ -205,7 +199,7 @@ def evaluate_reconstruction(vqgan, dataset, batch_size, device, lpips=None, num_
         reconstructions = reconstructions.float().clamp(-1, 1)
         stats.update(indices)
         x, y = utils.denormalize(images), utils.denormalize(reconstructions)
-        sums["psnr_db"] += psnr(x, y).sum().item()
+        sums["psnr_db"] += utils.psnr(x, y).sum().item()
         sums["ssim"] += ssim(x, y).sum().item()
         sums["l1"] += (images - reconstructions).abs().flatten(1).mean(dim=1).sum().item()
         if lpips is not None:

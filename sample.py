@@ -22,7 +22,6 @@ Writes DIR/<name-stem>_<i>.png for every pose and sample, and DIR/grid.png: one 
 its skeleton first, then the samples. Without --poses it samples for validation-set poses.
 """
 import argparse
-import json
 import os
 
 import numpy as np
@@ -74,14 +73,7 @@ def parse_args(argv=None):
 
 def read_pose_file(path, num_keypoints, default_size):
     """poses.json -> [(name, (K, 3) keypoints, (width, height) of the image they refer to)]."""
-    try:
-        with open(path) as f:
-            poses = json.load(f)
-    except OSError as error:
-        raise utils.UserError(f"cannot read pose file {path}: {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise utils.UserError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, "
-                              f"column {error.colno}") from None
+    poses = utils.read_json(path)
     if not isinstance(poses, dict) or not poses:
         raise utils.UserError(f"{path} must hold an object {{\"name.png\": [[x, y, v], ...]}} "
                               "with at least one entry")
@@ -249,7 +241,8 @@ def main(argv=None):
             images = model.decode(tokens).float().cpu()  # (b * n, 3, height, width)
         for row_index, (name, row_keypoints, row_parts, original) in enumerate(chunk):
             stem = os.path.splitext(os.path.basename(name))[0]
-            row = [pose_picture(row_keypoints, row_parts, config["condition"], layout, canvas)]
+            row = [utils.condition_picture(config["condition"], row_keypoints, row_parts, layout,
+                                           canvas)]
             if original is not None:
                 row.append(original)
             for i in range(n):
@@ -259,15 +252,6 @@ def main(argv=None):
             grid.append(row)
     utils.save_image_grid(grid, os.path.join(args.out, "grid.png"))
     print(f"wrote {len(rows) * n} samples and grid.png to {args.out}")
-
-
-def pose_picture(keypoints, parts, condition, layout, size):
-    """The row's condition as a (width, height) picture (blank for a class or no condition)."""
-    if condition == "keypoints":
-        return utils.draw_skeleton(np.asarray(keypoints), layout, size)
-    if condition == "parts":
-        return utils.colorize_parts(np.asarray(parts))
-    return Image.new("RGB", size, "white")
 
 
 if __name__ == "__main__":

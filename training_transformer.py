@@ -163,16 +163,6 @@ def validation_bits(model, tokens, prefixes, batch_size, device):
     return total / len(tokens) / math.log(2)
 
 
-def pose_picture(val_split, index, condition, layout, image_size):
-    """The condition of one validation example as a picture (blank for none)."""
-    if condition == "keypoints":
-        return utils.draw_skeleton(val_split["keypoints"][index, 0], layout,
-                                   (image_size, image_size))
-    if condition == "parts":
-        return utils.colorize_parts(val_split["parts"][index, 0])
-    return utils.Image.new("RGB", (image_size, image_size), "white")
-
-
 @torch.no_grad()
 def save_sample_grid(model, val_set, val_split, prefixes, args, device, path):
     """Rows: pose | original | reconstruction | completion from the top half | two samples."""
@@ -192,9 +182,13 @@ def save_sample_grid(model, val_set, val_split, prefixes, args, device, path):
     reconstruction, completion, first, second = pictures[:count], pictures[count:2 * count], \
         pictures[2 * count:3 * count], pictures[3 * count:]
     layout = val_set.layout or utils.COCO17
-    rows = [[pose_picture(val_split, i, model.condition, layout, args.image_size),
-             val_set[i]["image"], reconstruction[i], completion[i], first[i], second[i]]
-            for i in range(count)]
+    rows = []
+    for i in range(count):
+        keypoints, parts = (None if val_split[key] is None else val_split[key][i, 0]
+                            for key in ("keypoints", "parts"))  # cached, unflipped
+        rows.append([utils.condition_picture(model.condition, keypoints, parts, layout,
+                                             (args.image_size, args.image_size)),
+                     val_set[i]["image"], reconstruction[i], completion[i], first[i], second[i]])
     utils.save_image_grid(rows, path)
 
 

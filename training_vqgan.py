@@ -56,12 +56,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def psnr(x, y):
-    """Per-image PSNR in dB of two batches in [-1, 1], measured in [0, 1] picture space."""
-    mse = ((utils.denormalize(x) - utils.denormalize(y)) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
 def adaptive_lambda(x_hat, last_layer, grad_rec, grad_gan, disc_weight, average=None):
     """lambda = ||dL_rec/dw|| / (||dL_G/dw|| + 1e-4) at the last layer w, clamped and detached.
 
@@ -133,7 +127,8 @@ def validate(model, loader, device):
             x_hat, _, _ = model(images)
         x_hat = x_hat.float()
         total_l1 += (images - x_hat).abs().flatten(1).mean(1).sum().item()
-        total_psnr += psnr(images, x_hat).sum().item()
+        pictures, reconstructions = utils.denormalize(images), utils.denormalize(x_hat)
+        total_psnr += utils.psnr(pictures, reconstructions).sum().item()
         count += images.shape[0]
     model.train()
     return {"val_l1": total_l1 / count, "val_psnr": total_psnr / count}

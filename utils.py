@@ -343,6 +343,12 @@ def denormalize(images):
     return ((images.detach().float() + 1) / 2).clamp(0, 1)
 
 
+def psnr(x, y, max_db=100.0):
+    """Peak signal-to-noise ratio per image in dB, for images (B, C, H, W) in [0, 1] -> (B,)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(10 ** (-max_db / 10)))
+
+
 def to_uint8_image(image):
     """One (3, H, W) tensor in [-1, 1] -> PIL RGB image."""
     array = (denormalize(image).cpu() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -394,6 +400,16 @@ def draw_skeleton(keypoints, layout, size, background=None, scale=4):
             box = [x * scale - radius, y * scale - radius, x * scale + radius, y * scale + radius]
             draw.ellipse(box, fill="black" if v >= 2 else None, outline="black")
     return canvas.resize((width, height), Image.LANCZOS)
+
+
+def condition_picture(condition, keypoints, parts, layout, size):
+    """What a sample was conditioned on, as a picture of `size` (width, height): the skeleton,
+    the coloured part map, or blank (class or no condition)."""
+    if condition == "keypoints":
+        return draw_skeleton(np.asarray(keypoints), layout, size)
+    if condition == "parts":
+        return colorize_parts(parts)
+    return Image.new("RGB", size, "white")
 
 
 PART_COLOURS = np.array([(255, 255, 255), (230, 190, 140), (220, 40, 40), (40, 110, 220),
@@ -576,14 +592,21 @@ def parse_keypoints(value, key, source, expected_k):
     return np.asarray(value, dtype=np.float32)
 
 
-def read_poses_json(path, root, image_names, layout_name):
-    """poses.json -> ({relative path: (K, 3) array}, layout), with a clear error for each flaw."""
+def read_json(path):
+    """Parse a JSON file; an unreadable file or bad JSON is a UserError naming line and column."""
     try:
         with open(path, encoding="utf-8") as f:
-            poses = json.load(f)
+            return json.load(f)
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column "
-                        f"{error.colno}; fix the file or remove it") from None
+                        f"{error.colno}; fix the file") from None
+
+
+def read_poses_json(path, root, image_names, layout_name):
+    """poses.json -> ({relative path: (K, 3) array}, layout), with a clear error for each flaw."""
+    poses = read_json(path)
     if not isinstance(poses, dict):
         raise UserError(f"{path} must hold an object {{\"relative/image.png\": [[x, y, v], ...]}}, "
                         f"not a {type(poses).__name__}")
@@ -1047,6 +1070,7 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    device: torch.device = None  # this process's device (set by setup_distributed)
 
     @property
     def enabled(self):
@@ -1130,8 +1154,7 @@ def setup_distributed(device_name):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        info = Distributed()
-        info.device = pick_device(device_name)
+        info = Distributed(device=pick_device(device_name))
         return info, info.device
     info = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
                        int(os.environ["WORLD_SIZE"]))
