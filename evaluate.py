@@ -309,7 +309,7 @@ def parse_args(argv=None):
                              "lpips_loss.find_backbone_weights describes)")
     parser.add_argument("--no-lpips", action="store_true", help="leave LPIPS out")
     group = parser.add_argument_group("pose fidelity")
-    group.add_argument("--num-pose-samples", type=int, default=16)
+    group.add_argument("--num-pose-samples", type=int, default=64)
     group.add_argument("--silhouette-threshold", type=float, default=SILHOUETTE_THRESHOLD)
     group.add_argument("--top-k", type=int, default=None)
     group.add_argument("--top-p", type=float, default=None)

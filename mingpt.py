@@ -1,9 +1,11 @@
 """A small GPT in the spirit of nanoGPT, with a key/value cache for generation.
 
 Pre-LayerNorm blocks, causal self-attention through F.scaled_dot_product_attention, a 4x GELU MLP,
-learned position embeddings. `forward(idx, kv_cache, start_pos)` processes a chunk of tokens at
-positions [start_pos, start_pos + T); with a KVCache the keys and values of earlier chunks are kept,
-so a prompt is processed once and then one token per step.
+learned position embeddings, and optionally continuous per-position features (`n_features`,
+projected by a Linear and added to the embeddings: the pose transformer passes where in the image
+each position's token lies). `forward(idx, kv_cache, start_pos, features)` processes a chunk of
+tokens at positions [start_pos, start_pos + T); with a KVCache the keys and values of earlier
+chunks are kept, so a prompt is processed once and then one token per step.
 
 No weight tying: the input vocabulary (image codes followed by condition tokens) and the output
 vocabulary (image codes only, `output_size`) are different, so the two tables cannot be shared.
@@ -26,6 +28,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
     output_size: int | None = None  # logits per position; None means vocab_size
+    n_features: int = 0  # size of the optional continuous features added to each position
 
     def __post_init__(self):
         if self.output_size is None:
@@ -128,6 +131,8 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if config.n_features:
+            self.transformer["wfe"] = nn.Linear(config.n_features, config.n_embd, bias=False)
         self.lm_head = nn.Linear(config.n_embd, config.output_size, bias=False)
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream
@@ -158,11 +163,12 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(device.type)
         return KVCache(self.config, batch_size, device, dtype)
 
-    def forward(self, idx, kv_cache=None, start_pos=0):
+    def forward(self, idx, kv_cache=None, start_pos=0, features=None):
         """idx (B, T) at positions [start_pos, start_pos + T) -> logits (B, T, output_size).
 
         Without a cache the chunk must start at 0; with one, positions before start_pos must have
-        been processed into it already.
+        been processed into it already. features (B or 1, T, n_features) are required when the
+        config has n_features.
         """
         B, T = idx.size()
         if start_pos + T > self.config.block_size:
@@ -173,7 +179,10 @@ class GPT(nn.Module):
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = tok_emb + pos_emb
+        if self.config.n_features:
+            x = x + self.transformer.wfe(features.to(x.dtype))  # (B, T, C)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, kv_cache, start_pos)
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, output_size)

@@ -37,14 +37,15 @@ def parse_args(argv=None):
                         help="stage-1 inference checkpoint (vqgan.pt)")
     utils.add_data_args(parser)
     utils.add_run_args(parser, default_run_dir=os.path.join("runs", "transformer"),
-                       default_batch_size=16, default_base_lr=6.25e-5, default_max_steps=1200)
+                       default_batch_size=16, default_base_lr=6.25e-5, default_max_steps=2000,
+                       default_warmup_steps=100, default_min_lr_ratio=0.1)
     group = parser.add_argument_group("model")
     group.add_argument("--condition", choices=("auto", "keypoints", "parts", "class", "none"),
                        default="auto", help="class: one class token, the image's first folder "
                                             "below --dataset-path (DIR/<class>/...)")
     group.add_argument("--keypoint-grid", type=int, default=None,
                        help="G of the G x G keypoint grid (default: twice the token grid)")
-    # The defaults train on two CPU cores in about ten minutes (1.5M parameters); for a GPU
+    # The defaults train on two CPU cores in about 14 minutes (1.5M parameters); for a GPU
     # the paper's stage 2 is far larger (e.g. --n-layer 24 --n-head 16 --n-embd 1024).
     group.add_argument("--n-layer", type=int, default=6)
     group.add_argument("--n-head", type=int, default=4)
@@ -54,9 +55,6 @@ def parse_args(argv=None):
                        help="keep each input image token with this probability (else random)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--weight-decay", type=float, default=0.01)
-    group.add_argument("--warmup-steps", type=int, default=100)
-    group.add_argument("--min-lr-ratio", type=float, default=0.1,
-                       help="the cosine schedule ends at this fraction of the peak lr")
     group.add_argument("--grad-clip", type=float, default=1.0)
     group = parser.add_argument_group("sample grids")
     group.add_argument("--grid-examples", type=int, default=6)
@@ -139,14 +137,6 @@ def condition_tokens(model, split, chunk=1024):
 
 
 # ---- training ------------------------------------------------------------------------------
-
-
-def lr_at(step, peak, warmup, total, min_ratio):
-    """Linear warm-up to `peak`, then a cosine down to min_ratio * peak at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
@@ -278,7 +268,8 @@ def train(args, dist, device):
     stopping = False
     try:
         while step < total_steps and not stopping:
-            lr = lr_at(step, peak_lr, args.warmup_steps, total_steps, args.min_lr_ratio)
+            lr = utils.scheduled_lr(step, peak_lr, args.warmup_steps, total_steps,
+                                    args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)

@@ -6,9 +6,13 @@
 The objective is the paper's:
     L = L1 + perceptual_weight * LPIPS + codebook loss + lambda * (-mean D(x_hat))
 with the adaptive weight lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last
-layer (times --disc-weight), and a hinge-loss PatchGAN; the GAN term switches on at --disc-start. Before that step neither the
-GAN term nor the discriminator runs: an untrained generator gives the discriminator nothing
-useful to learn from, and skipping it saves two of its forward/backward passes per step.
+layer (times --disc-weight), and a hinge-loss PatchGAN; the GAN term switches on at --disc-start.
+Before that step neither the GAN term nor the discriminator runs: an untrained generator gives
+the discriminator nothing useful to learn from, and skipping it saves two of its
+forward/backward passes per step. Likewise LPIPS joins at --perceptual-start (default 0): L1
+alone gets the coarse picture right at a fraction of the cost of a step with VGG16 in it. The
+learning rate may warm up (--warmup-steps) and follow a cosine down to --min-lr-ratio of its
+peak at the last step (1, constant, is taming-transformers' choice).
 
 One step splits the graph at the reconstruction x_hat: LPIPS and the discriminator are
 back-propagated once each, to x_hat only; lambda then needs just the last conv's weight
@@ -41,9 +45,12 @@ def parse_args(argv=None):
     utils.add_data_args(parser)
     utils.add_run_args(parser, default_run_dir=os.path.join("runs", "vqgan"),
                        default_batch_size=8, default_base_lr=5e-5,
-                       default_max_steps=1500)
+                       default_max_steps=1800, default_warmup_steps=0, default_min_lr_ratio=0.1)
     group = parser.add_argument_group("loss")
     group.add_argument("--perceptual-weight", type=float, default=1.0)
+    group.add_argument("--perceptual-start", type=int, default=800,
+                       help="optimizer step at which the LPIPS term switches on; before it the "
+                            "steps are L1 only and cheaper (LPIPS is a VGG16 forward/backward)")
     group.add_argument("--codebook-weight", type=float, default=1.0)
     group.add_argument("--disc-weight", type=float, default=0.8,
                        help="multiplies the adaptive lambda of the GAN term")
@@ -73,7 +80,7 @@ def adaptive_lambda(x_hat, last_layer, grad_rec, grad_gan, disc_weight, average=
 
 
 def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=1.0,
-                       average=None, last_layer=None):
+                       average=None, last_layer=None, perceptual_on=True):
     """Forward the VQGAN, back-propagate its whole loss (times `scale`); return loss terms.
 
     The discriminator's parameters receive no gradient here: D is only differentiated with
@@ -85,12 +92,14 @@ def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=
     # Split the graph: losses are differentiated to this leaf copy of x_hat, once each.
     x_hat_leaf = x_hat.detach().float().requires_grad_(True)
     with utils.autocast_context(images.device):
-        l1 = (images - x_hat_leaf).abs().mean()
-        perceptual = lpips(images, x_hat_leaf)
-        rec_loss = l1 + args.perceptual_weight * perceptual
+        rec_loss = l1 = (images - x_hat_leaf).abs().mean()
+        if perceptual_on:
+            perceptual = lpips(images, x_hat_leaf)
+            rec_loss = l1 + args.perceptual_weight * perceptual
     grad_x_hat, = torch.autograd.grad(rec_loss, x_hat_leaf)
-    terms = {"rec_loss": l1.detach(), "perceptual": perceptual.detach(),
-             "codebook": codebook_loss.detach()}
+    terms = {"rec_loss": l1.detach(), "codebook": codebook_loss.detach()}
+    if perceptual_on:
+        terms["perceptual"] = perceptual.detach()
     if gan_on:
         with utils.autocast_context(images.device):
             generator_loss = -discriminator(x_hat_leaf).mean()
@@ -166,10 +175,11 @@ def train(args, dist, device):
     if device.type == "cuda":  # convolutions run faster in NHWC on tensor cores
         for module in (model, discriminator, lpips):
             module.to(memory_format=torch.channels_last)
-    lr = utils.learning_rate(args, dist.world_size)
+    peak_lr = utils.learning_rate(args, dist.world_size)
     fused = device.type == "cuda"
-    opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9), fused=fused)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.9), fused=fused)
+    opt_g = torch.optim.Adam(model.parameters(), lr=peak_lr, betas=(0.5, 0.9), fused=fused)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=peak_lr, betas=(0.5, 0.9),
+                             fused=fused)
     scaler = utils.grad_scaler(device)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
 
@@ -222,6 +232,10 @@ def train(args, dist, device):
     try:
         while step < total_steps and not stopping:
             gan_on = step >= args.disc_start
+            lr = utils.scheduled_lr(step, peak_lr, args.warmup_steps, total_steps,
+                                    args.min_lr_ratio)
+            for group in opt_g.param_groups + opt_d.param_groups:
+                group["lr"] = lr
             opt_g.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
             sums = {}
@@ -237,7 +251,7 @@ def train(args, dist, device):
                                   last=micro == args.grad_accum - 1):
                     x_hat, indices, terms = generator_backward(
                         forward_model, lpips, discriminator, images, args, gan_on, scale,
-                        average, model.last_layer)
+                        average, model.last_layer, step >= args.perceptual_start)
                     if gan_on:
                         terms["discriminator"] = discriminator_backward(
                             ddp_discriminator, images, x_hat, disc_loss_fn, scale)

@@ -17,12 +17,19 @@ Condition modes:
   class      a single token, n_embed + the image's class (folder-per-class data), for p(s | c).
   none       a single start token, id n_embed.
 
+Where things are: every position also gets Fourier features of two places in the image (see
+`location_features`): where its input lies (a keypoint's cell, a part-map cell, an image token's
+cell) and which cell it predicts. The GPT adds a learned projection of them to its embeddings, so
+"the joint near the cell I am predicting" is one similarity away for attention instead of a
+mapping from 1025 unrelated cell ids to 256 positions it has to learn from data.
+
 `sample_grid` samples token grids larger than the training grid with a sliding attention window
 (the paper's high-resolution images): each token sees the h x w training-size window around it.
 
 The VQGAN is frozen and not part of this module's parameters or state_dict: a transformer
 checkpoint records the VQGAN checkpoint it was trained against instead of copying its weights.
 """
+import math
 import os
 
 import torch
@@ -67,6 +74,44 @@ def sample_next(logits, generator=None, top_k=None, top_p=None, temperature=1.0)
     """logits (B, V) -> sampled ids (B, 1), repeatable with a `generator` on the logits' device."""
     probs = filter_logits(logits, top_k, top_p, temperature).float().softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def fourier_features(x, y, num_frequencies):
+    """Points x, y (...) in [0, 1] -> (..., 4 * num_frequencies): sin and cos of pi 2^k x and
+    pi 2^k y for k < num_frequencies. Nearby points get similar features at every scale."""
+    frequencies = math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32)
+    angles = torch.stack([x, y], dim=-1)[..., None] * frequencies  # (..., 2, nf)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def location_features(condition, token_grid, keypoint_grid, vocab_size, n_embed,
+                      num_condition_tokens):
+    """Fixed features saying where in the image each input lies and which cell it predicts.
+
+    Returns (by_id (vocab_size, 2F), by_position (block_size, 2F)); the GPT's features for ids at
+    positions are by_id[ids] + by_position[positions]. The first F columns are the content's
+    place: a keypoint token's cell on the keypoint grid (by id; 'not visible' has none), part-map
+    cell j at condition position j, image token j at position P + j. The last F columns are the
+    predicted place: position P - 1 + i predicts image token i.
+    """
+    h, P, N = token_grid, num_condition_tokens, token_grid * token_grid
+    num_frequencies = math.ceil(math.log2(h)) + 1  # the finest period is two cells
+    F = 4 * num_frequencies
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(h), indexing="ij")
+    cells = fourier_features((cols.flatten() + 0.5) / h, (rows.flatten() + 0.5) / h,
+                             num_frequencies)  # (N, F), row-major like the tokens
+    by_id = torch.zeros(vocab_size, 2 * F)
+    if condition == "keypoints":
+        G = keypoint_grid
+        rows, cols = torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij")
+        by_id[n_embed:n_embed + G * G, :F] = fourier_features(
+            (cols.flatten() + 0.5) / G, (rows.flatten() + 0.5) / G, num_frequencies)
+    by_position = torch.zeros(P + N - 1, 2 * F)
+    if condition == "parts":
+        by_position[:P, :F] = cells
+    by_position[P:, :F] = cells[:-1]  # image token j sits at position P + j
+    by_position[P - 1:, F:] = cells  # and position P - 1 + i predicts token i
+    return by_id, by_position
 
 
 def sliding_window(i, j, grid_h, grid_w, h, w):
@@ -123,16 +168,22 @@ class PoseTransformer(nn.Module):
             "none": (1, 1),
         }[condition]
         self.num_part_labels = num_part_labels
+        vocab_size = self.n_embed + num_condition_ids
+        by_id, by_position = location_features(condition, token_grid, keypoint_grid, vocab_size,
+                                               self.n_embed, self.num_condition_tokens)
+        # derived from the config, so not saved: persistent=False
+        self.register_buffer("features_by_id", by_id, persistent=False)
+        self.register_buffer("features_by_position", by_position, persistent=False)
         # a plain attribute, not a registered submodule: the VQGAN stays out of parameters(),
         # state_dict() and train(); _apply below still moves it with .to(device)
         vqgan.eval().requires_grad_(False)
         object.__setattr__(self, "vqgan", vqgan)
         self.gpt = GPT(GPTConfig(
-            vocab_size=self.n_embed + num_condition_ids,
+            vocab_size=vocab_size,
             # the last image token is a target only, never an input
             block_size=self.num_condition_tokens + self.num_image_tokens - 1,
             n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias,
-            output_size=self.n_embed))
+            output_size=self.n_embed, n_features=by_id.size(1)))
 
     @classmethod
     def from_config(cls, vqgan, config):
@@ -226,6 +277,13 @@ class PoseTransformer(nn.Module):
 
     # ---- training and sampling -----------------------------------------------------------------
 
+    def gpt_forward(self, idx, kv_cache=None, start_pos=0):
+        """The GPT on sequence ids (B, T) at positions [start_pos, start_pos + T), with their
+        location features -> logits (B, T, n_embed)."""
+        features = (self.features_by_id[idx]
+                    + self.features_by_position[start_pos:start_pos + idx.size(1)])  # (B, T, 2F)
+        return self.gpt(idx, kv_cache, start_pos, features)
+
     def forward(self, cond, tokens, pkeep=1.0):
         """cond (B, P), tokens (B, N) -> logits (B, N, n_embed) predicting each token, loss.
 
@@ -237,7 +295,7 @@ class PoseTransformer(nn.Module):
         if self.training and pkeep < 1.0:
             keep = torch.rand(inputs.shape, device=inputs.device) < pkeep
             inputs = torch.where(keep, inputs, torch.randint_like(inputs, self.n_embed))
-        logits = self.gpt(torch.cat([cond, inputs], dim=1))  # (B, P+N-1, n_embed)
+        logits = self.gpt_forward(torch.cat([cond, inputs], dim=1))  # (B, P+N-1, n_embed)
         logits = logits[:, cond.size(1) - 1:]  # (B, N, n_embed): image positions only
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens.reshape(-1))
         return logits, loss
@@ -261,11 +319,12 @@ class PoseTransformer(nn.Module):
         if M == num_tokens:
             return tokens
         kv_cache = self.gpt.new_kv_cache(B)
-        logits = self.gpt(torch.cat([cond, tokens[:, :M]], dim=1), kv_cache)[:, -1]  # (B, V)
+        prompt = torch.cat([cond, tokens[:, :M]], dim=1)  # (B, P + M)
+        logits = self.gpt_forward(prompt, kv_cache)[:, -1]  # (B, V)
         for i in range(M, num_tokens):
             tokens[:, i:i + 1] = sample_next(logits, generator, top_k, top_p, temperature)
             if i + 1 < num_tokens:
-                logits = self.gpt(tokens[:, i:i + 1], kv_cache, start_pos=P + i)[:, -1]
+                logits = self.gpt_forward(tokens[:, i:i + 1], kv_cache, start_pos=P + i)[:, -1]
         return tokens
 
     def window_condition(self, top, left, grid_h, grid_w, keypoints=None, part_maps=None,
@@ -327,12 +386,12 @@ class PoseTransformer(nn.Module):
                 if last == (top, left, k - 1):  # the same window, one token further
                     r, c = divmod(k - 1, w)
                     previous = tokens[:, top + r, left + c, None]  # (B, 1)
-                    logits = self.gpt(previous, kv_cache, start_pos=P + k - 1)[:, -1]
+                    logits = self.gpt_forward(previous, kv_cache, start_pos=P + k - 1)[:, -1]
                 else:  # a new window: its condition and context from scratch
                     cond = self.window_condition(top, left, **conditions)  # (B, P)
                     context = tokens[:, top:top + h, left:left + w].flatten(1)[:, :k]  # (B, k)
                     kv_cache = self.gpt.new_kv_cache(B)
-                    logits = self.gpt(torch.cat([cond, context], dim=1), kv_cache)[:, -1]
+                    logits = self.gpt_forward(torch.cat([cond, context], dim=1), kv_cache)[:, -1]
                 tokens[:, i, j] = sample_next(logits, generator, top_k, top_p, temperature)[:, 0]
                 last = (top, left, k)
         return tokens

@@ -902,7 +902,8 @@ def make_loader(dataset, sampler, num_workers, device):
 # ----------------------------------------------------------------------------------------------
 
 
-def add_run_args(parser, default_run_dir, default_batch_size, default_base_lr, default_max_steps):
+def add_run_args(parser, default_run_dir, default_batch_size, default_base_lr, default_max_steps,
+                 default_warmup_steps, default_min_lr_ratio):
     """Flags both trainers share: where the run lives, how long, how fast, on what device."""
     group = parser.add_argument_group("run")
     group.add_argument("--run-dir", default=default_run_dir)
@@ -916,6 +917,11 @@ def add_run_args(parser, default_run_dir, default_batch_size, default_base_lr, d
     group.add_argument("--lr", type=float, default=None,
                        help="learning rate; default: --base-lr x effective batch size")
     group.add_argument("--base-lr", type=float, default=default_base_lr)
+    group.add_argument("--warmup-steps", type=int, default=default_warmup_steps,
+                       help="linear learning-rate warm-up over this many steps")
+    group.add_argument("--min-lr-ratio", type=float, default=default_min_lr_ratio,
+                       help="after the warm-up the learning rate follows a cosine down to this "
+                            "fraction of its peak at the last step; 1 keeps it constant")
     group.add_argument("--max-steps", type=int, default=None,
                        help="total optimizer steps of the run, a resumed run continuing to it "
                             f"(default: {default_max_steps}, or --epochs when given)")
@@ -935,8 +941,17 @@ DATA_ORDER_FLAGS = ("dataset_path", "image_size", "val_fraction", "resize_mode",
 
 
 def learning_rate(args, world_size=1):
+    """The peak learning rate: --lr, else --base-lr x the global batch."""
     return args.lr if args.lr is not None else (
         args.base_lr * args.batch_size * args.grad_accum * world_size)
+
+
+def scheduled_lr(step, peak, warmup, total, min_ratio):
+    """Linear warm-up to `peak`, then a cosine down to min_ratio * peak at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def total_steps(args, batches_per_epoch):

@@ -306,7 +306,7 @@ def test_reported_numbers_equal_a_direct_computation(report, trained, val_set):
         tokens = indices.flatten(1)
         cond = model.condition_tokens(keypoints=keypoints)
         P = cond.shape[1]
-        logits = model.gpt(torch.cat([cond, tokens[:, :-1]], dim=1))[:, P - 1:]
+        logits = model.gpt_forward(torch.cat([cond, tokens[:, :-1]], dim=1))[:, P - 1:]
     nats = -logits.log_softmax(-1).gather(-1, tokens[..., None]).mean().item()
     assert results["transformer"]["bits_per_token"] == pytest.approx(nats / math.log(2), rel=1e-5)
     # ... and training's own validation of the same checkpoint

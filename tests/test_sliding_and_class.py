@@ -83,9 +83,9 @@ def test_every_gpt_input_of_a_larger_grid_fits_the_block_size(grid, monkeypatch)
     block_size = model.gpt.config.block_size  # 17 keypoints + 63 image tokens
     spans, forward = [], model.gpt.forward
 
-    def spy(idx, kv_cache=None, start_pos=0):
+    def spy(idx, kv_cache=None, start_pos=0, features=None):
         spans.append((start_pos, idx.size(1)))
-        return forward(idx, kv_cache, start_pos)
+        return forward(idx, kv_cache, start_pos, features)
     monkeypatch.setattr(model.gpt, "forward", spy)
     grid_h, grid_w = grid
     keypoints = random_keypoints(2, 4 * grid_w, 4 * grid_h)  # pixels of the large image
@@ -114,7 +114,7 @@ def test_each_token_of_a_larger_grid_is_the_greedy_choice_given_its_window():
             cond = model.window_condition(top, left, grid_h, grid_w, keypoints=keypoints)
             context = tokens[:, top:top + 4, left:left + 4].flatten(1)[:, :k]
             with torch.no_grad():
-                logits = model.gpt(torch.cat([cond, context], dim=1))[:, -1]
+                logits = model.gpt_forward(torch.cat([cond, context], dim=1))[:, -1]
             assert torch.equal(tokens[:, i, j], logits.argmax(-1)), (i, j)
 
 

@@ -21,8 +21,7 @@ import mingpt
 import training_transformer
 import utils
 from transformer import load_transformer
-from training_transformer import lr_at
-from utils import COCO17, UserError
+from utils import COCO17, UserError, scheduled_lr
 from vqgan import VQGAN, load_vqgan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,15 +105,21 @@ def fresh_run_with_cache_of(trained_run_dir, tmp_path):
 
 def test_lr_rises_linearly_during_warmup_then_follows_a_cosine_down_to_the_floor():
     peak, warmup, total, floor = 1.0, 10, 110, 0.1
-    assert lr_at(0, peak, warmup, total, floor) == pytest.approx(0.1)  # 1 / 10 of the peak
-    assert lr_at(4, peak, warmup, total, floor) == pytest.approx(0.5)
-    assert lr_at(9, peak, warmup, total, floor) == pytest.approx(1.0)
-    assert lr_at(10, peak, warmup, total, floor) == pytest.approx(1.0)  # cosine starts at peak
-    # a quarter of the way: 0.1 + 0.9 * (1 + cos(pi / 4)) / 2
-    assert lr_at(35, peak, warmup, total, floor) == pytest.approx(0.1 + 0.45 * (1 + 0.5**0.5))
-    assert lr_at(60, peak, warmup, total, floor) == pytest.approx(0.55)  # half way
-    assert lr_at(110, peak, warmup, total, floor) == pytest.approx(0.1)
-    assert lr_at(500, peak, warmup, total, floor) == pytest.approx(0.1)  # stays at the floor
+
+    def lr(step):
+        return scheduled_lr(step, peak, warmup, total, floor)
+    assert lr(0) == pytest.approx(0.1)  # 1 / 10 of the peak
+    assert lr(4) == pytest.approx(0.5)
+    assert lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0)  # the cosine starts at the peak
+    assert lr(35) == pytest.approx(0.1 + 0.45 * (1 + 0.5**0.5))  # 0.1 + 0.9 (1 + cos(pi/4)) / 2
+    assert lr(60) == pytest.approx(0.55)  # half way
+    assert lr(110) == pytest.approx(0.1)
+    assert lr(500) == pytest.approx(0.1)  # stays at the floor
+
+
+def test_no_warmup_and_a_floor_of_one_keep_the_lr_constant():
+    assert {scheduled_lr(step, 3e-4, 0, 100, 1.0) for step in (0, 1, 50, 99, 100)} == {3e-4}
 
 
 # ---- the frozen VQGAN ----------------------------------------------------------------------
@@ -228,9 +233,9 @@ def resumed(data, vqgan_path, tmp_path_factory):
     def ctrl_c_during_step_4(step, *rest):
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
-        return lr_at(step, *rest)
+        return scheduled_lr(step, *rest)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training_transformer, "lr_at", ctrl_c_during_step_4)
+        patch.setattr(utils, "scheduled_lr", ctrl_c_during_step_4)
         training_transformer.main(args)
     stopped_at = last_checkpoint(split)["step"]
     training_transformer.main(args + ["--resume"])
@@ -291,7 +296,7 @@ def test_validation_bits_per_token_are_logged_each_epoch_and_equal_the_cross_ent
     with torch.no_grad():
         tokens = model.vqgan.encode(images)[2].flatten(1)  # (N, L)
         cond = model.condition_tokens(keypoints=keypoints)  # (N, P)
-        logits = model.gpt(torch.cat([cond, tokens[:, :-1]], dim=1))[:, cond.size(1) - 1:]
+        logits = model.gpt_forward(torch.cat([cond, tokens[:, :-1]], dim=1))[:, cond.size(1) - 1:]
         nats = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
     assert records[-1]["val_bits_per_token"] == pytest.approx(nats.item() / math.log(2),
                                                               rel=1e-5)

@@ -54,7 +54,8 @@ def shared_lpips(monkeypatch, lpips):
 
 
 def run_args(dataset, run_dir, *extra):
-    """Flags of a tiny CPU run: the small preset shrunk to ch 32, ch_mult 1,2, 32 codes.
+    """Flags of a tiny CPU run: the small preset shrunk to ch 32, ch_mult 1,2, 32 codes, the
+    full loss from the first step and a constant learning rate (later flags override these).
 
     --val-fraction 0.5 leaves 31 training images: 7 batches of 4 per epoch, so a few steps
     cross an epoch boundary.
@@ -63,8 +64,8 @@ def run_args(dataset, run_dir, *extra):
             "--run-dir", str(run_dir), "--device", "cpu", "--num-workers", "0",
             "--batch-size", "4", "--preset", "small", "--ch", "32", "--ch-mult", "1,2",
             "--num-res-blocks", "1", "--attn-resolutions", "", "--z-channels", "32",
-            "--embed-dim", "32", "--n-embed", "32", "--lr", "1e-3",
-            "--lpips-weights", str(LPIPS_WEIGHTS), *extra]
+            "--embed-dim", "32", "--n-embed", "32", "--lr", "1e-3", "--perceptual-start", "0",
+            "--min-lr-ratio", "1", "--lpips-weights", str(LPIPS_WEIGHTS), *extra]
 
 
 def train(dataset, run_dir, *extra):
@@ -190,6 +191,38 @@ def test_no_discriminator_forward_or_lambda_before_disc_start(dataset, tmp_path,
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [bool(gan_keys & r.keys()) for r in records] == [False, False, True, True]
     assert all(gan_keys <= r.keys() for r in records[2:])
+
+
+def test_before_perceptual_start_the_step_is_l1_and_codebook_only(lpips):
+    model = tiny_models()[0]
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    ref_model = copy.deepcopy(model)
+    x_hat, codebook_loss, _ = ref_model(images)
+    ((images - x_hat).abs().mean() + LOSS_WEIGHTS.codebook_weight * codebook_loss).backward()
+
+    _, _, terms = training_vqgan.generator_backward(model, lpips, None, images, LOSS_WEIGHTS,
+                                                    gan_on=False, perceptual_on=False)
+
+    assert "perceptual" not in terms
+    for (name, param), ref_param in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(param.grad, ref_param.grad, msg=lambda text: f"{name}: {text}")
+
+
+@needs_lpips
+def test_lpips_from_perceptual_start_on_and_the_lr_follows_the_schedule(dataset, tmp_path,
+                                                                        monkeypatch, shared_lpips):
+    calls, real_forward = [], shared_lpips.forward
+    monkeypatch.setattr(shared_lpips, "forward",
+                        lambda *images: calls.append(1) or real_forward(*images))
+    train(dataset, tmp_path, "--max-steps", "4", "--perceptual-start", "2", "--log-every", "1",
+          "--warmup-steps", "1", "--min-lr-ratio", "0.1")
+
+    assert len(calls) == 2  # steps 3 and 4
+    records = [r for r in utils.read_jsonl(tmp_path / "metrics.jsonl") if "rec_loss" in r]
+    assert ["perceptual" in r for r in records] == [False, False, True, True]
+    # warm-up step, then the cosine from the peak 1e-3 towards 1e-4 at step 4
+    assert [r["lr"] for r in records] == pytest.approx(
+        [1e-3, 1e-3, 1e-4 + 9e-4 * 0.75, 1e-4 + 9e-4 * 0.25])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transformer import PoseTransformer, filter_logits, sample_next
+from transformer import (PoseTransformer, filter_logits, fourier_features, location_features,
+                         sample_next)
 from utils import UserError
 
 N_EMBED = 16
@@ -54,7 +55,7 @@ def naive_generate(model, cond, num_tokens, prefix_tokens):
     """Greedy decoding recomputing the whole sequence at every step: the reference for the cache."""
     tokens = prefix_tokens
     while tokens.size(1) < num_tokens:
-        logits = model.gpt(torch.cat([cond, tokens], dim=1))[:, -1]
+        logits = model.gpt_forward(torch.cat([cond, tokens], dim=1))[:, -1]
         tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     return tokens
 
@@ -332,3 +333,48 @@ def test_config_rebuilds_the_model_and_checks_the_vqgan():
     assert rebuilt.config == model.config
     with pytest.raises(UserError, match="n_embed"):
         PoseTransformer.from_config(FakeVQGAN(n_embed=32), model.config)
+
+
+# ---- location features --------------------------------------------------------------------
+
+
+def test_fourier_features_of_a_hand_worked_point():
+    # x = 0.5, y = 0.25, frequencies pi and 2 pi: sin then cos, x's block then y's
+    r = 0.5 ** 0.5
+    expected = torch.tensor([1.0, 0.0, 0.0, -1.0, r, 1.0, r, 0.0])
+    torch.testing.assert_close(fourier_features(torch.tensor(0.5), torch.tensor(0.25), 2),
+                               expected, atol=1e-6, rtol=0)
+
+
+def test_a_keypoint_has_the_place_of_the_image_token_whose_cell_it_lies_in():
+    P, N = 17, GRID * GRID
+    by_id, by_position = location_features("keypoints", GRID, GRID, N_EMBED + N + 1, N_EMBED, P)
+    F2 = by_id.size(1) // 2
+    for cell in range(N - 1):  # image token `cell` is an input at position P + cell
+        torch.testing.assert_close(by_id[N_EMBED + cell, :F2], by_position[P + cell, :F2])
+    assert by_id[:N_EMBED].abs().sum() == 0  # image codes: their place comes from the position
+    assert by_id[N_EMBED + N].abs().sum() == 0  # 'not visible' has no place
+    assert by_id[:, F2:].abs().sum() == 0  # ids never say what is predicted
+    distinct = {tuple(row.tolist()) for row in by_id[N_EMBED:N_EMBED + N, :F2]}
+    assert len(distinct) == N  # every cell has its own features
+
+
+def test_each_position_predicts_the_place_the_next_position_holds():
+    P, N = GRID * GRID, GRID * GRID  # parts: one condition token per cell
+    _, by_position = location_features("parts", GRID, GRID, N_EMBED + 8, N_EMBED, P)
+    F2 = by_position.size(1) // 2
+    assert by_position.shape == (P + N - 1, 2 * F2)
+    assert by_position[:P - 1, F2:].abs().sum() == 0  # condition positions predict nothing
+    for i in range(N - 1):  # position P - 1 + i predicts token i, which position P + i holds
+        torch.testing.assert_close(by_position[P - 1 + i, F2:], by_position[P + i, :F2])
+    for j in range(N - 1):  # part-map cell j has the place of image token j
+        torch.testing.assert_close(by_position[j, :F2], by_position[P + j, :F2])
+
+
+def test_the_model_uses_the_location_features():
+    model = make_model()
+    cond = model.condition_tokens(keypoints=random_keypoints(2))
+    tokens = torch.randint(0, N_EMBED, (2, GRID * GRID))
+    before = model(cond, tokens)[0]
+    model.features_by_position.zero_()
+    assert not torch.allclose(model(cond, tokens)[0], before)
