@@ -21,7 +21,8 @@ Where things are: every position also gets Fourier features of two places in the
 `location_features`): where its input lies (a keypoint's cell, a part-map cell, an image token's
 cell) and which cell it predicts. The GPT adds a learned projection of them to its embeddings, so
 "the joint near the cell I am predicting" is one similarity away for attention instead of a
-mapping from 1025 unrelated cell ids to 256 positions it has to learn from data.
+mapping from unrelated cell ids (1025 with the default 32 x 32 keypoint grid) to the image
+positions that it would have to learn from data.
 
 `sample_grid` samples token grids larger than the training grid with a sliding attention window
 (the paper's high-resolution images): each token sees the h x w training-size window around it.
