@@ -268,10 +268,7 @@ def train(args, dist, device):
     stopping = False
     try:
         while step < total_steps and not stopping:
-            lr = utils.scheduled_lr(step, peak_lr, args.warmup_steps, total_steps,
-                                    args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = utils.apply_lr_schedule([optimizer], step, peak_lr, total_steps, args)
             optimizer.zero_grad(set_to_none=True)
             for micro in range(args.grad_accum):
                 pairs = next(batches)

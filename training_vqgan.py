@@ -232,10 +232,7 @@ def train(args, dist, device):
     try:
         while step < total_steps and not stopping:
             gan_on = step >= args.disc_start
-            lr = utils.scheduled_lr(step, peak_lr, args.warmup_steps, total_steps,
-                                    args.min_lr_ratio)
-            for group in opt_g.param_groups + opt_d.param_groups:
-                group["lr"] = lr
+            lr = utils.apply_lr_schedule([opt_g, opt_d], step, peak_lr, total_steps, args)
             opt_g.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
             sums = {}

@@ -954,6 +954,15 @@ def scheduled_lr(step, peak, warmup, total, min_ratio):
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def apply_lr_schedule(optimizers, step, peak, total, args):
+    """Set every optimizer's lr to the --warmup-steps / --min-lr-ratio schedule at `step`."""
+    lr = scheduled_lr(step, peak, args.warmup_steps, total, args.min_lr_ratio)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return lr
+
+
 def total_steps(args, batches_per_epoch):
     """--max-steps, else --epochs worth of optimizer steps."""
     if args.max_steps is not None:

@@ -1,4 +1,7 @@
-"""Fixtures shared by the test files: one torch thread, and synthetic mannequin sets made once."""
+"""Fixtures shared by the test files: one torch thread, synthetic mannequin sets made once, a tiny
+VQGAN, and tiny stage-2 runs."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,3 +48,19 @@ def save_tiny_vqgan():
 @pytest.fixture(scope="session")
 def vqgan_path(save_tiny_vqgan, tmp_path_factory):
     return save_tiny_vqgan(str(tmp_path_factory.mktemp("vqgan") / "vqgan.pt"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def train_tiny_transformer():
+    """train_tiny_transformer(data, vqgan_path, run_dir, image_size, *flags) -> the run's
+    transformer_last.pt: a 1-layer, 32-wide GPT trained on the CPU; later flags override these."""
+    import training_transformer
+
+    def train(data, vqgan_path, run_dir, image_size, *flags):
+        training_transformer.main([
+            "--dataset-path", str(data), "--vqgan-checkpoint", str(vqgan_path),
+            "--image-size", str(image_size), "--val-fraction", "0.2", "--run-dir", str(run_dir),
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--num-workers", "0",
+            "--device", "cpu", *flags])
+        return str(Path(run_dir) / "transformer_last.pt")
+    return train

@@ -15,7 +15,6 @@ import torch
 
 import mannequins
 import sample
-import training_transformer
 from utils import UserError
 from vqgan import (PRESETS, VQGAN, VQGANConfig, config_from_released, load_vqgan, main,
                    parse_simple_yaml)
@@ -234,15 +233,14 @@ def test_command_line_prints_one_error_line_for_a_bad_file(files):
 # ---- stages that use it ---------------------------------------------------------------------
 
 
-def test_stage_2_and_sampling_accept_a_converted_vqgan(converted, tmp_path):
+def test_stage_2_and_sampling_accept_a_converted_vqgan(converted, tmp_path,
+                                                       train_tiny_transformer):
     data = tmp_path / "mannequins"
     mannequins.write_dataset(str(data), count=24, image_size=SIZE, seed=0, workers=1)
-    training_transformer.main([
-        "--dataset-path", str(data), "--vqgan-checkpoint", converted, "--image-size", str(SIZE),
-        "--val-fraction", "0.2", "--run-dir", str(tmp_path / "run"), "--n-layer", "1",
-        "--n-head", "2", "--n-embd", "32", "--batch-size", "4", "--max-steps", "2",
-        "--grid-examples", "1", "--num-workers", "0", "--device", "cpu"])
-    sample.main(["--checkpoint", str(tmp_path / "run" / "transformer_last.pt"),
+    checkpoint = train_tiny_transformer(data, converted, tmp_path / "run", SIZE,
+                                        "--batch-size", "4", "--max-steps", "2",
+                                        "--grid-examples", "1")
+    sample.main(["--checkpoint", checkpoint,
                  "--out", str(tmp_path / "samples"), "--device", "cpu", "--count", "1",
                  "--num-samples", "1"])
     assert len(os.listdir(tmp_path / "samples")) == 2  # one sample and the grid

@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw
 
 import evaluate
 import mannequins
-import training_transformer
 import utils
 from transformer import load_transformer
 from vqgan import VQGAN, VQGANConfig, save_vqgan
@@ -233,19 +232,16 @@ def test_pose_fidelity_is_skipped_without_a_pose_or_part_maps(val_set):
 
 
 @pytest.fixture(scope="module")
-def trained(dataset_dir, tmp_path_factory):
+def trained(dataset_dir, tmp_path_factory, train_tiny_transformer):
     """A tiny untrained VQGAN and a keypoint transformer trained for 2 steps on it."""
     folder = tmp_path_factory.mktemp("runs")
     torch.manual_seed(0)
     vqgan_path = folder / "vqgan.pt"
     save_vqgan(VQGAN(TINY_CONFIG), str(vqgan_path))
     run_dir = folder / "transformer"
-    training_transformer.main([
-        "--vqgan-checkpoint", str(vqgan_path), "--dataset-path", str(dataset_dir),
-        "--image-size", "32", "--val-fraction", VAL_FRACTION, "--run-dir", str(run_dir),
-        "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "8",
-        "--max-steps", "2", "--warmup-steps", "1", "--num-workers", "0", "--device", "cpu",
-        "--grid-examples", "1"])
+    train_tiny_transformer(dataset_dir, vqgan_path, run_dir, 32, "--val-fraction", VAL_FRACTION,
+                           "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1",
+                           "--grid-examples", "1")
     return SimpleNamespace(vqgan=vqgan_path, transformer=run_dir / "transformer_last.pt",
                            metrics=run_dir / "metrics.jsonl", folder=folder)
 

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 import sample
-import training_transformer
 from transformer import PoseTransformer
 import utils
 from utils import UserError
@@ -46,23 +45,22 @@ def data(mannequin_set):
     return mannequin_set(48, SIZE)
 
 
-def train(data, vqgan_path, run_dir, *extra):
-    training_transformer.main([
-        "--dataset-path", str(data), "--vqgan-checkpoint", vqgan_path, "--image-size", str(SIZE),
-        "--val-fraction", "0.2", "--run-dir", str(run_dir), "--n-layer", "1", "--n-head", "2",
-        "--n-embd", "32", "--batch-size", "8", "--max-steps", "2", "--grid-examples", "1",
-        "--num-workers", "0", "--device", "cpu", *extra])
-    return str(run_dir / "transformer_last.pt")
+@pytest.fixture(scope="module")
+def train(train_tiny_transformer):
+    """train(data, vqgan_path, run_dir, *flags) -> checkpoint of a 2-step run at SIZE px."""
+    return lambda data, vqgan_path, run_dir, *flags: train_tiny_transformer(
+        data, vqgan_path, run_dir, SIZE, "--batch-size", "8", "--max-steps", "2",
+        "--grid-examples", "1", *flags)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(data, vqgan_path, tmp_path_factory):
+def checkpoint(train, data, vqgan_path, tmp_path_factory):
     """A keypoint-conditioned model (the mannequins' poses, padded to squares)."""
     return train(data, vqgan_path, tmp_path_factory.mktemp("keypoints"))
 
 
 @pytest.fixture(scope="module")
-def parts_checkpoint(data, vqgan_path, tmp_path_factory):
+def parts_checkpoint(train, data, vqgan_path, tmp_path_factory):
     return train(data, vqgan_path, tmp_path_factory.mktemp("parts"), "--condition", "parts")
 
 
@@ -141,8 +139,8 @@ def test_pose_file_uses_the_picture_beside_it_else_pose_image_size(checkpoint, p
     assert torch.equal(call["cond"], cond.repeat_interleave(2, dim=0))  # 2 samples per pose
 
 
-def test_pose_file_follows_a_run_trained_on_centre_crops(data, vqgan_path, pose_file, tmp_path,
-                                                         sampled):
+def test_pose_file_follows_a_run_trained_on_centre_crops(train, data, vqgan_path, pose_file,
+                                                         tmp_path, sampled):
     cropped = train(data, vqgan_path, tmp_path / "run", "--resize-mode", "crop",
                     "--max-steps", "1")
     sampled.clear()  # training drew its sample grid

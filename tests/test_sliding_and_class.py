@@ -16,7 +16,6 @@ from PIL import Image
 
 import mannequins
 import sample
-import training_transformer
 import utils
 from transformer import PoseTransformer, load_transformer, sliding_window
 from utils import UserError
@@ -186,17 +185,16 @@ def vqgan_path(tmp_path_factory):
     return path
 
 
-def train(data, vqgan_path, run_dir, *extra):
-    training_transformer.main([
-        "--dataset-path", str(data), "--vqgan-checkpoint", vqgan_path, "--image-size", str(SIZE),
-        "--val-fraction", "0.2", "--run-dir", str(run_dir), "--n-layer", "1", "--n-head", "2",
-        "--n-embd", "32", "--batch-size", "32", "--grid-examples", "2", "--num-workers", "0",
-        "--device", "cpu", "--log-every", "100", *extra])
-    return str(run_dir / "transformer_last.pt")
+@pytest.fixture(scope="module")
+def train(train_tiny_transformer):
+    """train(data, vqgan_path, run_dir, *flags) -> checkpoint of a run at SIZE px, batch 32."""
+    return lambda data, vqgan_path, run_dir, *flags: train_tiny_transformer(
+        data, vqgan_path, run_dir, SIZE, "--batch-size", "32", "--grid-examples", "2",
+        "--log-every", "100", *flags)
 
 
 @pytest.fixture(scope="module")
-def checkpoint_of_keypoints(mannequin_root, vqgan_path, tmp_path_factory):
+def checkpoint_of_keypoints(train, mannequin_root, vqgan_path, tmp_path_factory):
     return train(mannequin_root, vqgan_path, tmp_path_factory.mktemp("keypoints"),
                  "--max-steps", "1")
 
@@ -274,7 +272,7 @@ def test_class_token_is_one_id_per_class_after_the_codes():
 
 
 @pytest.fixture(scope="module")
-def class_run(class_root, vqgan_path, tmp_path_factory):
+def class_run(train, class_root, vqgan_path, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("class_run")
     checkpoint = train(class_root, vqgan_path, run_dir, "--condition", "class",
                        "--max-steps", "500", "--lr", "3e-3", "--warmup-steps", "10")
