@@ -449,8 +449,7 @@ def find_pose_detector(args, train_set, device):
     (default: beside the transformer), trained first with --train-pose-detector."""
     path = args.pose_detector
     if path is None and args.transformer_checkpoint:
-        path = os.path.join(os.path.dirname(os.path.abspath(args.transformer_checkpoint)),
-                            "pose_detector.pt")
+        path = os.path.join(os.path.dirname(args.transformer_checkpoint), "pose_detector.pt")
     if path is None:  # and no transformer: the pose sections are skipped anyway
         if args.train_pose_detector:
             raise utils.UserError("--train-pose-detector needs a place for the detector: "
