@@ -51,21 +51,40 @@ the samples' IoU:
 A pose-following model has samples/ceiling near 1 and samples/floor well above 1.
 
 Real photographs have no part maps and busy backgrounds, so pose fidelity is skipped there (with
-a note). The usual route for them, not implemented here, is a keypoint detector (e.g. an
-OpenPose or ViTPose model) run on the samples: PCKh, the fraction of conditioning keypoints that
-the detector finds within half a head length of where they were asked for.
+a note). Pose accuracy needs only keypoints:
+
+Pose accuracy (PCK, as pose-guided person generation papers report it; data with keypoints and
+a keypoint- or part-conditioned transformer): the project's own keypoint detector
+(pose_detector.py, trained on the training split) runs on the very samples the pose fidelity
+scores, and a joint of the conditioning pose counts as found when the detection lies within
+--pck-alpha (default 0.1) x the larger side of the pose's keypoint bounding box: about 4 px for
+a 64 px mannequin. That size needs nothing but the pose itself, so it works for any layout
+(COCO-17 has no head segment for PCKh, and a torso size is undefined when a hip is not
+labelled). Reported over all labelled joints and per group (head, arms, legs), beside:
+  ceiling          the detector on the real images of those poses: how well it can read a pose;
+  reconstructions  the detector on their VQGAN reconstructions: what the tokenizer keeps;
+  floor            the samples scored against the deranged poses the silhouette floor uses.
+The detector is pose_detector.pt beside the transformer checkpoint (or --pose-detector PATH);
+--train-pose-detector trains it first, unless the file already holds one trained on this data
+with these settings (about 3.5 CPU minutes on the default mannequins). A file trained on other
+data (another folder, image size, layout or split) is refused, never silently reused.
+
+    python evaluate.py --vqgan-checkpoint runs/vqgan/vqgan.pt \
+        --transformer-checkpoint runs/transformer/transformer_last.pt --train-pose-detector
 """
 import argparse
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import pose_detector
 import utils
 from codebook import CodebookStats
 from lpips_loss import LPIPSLoss
@@ -221,7 +240,7 @@ def save_code_histogram(counts, path, title="", size=(720, 360)):
 
 
 # ----------------------------------------------------------------------------------------------
-# The three evaluations
+# The evaluations
 # ----------------------------------------------------------------------------------------------
 
 
@@ -294,50 +313,100 @@ def evaluate_transformer(model, dataset, batch_size, device, num_workers=0):
             "bits_per_image": bits_per_token * model.num_image_tokens}
 
 
-@torch.no_grad()
-def evaluate_pose_fidelity(model, dataset, num_poses, batch_size, device, seed=0,
-                           threshold=SILHOUETTE_THRESHOLD, top_k=None, top_p=None,
-                           temperature=1.0):
-    """Silhouette IoU of samples for the first `num_poses` poses of `dataset` against the
-    rendered silhouettes, with the reconstruction ceiling and the deranged-pose floor (see the
-    module docstring). Returns {"skipped": reason} when the model or data cannot be scored."""
+@dataclass
+class PoseSamples:
+    """One sample for each of the first N poses of a split, and what it is scored against; the
+    silhouette IoU and the PCK both score this one set."""
+
+    condition: str
+    samples: torch.Tensor  # (N, 3, S, S) in [-1, 1]
+    reconstructions: torch.Tensor  # (N, 3, S, S): the real images through tokens and decoder
+    real: torch.Tensor  # (N, 3, S, S)
+    keypoints: torch.Tensor  # (N, K, 3), or None when the data has no poses
+    parts: torch.Tensor  # (N, S, S) part labels, or None when the data has no part maps
+    partner: torch.Tensor  # (N,) a derangement: the unrelated pose each sample is floored with
+    sampling: dict
+
+
+def pose_sampling_skip_reason(model, num_poses, dataset):
+    """Why samples for the split's poses cannot be scored, or None when they can."""
     if model.condition in ("none", "class"):
-        return {"skipped": f"the transformer is conditioned on {model.condition}; there is no "
-                           "pose to follow"}
-    if not dataset.has_parts:
-        return {"skipped": "the data has no part maps, so the pose's true silhouette is unknown "
-                           "(see the module docstring for the keypoint-detector route)"}
+        return f"the transformer is conditioned on {model.condition}; there is no pose to follow"
     count = min(num_poses, len(dataset))
     if count < 2:
-        return {"skipped": f"needs at least 2 poses for the floor, got {count}"}
+        return f"needs at least 2 poses for the floor, got {count}"
+    return None
+
+
+@torch.no_grad()
+def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0, top_k=None,
+                          top_p=None, temperature=1.0):
+    """Sample one image for each of the first `num_poses` poses of `dataset` (seeded)."""
+    count = min(num_poses, len(dataset))
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    sample_masks, reconstruction_masks, real_masks, true_masks = [], [], [], []
+    pictures = {"samples": [], "reconstructions": [], "real": [], "keypoints": [], "parts": []}
     for batch in tqdm(batches(dataset, batch_size, count=count), desc="pose samples",
                       leave=False):
         images = batch["image"].to(device)
         tokens = model.sample(condition_of(model, batch, device), top_k=top_k, top_p=top_p,
                               temperature=temperature, generator=generator)
-        samples = model.decode(tokens).float()
+        pictures["samples"].append(model.decode(tokens).float().cpu())
         # through tokens like the samples, so that both are drawn by the very same decoder path
-        reconstructions = model.decode(model.image_tokens(images)).float()
-        for masks, pictures in ((sample_masks, samples), (real_masks, images),
-                                (reconstruction_masks, reconstructions)):
-            masks.append(silhouette(utils.denormalize(pictures), threshold).cpu())
-        true_masks.append(batch["parts"] > 0)
-    samples, reconstructions, real, truth = (torch.cat(masks) for masks in (
-        sample_masks, reconstruction_masks, real_masks, true_masks))
-    partner = derangement(count, torch.Generator().manual_seed(seed))
+        pictures["reconstructions"].append(model.decode(model.image_tokens(images)).float().cpu())
+        pictures["real"].append(batch["image"])
+        for key in ("keypoints", "parts"):
+            if key in batch:
+                pictures[key].append(batch[key])
+    stacked = {key: torch.cat(chunks) if chunks else None for key, chunks in pictures.items()}
+    return PoseSamples(condition=model.condition, **stacked,
+                       partner=derangement(count, torch.Generator().manual_seed(seed)),
+                       sampling={"top_k": top_k, "top_p": top_p, "temperature": temperature,
+                                 "seed": seed})
+
+
+def evaluate_pose_fidelity(poses, threshold=SILHOUETTE_THRESHOLD):
+    """Silhouette IoU of the samples against the rendered silhouettes of their poses (part maps),
+    with the reconstruction ceiling and the deranged-pose floor (see the module docstring)."""
+    samples, reconstructions, real = (silhouette(utils.denormalize(pictures), threshold)
+                                      for pictures in (poses.samples, poses.reconstructions,
+                                                       poses.real))
+    truth = poses.parts > 0
     sample_iou = iou(samples, truth).mean().item()
     ceiling_iou = iou(reconstructions, truth).mean().item()
-    floor_iou = iou(samples, truth[partner]).mean().item()
-    return {"condition": model.condition, "num_poses": count, "threshold": threshold,
+    floor_iou = iou(samples, truth[poses.partner]).mean().item()
+    return {"condition": poses.condition, "num_poses": len(samples), "threshold": threshold,
             "sample_iou": sample_iou, "ceiling_iou": ceiling_iou, "floor_iou": floor_iou,
             "real_iou": iou(real, truth).mean().item(),
             "sample_over_ceiling": sample_iou / ceiling_iou if ceiling_iou > 0 else None,
             "sample_over_floor": sample_iou / floor_iou if floor_iou > 0 else None,
-            "sampling": {"top_k": top_k, "top_p": top_p, "temperature": temperature,
-                         "seed": seed}}
+            "sampling": poses.sampling}
+
+
+def evaluate_pose_accuracy(detector, poses, layout, alpha, batch_size, device):
+    """PCK of the samples against their conditioning poses, found by the project's own detector
+    (pose_detector.py), per joint group; beside the detector on the real images (the ceiling)
+    and on the reconstructions, and the samples against unrelated poses (the floor)."""
+    groups = pose_detector.joint_groups(layout)
+
+    def pck(images, truth):
+        detected = pose_detector.detect_keypoints(detector, images, batch_size, device)
+        return pose_detector.pck_summary(*pose_detector.pck_hits(detected, truth, alpha), groups)
+
+    samples = pck(poses.samples, poses.keypoints)
+    ceiling = pck(poses.real, poses.keypoints)
+    floor = pck(poses.samples, poses.keypoints[poses.partner])
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+    return {"condition": poses.condition, "num_poses": len(poses.samples), "alpha": alpha,
+            "groups": {name: [layout.joints[i] for i in indices]
+                       for name, indices in groups.items()},
+            "samples": samples, "ceiling": ceiling,
+            "reconstructions": pck(poses.reconstructions, poses.keypoints), "floor": floor,
+            "sample_over_ceiling": ratio(samples["all"], ceiling["all"]),
+            "sample_over_floor": ratio(samples["all"], floor["all"]),
+            "sampling": poses.sampling}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,10 +438,51 @@ def parse_args(argv=None):
     group.add_argument("--top-k", type=int, default=None)
     group.add_argument("--top-p", type=float, default=None)
     group.add_argument("--temperature", type=float, default=1.0)
+    add_pose_accuracy_args(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise utils.UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_pose_accuracy_args(args)
     return args
+
+
+def add_pose_accuracy_args(parser):
+    defaults = pose_detector.DetectorTraining()
+    group = parser.add_argument_group("pose accuracy (PCK with the project's keypoint detector)")
+    group.add_argument("--pose-detector", default=None,
+                       help="the detector file (default: pose_detector.pt beside "
+                            "--transformer-checkpoint)")
+    group.add_argument("--train-pose-detector", action="store_true",
+                       help="train the detector on the training split and save it there, "
+                            "unless the file already holds one trained on this data with "
+                            "these settings")
+    group.add_argument("--pck-alpha", type=float, default=pose_detector.DEFAULT_PCK_ALPHA,
+                       help="a joint is found within this fraction of the larger side of its "
+                            "pose's keypoint bounding box")
+    group.add_argument("--pose-detector-steps", type=int, default=defaults.steps)
+    group.add_argument("--pose-detector-batch-size", type=int, default=defaults.batch_size)
+    group.add_argument("--pose-detector-lr", type=float, default=defaults.lr)
+    group.add_argument("--pose-detector-width", type=int, default=pose_detector.DEFAULT_WIDTH,
+                       help="channels at the heatmap resolution (a multiple of 8)")
+    group.add_argument("--pose-detector-size", type=int,
+                       default=pose_detector.DEFAULT_MAX_INPUT_SIZE,
+                       help="larger images are shrunk to this side for the detector")
+
+
+def check_pose_accuracy_args(args):
+    if not args.pck_alpha > 0:
+        raise utils.UserError(f"--pck-alpha must be above 0, got {args.pck_alpha}")
+    for flag, least in (("pose_detector_steps", 1), ("pose_detector_batch_size", 1),
+                        ("pose_detector_size", 16)):
+        if getattr(args, flag) < least:
+            raise utils.UserError(f"--{flag.replace('_', '-')} must be at least {least}, got "
+                                  f"{getattr(args, flag)}")
+    if not (args.pose_detector_lr > 0 and math.isfinite(args.pose_detector_lr)):
+        raise utils.UserError(f"--pose-detector-lr must be a positive number, got "
+                              f"{args.pose_detector_lr}")
+    if args.pose_detector_width < 8 or args.pose_detector_width % 8:
+        raise utils.UserError(f"--pose-detector-width must be a positive multiple of 8 "
+                              f"(GroupNorm uses 8 groups), got {args.pose_detector_width}")
 
 
 # Data flags that decide which images fall in which split: a transformer evaluated on other
@@ -387,6 +497,61 @@ def warn_if_other_split(train_args, args):
         details = ", ".join(f"--{k.replace('_', '-')} {train_args.get(k)!r}" for k in changed)
         print(f"warning: the transformer was trained with {details}; with other data settings "
               "the evaluated split may hold its training images", file=sys.stderr)
+
+
+def find_pose_detector(args, train_set, device):
+    """(detector, its path, None), or (None, None, why there is none): the --pose-detector file
+    (default: beside the transformer), trained first with --train-pose-detector."""
+    path = args.pose_detector
+    if path is None and args.transformer_checkpoint:
+        path = os.path.join(os.path.dirname(args.transformer_checkpoint), "pose_detector.pt")
+    if path is None:  # and no transformer: the pose sections are skipped anyway
+        if args.train_pose_detector:
+            raise utils.UserError("--train-pose-detector needs a place for the detector: "
+                                  "--pose-detector PATH, or --transformer-checkpoint to keep it "
+                                  "beside")
+        return None, None, "no --transformer-checkpoint"
+    if not train_set.has_keypoints:
+        if args.train_pose_detector:
+            raise utils.UserError(f"--train-pose-detector: {train_set.root} has no keypoints "
+                                  "(poses.json) to train a detector on")
+        return None, None, "the data has no keypoints to score"
+    config = pose_detector.PoseDetectorConfig(
+        num_keypoints=train_set.layout.num_keypoints, width=args.pose_detector_width,
+        input_size=pose_detector.detector_input_size(train_set.image_size,
+                                                     args.pose_detector_size))
+    # its own seed, not --seed: another sampling seed is no reason to train another detector
+    training = pose_detector.DetectorTraining(
+        steps=args.pose_detector_steps, batch_size=args.pose_detector_batch_size,
+        lr=args.pose_detector_lr)
+    detector = pose_detector.obtain_pose_detector(path, train_set, config, training, device,
+                                                  train=args.train_pose_detector,
+                                                  num_workers=args.num_workers)
+    if detector is None:
+        return None, None, (f"no pose detector at {path}; pass --train-pose-detector to train "
+                            "one (a few CPU minutes on the default data)")
+    return detector, path, None
+
+
+def evaluate_poses(model, dataset, detector, no_detector, args, device):
+    """(pose fidelity, pose accuracy), both from one set of samples, or each {"skipped": why}."""
+    no_samples = pose_sampling_skip_reason(model, args.num_pose_samples, dataset)
+    no_fidelity = no_samples or (None if dataset.has_parts else
+                                 "the data has no part maps, so the pose's true silhouette is "
+                                 "unknown (pose accuracy, PCK, needs only keypoints)")
+    no_accuracy = no_samples or no_detector or (None if dataset.has_keypoints
+                                                else "the data has no keypoints to score")
+    if no_fidelity and no_accuracy:
+        return {"skipped": no_fidelity}, {"skipped": no_accuracy}
+    poses = generate_pose_samples(model, dataset, args.num_pose_samples, args.batch_size, device,
+                                  seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+                                  temperature=args.temperature)
+    fidelity = ({"skipped": no_fidelity} if no_fidelity
+                else evaluate_pose_fidelity(poses, args.silhouette_threshold))
+    if no_accuracy:
+        return fidelity, {"skipped": no_accuracy}
+    return fidelity, evaluate_pose_accuracy(detector, poses, dataset.layout, args.pck_alpha,
+                                            args.batch_size, device)
 
 
 def print_table(results):
@@ -410,7 +575,7 @@ def print_table(results):
     row("perplexity", codes["perplexity"], "{:.1f}")
     if codes["histogram"]:
         print(f"  {'histogram':<34}{codes['histogram']}")
-    for section in ("transformer", "pose_fidelity"):
+    for section in ("transformer", "pose_fidelity", "pose_accuracy"):
         if "skipped" in results[section]:
             print(f"{section.replace('_', ' ')}: skipped ({results[section]['skipped']})")
     transformer = results["transformer"]
@@ -428,6 +593,20 @@ def print_table(results):
         row("real images (measurement check)", pose["real_iou"])
         row("samples / ceiling", pose["sample_over_ceiling"], "{:.3f}")
         row("samples / floor", pose["sample_over_floor"], "{:.3f}")
+    accuracy = results["pose_accuracy"]
+    if "skipped" not in accuracy:
+        columns = ["all", *accuracy["groups"]]
+        print(f"pose accuracy (PCK@{accuracy['alpha']} of the pose's size, "
+              f"{accuracy['num_poses']} poses, {accuracy['detector']})")
+        print(f"  {'':<34}" + "".join(f"{name:>8}" for name in columns))
+        for name, key in (("samples", "samples"), ("ceiling: real images", "ceiling"),
+                          ("VQGAN reconstructions", "reconstructions"),
+                          ("floor: samples vs other poses", "floor")):
+            print(f"  {name:<34}" + "".join("     n/a" if accuracy[key][column] is None
+                                            else f"{accuracy[key][column]:8.3f}"
+                                            for column in columns))
+        row("samples / ceiling", accuracy["sample_over_ceiling"], "{:.3f}")
+        row("samples / floor", accuracy["sample_over_floor"], "{:.3f}")
 
 
 def main(argv=None):
@@ -456,6 +635,7 @@ def main(argv=None):
         raise utils.UserError(f"the transformer knows the classes {model.class_names}, but "
                               f"{dataset.root} has the class folders {dataset.class_names}")
 
+    detector, detector_path, no_detector = find_pose_detector(args, train_set, device)
     lpips = None
     if not args.no_lpips:
         lpips = LPIPSLoss(weights_path=args.lpips_weights, net="alex").to(device)
@@ -472,20 +652,19 @@ def main(argv=None):
                  counts=counts.tolist())
 
     if model is None:
-        transformer = pose = {"skipped": "no --transformer-checkpoint"}
+        transformer = pose = accuracy = {"skipped": "no --transformer-checkpoint"}
     else:
         transformer = evaluate_transformer(model, dataset, args.batch_size, device,
                                            args.num_workers)
-        pose = evaluate_pose_fidelity(model, dataset, args.num_pose_samples, args.batch_size,
-                                      device, seed=args.seed, threshold=args.silhouette_threshold,
-                                      top_k=args.top_k, top_p=args.top_p,
-                                      temperature=args.temperature)
+        pose, accuracy = evaluate_poses(model, dataset, detector, no_detector, args, device)
+        if "skipped" not in accuracy:
+            accuracy["detector"] = detector_path
     results = {"vqgan_checkpoint": args.vqgan_checkpoint,
                "transformer_checkpoint": args.transformer_checkpoint,
                "dataset_path": dataset.root, "split": args.split, "num_images": len(dataset),
                "image_size": args.image_size, "seed": args.seed,
                "reconstruction": reconstruction, "codebook": codes,
-               "transformer": transformer, "pose_fidelity": pose}
+               "transformer": transformer, "pose_fidelity": pose, "pose_accuracy": accuracy}
     print_table(results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -220,6 +220,7 @@ CHECKPOINT_KINDS = {
     "vqgan": "a stage-1 inference checkpoint (vqgan.pt)",
     "vqgan_train": "a stage-1 training checkpoint (vqgan_last.pt)",
     "transformer_train": "a stage-2 training checkpoint (transformer_last.pt)",
+    "pose_detector": "a keypoint detector for PCK (pose_detector.pt)",
 }
 
 

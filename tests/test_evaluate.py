@@ -250,8 +250,9 @@ def test_silhouettes_of_real_mannequins_match_their_part_maps(val_set):
 
 
 def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_floor(val_set):
-    result = evaluate.evaluate_pose_fidelity(RedrawingModel(val_set), val_set, num_poses=8,
-                                             batch_size=3, device=torch.device("cpu"))
+    poses = evaluate.generate_pose_samples(RedrawingModel(val_set), val_set, num_poses=8,
+                                           batch_size=3, device=torch.device("cpu"))
+    result = evaluate.evaluate_pose_fidelity(poses)
     assert result["num_poses"] == 8
     assert result["sample_iou"] == result["ceiling_iou"] == result["real_iou"]
     assert result["sample_over_ceiling"] == 1.0
@@ -259,13 +260,11 @@ def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_fl
     assert result["sample_over_floor"] == pytest.approx(result["sample_iou"] / result["floor_iou"])
 
 
-def test_pose_fidelity_is_skipped_without_a_pose_or_part_maps(val_set):
-    device = torch.device("cpu")
+def test_pose_samples_are_skipped_without_a_pose_or_two_poses(val_set):
     unconditional = SimpleNamespace(condition="none")
-    assert "skipped" in evaluate.evaluate_pose_fidelity(unconditional, val_set, 4, 2, device)
-    no_parts = SimpleNamespace(has_parts=False)
-    assert "part maps" in evaluate.evaluate_pose_fidelity(
-        RedrawingModel(val_set), no_parts, 4, 2, device)["skipped"]
+    assert "no pose" in evaluate.pose_sampling_skip_reason(unconditional, 4, val_set)
+    assert "at least 2" in evaluate.pose_sampling_skip_reason(RedrawingModel(val_set), 1, val_set)
+    assert evaluate.pose_sampling_skip_reason(RedrawingModel(val_set), 4, val_set) is None
 
 
 # ---- the script end to end ------------------------------------------------------------------
