@@ -55,7 +55,6 @@ a note). The usual route for them, not implemented here, is a keypoint detector 
 OpenPose or ViTPose model) run on the samples: PCKh, the fraction of conditioning keypoints that
 the detector finds within half a head length of where they were asked for.
 """
-import argparse
 import json
 import math
 import os
@@ -346,33 +345,33 @@ def evaluate_pose_fidelity(model, dataset, num_poses, batch_size, device, seed=0
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a VQGAN and its pose transformer.")
+    parser = utils.ArgumentParser(description="Evaluate a VQGAN and its pose transformer.")
     parser.add_argument("--vqgan-checkpoint", required=True, help="stage-1 vqgan.pt")
     parser.add_argument("--transformer-checkpoint", default=None,
                         help="stage-2 transformer_last.pt trained on that VQGAN (optional)")
     utils.add_data_args(parser)
     parser.set_defaults(image_size=None)  # the VQGAN's resolution unless given
     parser.add_argument("--split", choices=("val", "train"), default="val")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    parser.add_argument("--histogram", default=None,
+    parser.add_argument("--json", type=utils.output_file, default=None,
+                        help="write the results to this JSON file")
+    parser.add_argument("--histogram", type=utils.output_file, default=None,
                         help="code histogram PNG (default: next to --json as <name>_codes.png)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--batch-size", type=utils.positive_int, default=16)
+    parser.add_argument("--device", type=utils.device_name, default="auto",
+                        help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lpips-weights", default=None,
                         help="torchvision AlexNet weights for LPIPS (default: found as "
                              "lpips_loss.find_backbone_weights describes)")
     parser.add_argument("--no-lpips", action="store_true", help="leave LPIPS out")
     group = parser.add_argument_group("pose fidelity")
-    group.add_argument("--num-pose-samples", type=int, default=64)
-    group.add_argument("--silhouette-threshold", type=float, default=SILHOUETTE_THRESHOLD)
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--temperature", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise utils.UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    return args
+    group.add_argument("--num-pose-samples", type=utils.positive_int, default=64)
+    group.add_argument("--silhouette-threshold", type=utils.positive_float,
+                       default=SILHOUETTE_THRESHOLD)
+    group.add_argument("--top-k", type=utils.positive_int, default=None)
+    group.add_argument("--top-p", type=utils.nucleus_mass, default=None)
+    group.add_argument("--temperature", type=utils.positive_float, default=1.0)
+    return parser.parse_args(argv)
 
 
 # Data flags that decide which images fall in which split: a transformer evaluated on other

@@ -34,15 +34,16 @@ from transformer import load_transformer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Sample from a stage-2 transformer.")
+    parser = utils.ArgumentParser(description="Sample from a stage-2 transformer.")
     parser.add_argument("--checkpoint", required=True, help="RUN/transformer_last.pt")
     parser.add_argument("--vqgan-checkpoint", default=None,
                         help="the stage-1 vqgan.pt (default: the one recorded in --checkpoint)")
     parser.add_argument("--poses", default=None, help="poses.json (default: validation poses)")
-    parser.add_argument("--pose-image-size", type=int, nargs=2, metavar=("W", "H"),
-                        default=None, help="size of the images the poses were given for, when "
-                                           "those images are not beside poses.json")
-    parser.add_argument("--count", type=int, default=8,
+    parser.add_argument("--pose-image-size", type=utils.positive_int, nargs=2,
+                        metavar=("W", "H"), default=None,
+                        help="size of the images the poses were given for, when those images "
+                             "are not beside poses.json")
+    parser.add_argument("--count", type=utils.positive_int, default=8,
                         help="how many validation poses to use without --poses")
     parser.add_argument("--complete", default=None, metavar="IMAGE",
                         help="keep the top half of IMAGE and sample the bottom half")
@@ -53,12 +54,12 @@ def parse_args(argv=None):
                              "use a sliding attention window (default: the training grid)")
     parser.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                         help="the class to sample, for a class-conditioned model")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=utils.positive_int, default=None)
+    parser.add_argument("--top-p", type=utils.nucleus_mass, default=None)
+    parser.add_argument("--temperature", type=utils.positive_float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=utils.positive_int, default=16)
+    parser.add_argument("--device", type=utils.device_name, default="auto")
     args = parser.parse_args(argv)
     if args.top_k is not None and args.top_k < 1:
         raise utils.UserError(f"--top-k must be at least 1, got {args.top_k}")

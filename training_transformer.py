@@ -17,7 +17,6 @@ config). Outputs in --run-dir (default runs/transformer): transformer_last.pt (a
 samples/ with one row per validation example: pose | original | reconstruction | completion of
 the bottom half | two new samples.
 """
-import argparse
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from vqgan import load_vqgan
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Stage 2: train the pose-conditioned GPT.")
+    parser = utils.ArgumentParser(description="Stage 2: train the pose-conditioned GPT.")
     parser.add_argument("--vqgan-checkpoint", default=os.path.join("runs", "vqgan", "vqgan.pt"),
                         help="stage-1 inference checkpoint (vqgan.pt)")
     utils.add_data_args(parser)
@@ -43,25 +42,30 @@ def parse_args(argv=None):
     group.add_argument("--condition", choices=("auto", "keypoints", "parts", "class", "none"),
                        default="auto", help="class: one class token, the image's first folder "
                                             "below --dataset-path (DIR/<class>/...)")
-    group.add_argument("--keypoint-grid", type=int, default=None,
+    group.add_argument("--keypoint-grid", type=utils.positive_int, default=None,
                        help="G of the G x G keypoint grid (default: twice the token grid)")
     # The defaults train on two CPU cores in about 14 minutes (1.5M parameters); for a GPU
     # the paper's stage 2 is far larger (e.g. --n-layer 24 --n-head 16 --n-embd 1024).
-    group.add_argument("--n-layer", type=int, default=6)
-    group.add_argument("--n-head", type=int, default=4)
-    group.add_argument("--n-embd", type=int, default=128)
-    group.add_argument("--dropout", type=float, default=0.0)
-    group.add_argument("--pkeep", type=float, default=1.0,
+    group.add_argument("--n-layer", type=utils.positive_int, default=6)
+    group.add_argument("--n-head", type=utils.positive_int, default=4)
+    group.add_argument("--n-embd", type=utils.positive_int, default=128,
+                       help="width of the GPT, a multiple of --n-head")
+    group.add_argument("--dropout", type=utils.unit_fraction, default=0.0)
+    group.add_argument("--pkeep", type=utils.unit_fraction, default=1.0,
                        help="keep each input image token with this probability (else random)")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--weight-decay", type=float, default=0.01)
-    group.add_argument("--grad-clip", type=float, default=1.0)
+    group.add_argument("--weight-decay", type=utils.non_negative_float, default=0.01)
+    group.add_argument("--grad-clip", type=utils.positive_float, default=1.0)
     group = parser.add_argument_group("sample grids")
-    group.add_argument("--grid-examples", type=int, default=6)
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--temperature", type=float, default=1.0)
-    return parser.parse_args(argv)
+    group.add_argument("--grid-examples", type=utils.positive_int, default=6)
+    group.add_argument("--top-k", type=utils.positive_int, default=None)
+    group.add_argument("--top-p", type=utils.nucleus_mass, default=None)
+    group.add_argument("--temperature", type=utils.positive_float, default=1.0)
+    args = parser.parse_args(argv)
+    if args.n_embd % args.n_head:
+        raise utils.UserError(f"--n-embd {args.n_embd} must be a multiple of --n-head "
+                              f"{args.n_head}, so that every head gets as many channels")
+    return args
 
 
 # ---- the token cache -----------------------------------------------------------------------

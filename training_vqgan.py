@@ -24,7 +24,6 @@ Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (everything --resume
 written atomically), vqgan.pt (the small inference checkpoint stage 2 loads), metrics.jsonl,
 loss_curves.png and reconstruction grids under samples/.
 """
-import argparse
 import dataclasses
 import os
 import time
@@ -40,21 +39,21 @@ from vqgan import VQGAN, add_vqgan_args, config_from_args, save_vqgan
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Stage 1: train the VQGAN.")
+    parser = utils.ArgumentParser(description="Stage 1: train the VQGAN.")
     add_vqgan_args(parser)
     utils.add_data_args(parser)
     utils.add_run_args(parser, default_run_dir=os.path.join("runs", "vqgan"),
                        default_batch_size=8, default_base_lr=5e-5,
                        default_max_steps=1800, default_warmup_steps=0, default_min_lr_ratio=0.1)
     group = parser.add_argument_group("loss")
-    group.add_argument("--perceptual-weight", type=float, default=1.0)
-    group.add_argument("--perceptual-start", type=int, default=800,
+    group.add_argument("--perceptual-weight", type=utils.non_negative_float, default=1.0)
+    group.add_argument("--perceptual-start", type=utils.non_negative_int, default=800,
                        help="optimizer step at which the LPIPS term switches on; before it the "
                             "steps are L1 only and cheaper (LPIPS is a VGG16 forward/backward)")
-    group.add_argument("--codebook-weight", type=float, default=1.0)
-    group.add_argument("--disc-weight", type=float, default=0.8,
+    group.add_argument("--codebook-weight", type=utils.non_negative_float, default=1.0)
+    group.add_argument("--disc-weight", type=utils.non_negative_float, default=0.8,
                        help="multiplies the adaptive lambda of the GAN term")
-    group.add_argument("--disc-start", type=int, default=10000,
+    group.add_argument("--disc-start", type=utils.non_negative_int, default=10000,
                        help="optimizer step at which the discriminator and GAN term switch on")
     group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
     group.add_argument("--lpips-weights", default=None,

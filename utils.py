@@ -5,7 +5,8 @@ Data flows one way: images -> this module's loader -> stage 1 (VQGAN) -> cached 
 here:
 
 * pose layouts (COCO-17, OpenPose-18), body-part labels and their left/right swaps;
-* errors meant for people (`UserError`) and the `run_cli` wrapper that prints them as one line;
+* errors meant for people (`UserError`), the `run_cli` wrapper that prints them as one line, and
+  the argument types every script's flags use, so that a bad value is refused when parsed;
 * devices, seeding, RNG state, atomic checkpoints and checkpoint loading with a kind check;
 * metrics logging, loss-curve plots, image grids (always de-normalised from [-1, 1]) and skeleton
   drawing;
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -96,7 +98,7 @@ def part_flip_lookup(num_labels=256):
 
 
 # ----------------------------------------------------------------------------------------------
-# Errors for people, and the command-line wrapper that prints them
+# Errors for people, the command-line wrapper that prints them, and argument types
 # ----------------------------------------------------------------------------------------------
 
 
@@ -117,6 +119,113 @@ def run_cli(main):
         sys.exit(2)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals are UserErrors, so that run_cli prints them as one line
+    ('error: --batch-size must be >= 1, got 0', exit status 2) instead of usage and message."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse reads '-1e-3' as an option (it knows '-1' and '-0.5'), so '--lr -1e-3' would
+        # be 'expected one argument' instead of the value's own message
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message):
+        prefix, separator, problem = message.partition(": ")
+        if prefix.startswith("argument ") and problem.startswith("must"):  # our argument types
+            raise UserError(f"{prefix[len('argument '):]} {problem}")
+        raise UserError(f"{message} (see --help)")
+
+
+# Argument types: each checks one kind of value when the command line is parsed, so a bad value
+# stops the command at once with one line instead of a traceback later in the run.
+
+
+def _number(text, kind, accepts, requirement):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not (math.isfinite(value) and accepts(value)):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+    return value
+
+
+def positive_int(text):
+    """Sizes, counts, steps, intervals: an integer >= 1."""
+    return _number(text, int, lambda value: value >= 1, ">= 1")
+
+
+def non_negative_int(text):
+    """Where 0 means something (start at step 0, no warm-up, no workers): an integer >= 0."""
+    return _number(text, int, lambda value: value >= 0, ">= 0")
+
+
+def positive_float(text):
+    """Learning rates, temperatures, thresholds: a finite number > 0."""
+    return _number(text, float, lambda value: value > 0, "a finite number > 0")
+
+
+def non_negative_float(text):
+    """Loss weights, weight decay (0 switches the term off): a finite number >= 0."""
+    return _number(text, float, lambda value: value >= 0, "a finite number >= 0")
+
+
+def unit_fraction(text):
+    """Fractions and probabilities: a number in [0, 1]."""
+    return _number(text, float, lambda value: 0 <= value <= 1, "between 0 and 1")
+
+
+def nucleus_mass(text):
+    """top-p: a probability mass in (0, 1]."""
+    return _number(text, float, lambda value: 0 < value <= 1, "in (0, 1]")
+
+
+def device_name(text):
+    """'auto', or a device this code runs on: cpu, cuda, cuda:N, mps (availability is checked
+    by pick_device)."""
+    try:
+        known = text == "auto" or torch.device(text).type in ("cpu", "cuda", "mps")
+    except (RuntimeError, ValueError):  # not a device string at all
+        known = False
+    if not known:
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def _unwritable_folder(path):
+    """Why files cannot be written into folder `path` (existing or to be created), else None."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest existing folder decides
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return (f"{path} is a file" if existing == os.path.abspath(path)
+                else f"{existing} in that path is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable (permission denied)"
+    return None
+
+
+def output_folder(text):
+    """A folder to write into: existing, or creatable below a writable one (nothing is created
+    here)."""
+    problem = _unwritable_folder(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"must be a folder you can write to, but {problem}; "
+                                         "choose another one")
+    return text
+
+
+def output_file(text):
+    """A file to write: not a folder, in a folder that exists or can be created and written."""
+    problem = (f"{text} is a folder" if os.path.isdir(text)
+               else _unwritable_folder(os.path.dirname(text) or "."))
+    if problem:
+        raise argparse.ArgumentTypeError(f"must be a file you can write, but {problem}; "
+                                         "choose another path")
+    return text
+
+
 # ----------------------------------------------------------------------------------------------
 # Devices, seeding and RNG state
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +242,13 @@ def pick_device(name="auto"):
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available here; "
+                        "use --device auto or --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name} was asked for but Apple's MPS is not available here; "
                         "use --device auto or --device cpu")
     return device
 
@@ -906,32 +1022,33 @@ def add_run_args(parser, default_run_dir, default_batch_size, default_base_lr, d
                  default_warmup_steps, default_min_lr_ratio):
     """Flags both trainers share: where the run lives, how long, how fast, on what device."""
     group = parser.add_argument_group("run")
-    group.add_argument("--run-dir", default=default_run_dir)
+    group.add_argument("--run-dir", type=output_folder, default=default_run_dir)
     group.add_argument("--resume", nargs="?", const="last", default=None,
                        help="continue a run: alone, from RUN_DIR's last checkpoint; or a path")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    group.add_argument("--device", type=device_name, default="auto",
+                       help="auto, cpu, cuda, cuda:1, mps")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--batch-size", type=int, default=default_batch_size)
-    group.add_argument("--grad-accum", type=int, default=1,
+    group.add_argument("--batch-size", type=positive_int, default=default_batch_size)
+    group.add_argument("--grad-accum", type=positive_int, default=1,
                        help="micro-batches per optimizer step")
-    group.add_argument("--lr", type=float, default=None,
+    group.add_argument("--lr", type=positive_float, default=None,
                        help="learning rate; default: --base-lr x effective batch size")
-    group.add_argument("--base-lr", type=float, default=default_base_lr)
-    group.add_argument("--warmup-steps", type=int, default=default_warmup_steps,
+    group.add_argument("--base-lr", type=positive_float, default=default_base_lr)
+    group.add_argument("--warmup-steps", type=non_negative_int, default=default_warmup_steps,
                        help="linear learning-rate warm-up over this many steps")
-    group.add_argument("--min-lr-ratio", type=float, default=default_min_lr_ratio,
+    group.add_argument("--min-lr-ratio", type=unit_fraction, default=default_min_lr_ratio,
                        help="after the warm-up the learning rate follows a cosine down to this "
                             "fraction of its peak at the last step; 1 keeps it constant")
-    group.add_argument("--max-steps", type=int, default=None,
+    group.add_argument("--max-steps", type=positive_int, default=None,
                        help="total optimizer steps of the run, a resumed run continuing to it "
                             f"(default: {default_max_steps}, or --epochs when given)")
-    group.add_argument("--epochs", type=int, default=None,
+    group.add_argument("--epochs", type=positive_int, default=None,
                        help="total epochs, when --max-steps is not given")
     parser.set_defaults(default_max_steps=default_max_steps)
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
-    group.add_argument("--log-every", type=int, default=50)
-    group.add_argument("--save-every", type=int, default=500)
-    group.add_argument("--sample-every", type=int, default=500)
+    group.add_argument("--log-every", type=positive_int, default=50)
+    group.add_argument("--save-every", type=positive_int, default=500)
+    group.add_argument("--sample-every", type=positive_int, default=500)
     return group
 
 
@@ -1207,8 +1324,8 @@ def add_data_args(parser):
     group.add_argument("--dataset-path", default=None,
                        help="folder of images (+ optional poses.json, parts/); default: the "
                             "synthetic mannequins, generated on first use under data/")
-    group.add_argument("--image-size", type=int, default=64)
-    group.add_argument("--val-fraction", type=float, default=0.05)
+    group.add_argument("--image-size", type=positive_int, default=64)
+    group.add_argument("--val-fraction", type=unit_fraction, default=0.05)
     group.add_argument("--resize-mode", choices=("auto", "pad", "crop"), default="auto",
                        help="pad to square with the border colour, or centre-crop; auto pads "
                             "when poses or part maps are present")
@@ -1221,8 +1338,10 @@ def add_data_args(parser):
                        help="random horizontal flips (keypoints and part labels swap sides)")
     group.add_argument("--strict", action="store_true",
                        help="stop on an unreadable image instead of skipping it")
-    group.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
-    group.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1))
+    group.add_argument("--max-image-pixels", type=positive_int,
+                       default=DEFAULT_MAX_IMAGE_PIXELS)
+    group.add_argument("--num-workers", type=non_negative_int,
+                       default=min(2, os.cpu_count() or 1))
     return group
 
 
@@ -1247,13 +1366,14 @@ def build_datasets(args, progress=True, class_labels=False):
     return PoseImageDataset(split="train", **common), PoseImageDataset(split="val", **common)
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     commands = {"synthetic": "write the synthetic mannequin dataset (see mannequins.py --help)"}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+    if not argv or argv[0] not in commands:
         listing = "; ".join(f"{name}: {text}" for name, text in commands.items())
         raise UserError(f"usage: python utils.py COMMAND [options]; commands are {listing}")
     import mannequins
-    mannequins.main(sys.argv[2:])
+    mannequins.main(argv[1:])
 
 
 if __name__ == "__main__":

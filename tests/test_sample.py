@@ -250,4 +250,4 @@ def test_command_line_reports_a_user_error_as_one_line_and_exit_status_2(tmp_pat
                              "--top-k", "0"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: --top-k must be at least 1, got 0"]
+    assert result.stderr.strip().splitlines() == ["error: --top-k must be >= 1, got 0"]
