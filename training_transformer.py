@@ -203,6 +203,7 @@ def main(argv=None):
 
 
 def train(args, dist, device):
+    """Train to --max-steps; returns the step at which Ctrl-C stopped it, else None."""
     utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     if not os.path.exists(args.vqgan_checkpoint):
         raise utils.UserError(f"no stage-1 checkpoint at {args.vqgan_checkpoint}; run "
@@ -213,6 +214,8 @@ def train(args, dist, device):
         raise utils.UserError(f"the VQGAN in {args.vqgan_checkpoint} was trained on "
                               f"{vqgan.config.resolution} px images; pass --image-size "
                               f"{vqgan.config.resolution}")
+    run = utils.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt",
+                             remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data before the others read it
         train_set, val_set = utils.build_datasets(args, progress=dist.is_main,
                                                   class_labels=args.condition == "class")
@@ -222,7 +225,6 @@ def train(args, dist, device):
                             num_keypoints=layout.num_keypoints, keypoint_grid=args.keypoint_grid,
                             class_names=train_set.class_names, n_layer=args.n_layer,
                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout).to(device)
-    run = utils.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt")
     with dist.main_first():  # rank 0 encodes and writes the cache; the others then read it
         cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
     train_tokens, val_tokens = cache["train"]["tokens"], cache["val"]["tokens"][:, 0]
@@ -244,6 +246,8 @@ def train(args, dist, device):
         optimizer.load_state_dict(checkpoint["optimizer"])
         utils.set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
+    if not run.steps_left(step, total_steps, args):
+        return None
     ddp_model, = utils.wrap_ddp(dist, device, model)
     forward_model = torch.compile(ddp_model) if args.compile else ddp_model
     metrics = (utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume
@@ -324,10 +328,11 @@ def train(args, dist, device):
         progress.close()
         stop.restore()
     if dist.is_main:
-        if stopping:
-            print(f"stopped at step {step}; continue with the same command plus --resume")
-        print(f"stage 2 outputs in {args.run_dir}: transformer_last.pt (sample.py --checkpoint), "
-              "metrics.jsonl, loss_curves.png, samples/")
+        run.report_outputs("stage 2", [
+            ("transformer_last.pt", "transformer_last.pt (sample.py --checkpoint)"),
+            ("metrics.jsonl", "metrics.jsonl"), ("loss_curves.png", "loss_curves.png"),
+            ("samples", "samples/")])
+    return step if stopping else None
 
 
 if __name__ == "__main__":

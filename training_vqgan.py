@@ -157,8 +157,11 @@ def main(argv=None):
 
 
 def train(args, dist, device):
+    """Train to --max-steps; returns the step at which Ctrl-C stopped it, else None."""
     utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     config = config_from_args(args)
+    run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt",
+                             remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data / fetches LPIPS weights first
         train_set, val_set = utils.build_datasets(args, progress=dist.is_main)
         lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
@@ -182,7 +185,6 @@ def train(args, dist, device):
     scaler = utils.grad_scaler(device)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
 
-    run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt")
     step = 0
     if args.resume:  # every rank loads the same checkpoint
         checkpoint = run.load_for_resume(args.resume, dataclasses.asdict(config), args,
@@ -217,6 +219,8 @@ def train(args, dist, device):
                           run.path("loss_curves.png"), title="stage 1 losses")
 
     total_steps = utils.total_steps(args, sampler.batches_per_epoch)
+    if not run.steps_left(step, total_steps, args):
+        return None
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
     code_stats = CodebookStats(config.n_embed)
     health = utils.FiniteCheck()
@@ -295,10 +299,11 @@ def train(args, dist, device):
         progress.close()
         stop.restore()
     if dist.is_main:
-        if stopping:
-            print(f"stopped at step {step}; continue with the same command plus --resume")
-        print(f"stage 1 outputs in {args.run_dir}: vqgan.pt (for stage 2), vqgan_last.pt "
-              f"(--resume), metrics.jsonl, loss_curves.png, samples/")
+        run.report_outputs("stage 1", [
+            ("vqgan.pt", "vqgan.pt (for stage 2)"), ("vqgan_last.pt", "vqgan_last.pt (--resume)"),
+            ("metrics.jsonl", "metrics.jsonl"), ("loss_curves.png", "loss_curves.png"),
+            ("samples", "samples/")])
+    return step if stopping else None
 
 
 if __name__ == "__main__":

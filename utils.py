@@ -110,13 +110,25 @@ class UnreadableImage(UserError):
     """An image file that cannot be decoded: skipped with a warning unless --strict."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C stopped a training run after it saved its checkpoint; the message says what next."""
+
+
 def run_cli(main):
-    """Call main(); a UserError becomes one 'error: ...' line on stderr and exit status 2."""
+    """Call main() as a command: a UserError becomes one 'error: ...' line on stderr and exit
+    status 2; Ctrl-C exits with 130, the shell's convention, so that `stage1 && stage2` stops."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stopped:
+        if str(stopped):
+            print(stopped, file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1110,11 +1122,35 @@ def resume_batches(loader, sampler, micro_batches_done):
 
 
 class RunDirectory:
-    """A run's folder: its training checkpoint (atomic), and checks before resuming it."""
+    """A run's folder: its training checkpoint (atomic), and checks before resuming it.
 
-    def __init__(self, root, kind, last_name):
+    Opened when a run starts: the folder must take a file (checked by writing one, so that a
+    read-only or full folder stops the run before any training), and `remove_stale` (rank 0)
+    deletes the temporary files (.tmp-*.pt, see atomic_save) that a write killed midway left.
+    """
+
+    def __init__(self, root, kind, last_name, remove_stale=True):
         self.root, self.kind, self.last_name = root, kind, last_name
-        os.makedirs(root, exist_ok=True)
+        try:
+            os.makedirs(root, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+        except OSError as error:
+            raise UserError(f"cannot write into the run directory {root} ({error.strerror}); "
+                            "choose another --run-dir, or fix its permissions or free space"
+                            ) from None
+        if remove_stale:
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self):
+        stale = [os.path.join(folder, name) for folder, _, names in os.walk(self.root)
+                 for name in names if name.startswith(".tmp-") and name.endswith(".pt")]
+        if stale:
+            size = sum(os.path.getsize(path) for path in stale)
+            for path in stale:
+                os.remove(path)
+            print(f"removed {len(stale)} temporary file(s) ({size / 1e6:.3g} MB) that an "
+                  f"interrupted write left in {self.root}")
 
     def path(self, *parts):
         path = os.path.join(self.root, *parts)
@@ -1122,11 +1158,46 @@ class RunDirectory:
         return path
 
     def save(self, checkpoint):
-        atomic_save(checkpoint, self.path(self.last_name))
+        path = self.path(self.last_name)
+        try:
+            atomic_save(checkpoint, path)
+        except OSError as error:  # e.g. disk full: a write to a file handle names no file
+            error.filename = error.filename or path
+            raise
+
+    def resume_path(self, resume):
+        """The checkpoint --resume names: alone ("last"), this folder's training checkpoint."""
+        return self.path(self.last_name) if resume == "last" else resume
+
+    def steps_left(self, step, total, args):
+        """Whether the loop has a step to take. A resumed run already at its end says so in one
+        line (False); one past its end, or a run of no step at all, is a UserError."""
+        if step < total:
+            return True
+        if not args.resume:  # only --epochs can come to no optimizer step
+            raise UserError(f"--epochs {args.epochs} makes no optimizer step of --grad-accum "
+                            f"{args.grad_accum} micro-batches; raise --epochs or lower "
+                            "--grad-accum")
+        length = (f"--max-steps {args.max_steps}" if args.max_steps is not None
+                  else f"{total} steps")
+        checkpoint = self.resume_path(args.resume)
+        if step == total:
+            print(f"nothing to train: {checkpoint} is already at step {step}, the end of this "
+                  f"run ({length}); pass a larger --max-steps to train on")
+            return False
+        raise UserError(f"{checkpoint} is already at step {step}, past the end of this run "
+                        f"({length}); pass --max-steps above {step} to train on, or a new "
+                        "--run-dir to start over")
+
+    def report_outputs(self, stage, described):
+        """Print the run's outputs that exist; `described` is [(file name, description)]."""
+        present = [text for name, text in described
+                   if os.path.exists(os.path.join(self.root, name))]
+        print(f"{stage} outputs in {self.root}: {', '.join(present)}")
 
     def load_for_resume(self, resume, config, args, world_size=1):
         """Load the checkpoint to resume; refuse one of another stage, model or data order."""
-        path = self.path(self.last_name) if resume == "last" else resume
+        path = self.resume_path(resume)
         if resume == "last" and not os.path.exists(path):
             raise UserError(f"--resume: no checkpoint {path} yet; start without --resume")
         checkpoint = load_checkpoint(path, self.kind)
@@ -1268,13 +1339,37 @@ class Distributed:
 
 
 def run_training(train, args):
-    """train(args, dist, device) inside the process group when torchrun started us."""
+    """train(args, dist, device) inside the process group when torchrun started us.
+
+    train returns the step at which Ctrl-C stopped it (after saving), or None. A stopped run
+    raises Interrupted once every rank has left the loop, so that the command exits with 130.
+    An OSError while writing the run's files (disk full, permissions) becomes one line.
+    """
     dist, device = setup_distributed(args.device)
     try:
-        train(args, dist, device)
+        stopped_at = train(args, dist, device)
         dist.barrier()  # no rank leaves the group while rank 0 still writes its last files
+    except OSError as error:
+        raise write_failure(error, args.run_dir) from None
     finally:
         dist.close()
+    if stopped_at is not None:
+        raise Interrupted(f"stopped at step {stopped_at}; continue with the same command plus "
+                          "--resume" if dist.is_main else "")
+
+
+def write_failure(error, run_dir):
+    """The UserError for an OSError while a run writes: the file, why, and what is intact."""
+    if error.filename and not os.path.abspath(error.filename).startswith(
+            os.path.abspath(run_dir) + os.sep):  # not one of the run's files
+        return UserError(f"{error.filename}: {error.strerror or error}")
+    checkpoints = (sorted(name for name in os.listdir(run_dir) if name.endswith("_last.pt"))
+                   if os.path.isdir(run_dir) else [])
+    kept = (f"the last good checkpoint {os.path.join(run_dir, checkpoints[0])} is intact: "
+            "free space (or fix the permissions) and continue with --resume" if checkpoints
+            else "no checkpoint was written yet: free space (or fix the permissions) and rerun")
+    return UserError(f"cannot write {error.filename or 'into ' + run_dir} "
+                     f"({error.strerror or error}); {kept}")
 
 
 def wrap_ddp(dist, device, *modules):

@@ -5,6 +5,7 @@ Ctrl-C stop cleanly, wrong --resume files are refused, and a tiny run learns.
 Everything runs on the CPU with 32 px mannequins and a tiny VQGAN (ch 32, ch_mult 1,2).
 """
 import copy
+import errno
 import math
 import os
 import re
@@ -364,8 +365,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_
 
 
 @needs_lpips
-def test_ctrl_c_saves_at_the_current_step_and_says_how_to_resume(dataset, tmp_path, monkeypatch,
-                                                                 shared_lpips, capsys):
+def test_ctrl_c_saves_at_the_current_step_and_exits_130_saying_how_to_resume(
+        dataset, tmp_path, monkeypatch, shared_lpips, capsys):
     real_step = training_vqgan.generator_backward
     calls = {"n": 0}
 
@@ -378,14 +379,71 @@ def test_ctrl_c_saves_at_the_current_step_and_says_how_to_resume(dataset, tmp_pa
     monkeypatch.setattr(training_vqgan, "generator_backward", press_ctrl_c_in_step_2)
     handler_before = signal.getsignal(signal.SIGINT)
     # default --log-every 50: no metrics line exists yet when it stops
-    train(dataset, tmp_path, "--max-steps", "20")
+    with pytest.raises(SystemExit) as stop:  # as the command line ends
+        utils.run_cli(lambda: train(dataset, tmp_path, "--max-steps", "20"))
 
+    assert stop.value.code == 130  # the shell's convention: `stage1 && stage2` stops here
     assert calls["n"] == 2
     assert load_last(tmp_path)["step"] == 2
     assert load_vqgan(str(tmp_path / "vqgan.pt")).config.n_embed == 32
-    assert "stopped at step 2; continue with the same command plus --resume" in (
-        capsys.readouterr().out)
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1] == (
+        "stopped at step 2; continue with the same command plus --resume")
+    # only the outputs that exist: no metrics were logged and no grid drawn by step 2
+    assert printed.out.strip().splitlines()[-1] == (
+        f"stage 1 outputs in {tmp_path}: vqgan.pt (for stage 2), vqgan_last.pt (--resume), "
+        "loss_curves.png")
     assert signal.getsignal(signal.SIGINT) is handler_before
+
+
+@needs_lpips
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_good_checkpoint(
+        dataset, tmp_path, monkeypatch, shared_lpips, capsys):
+    real_save, calls = torch.save, {"n": 0}
+
+    def disk_full_at_the_second_checkpoint(obj, f, *args, **kwargs):
+        calls["n"] += 1  # two files a checkpoint: vqgan_last.pt, then vqgan.pt
+        if calls["n"] == 3:
+            f.write(b"the first bytes")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+    flags = ["--max-steps", "4", "--save-every", "2", "--log-every", "1",
+             "--perceptual-start", "100"]  # L1 only: LPIPS plays no part here
+    with pytest.raises(SystemExit) as stop:
+        utils.run_cli(lambda: train(dataset, tmp_path, *flags))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write {tmp_path / 'vqgan_last.pt'} (No space left on device); the last "
+        f"good checkpoint {tmp_path / 'vqgan_last.pt'} is intact: free space (or fix the "
+        "permissions) and continue with --resume")
+    assert load_last(tmp_path)["step"] == 2
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+    monkeypatch.setattr(torch, "save", real_save)  # space again: the resumed run ends the job
+    train(dataset, tmp_path, *flags, "--resume")
+    assert load_last(tmp_path)["step"] == 4
+    logged = [r["step"] for r in utils.read_jsonl(tmp_path / "metrics.jsonl") if "rec_loss" in r]
+    assert logged == [1, 2, 3, 4]  # steps 3 and 4 of the failed run are not kept twice
+
+
+@needs_lpips
+def test_resuming_a_run_at_or_past_its_max_steps_says_so_in_one_line(
+        dataset, tmp_path, shared_lpips, capsys):
+    train(dataset, tmp_path, "--max-steps", "2", "--perceptual-start", "100")
+    before = {name: (tmp_path / name).read_bytes() for name in ("vqgan_last.pt", "vqgan.pt")}
+    capsys.readouterr()
+
+    train(dataset, tmp_path, "--max-steps", "2", "--perceptual-start", "100", "--resume")
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"nothing to train: {tmp_path / 'vqgan_last.pt'} is already at step 2, the end of this "
+        "run (--max-steps 2); pass a larger --max-steps to train on"]
+    with pytest.raises(utils.UserError, match=r"already at step 2, past the end of this run "
+                                              r"\(--max-steps 1\); pass --max-steps above 2"):
+        train(dataset, tmp_path, "--max-steps", "1", "--perceptual-start", "100",
+              "--resume")
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
 # ----------------------------------------------------------------------------------------------
