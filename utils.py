@@ -15,6 +15,7 @@ here:
 * the command line entry `python utils.py synthetic ...` that writes the synthetic mannequins.
 """
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -572,6 +573,7 @@ class Example:
     keypoints: np.ndarray = None  # (K, 3) x, y, v in the displayed image's pixel coordinates
     part_path: str = None
     box: tuple = None  # (x0, y0, side): the square region (may reach outside the image)
+    pose_source: str = None  # the poses.json its keypoints come from, checked against the image
 
 
 def square_box(width, height, mode):
@@ -687,6 +689,30 @@ def is_validation(name, val_fraction):
     return stable_hash(name) / 2**32 < val_fraction
 
 
+def empty_split_message(split, root, files, val_fraction, coco):
+    """Why a split came out empty: the split goes by image file (a hash of its path, see
+    is_validation), how many files there are, and a --val-fraction that fixes it."""
+    positions = sorted({stable_hash(file) / 2**32 for file in files})  # val: below the fraction
+    count = (f"{len(positions)} image file(s)" + (f" holding {len(files)} people, each photo's "
+                                                    "people kept together" if coco else ""))
+    reason = (f"the train/val split goes by image file and {root} has {count}; "
+              f"--val-fraction {val_fraction} puts {'none' if split == 'val' else 'all'} of them "
+              "in the validation split")
+    if len(positions) < 2:
+        return f"the {split} split is empty: {reason}; both splits need a file: add images"
+    if split == "val":  # the smallest fraction, in as few decimals as do, that passes one file
+        decimals = next((d for d in range(2, 10)
+                         if math.floor(positions[0] * 10**d + 1) / 10**d <= positions[-1]), 10)
+        suggestion = math.floor(positions[0] * 10**decimals + 1) / 10**decimals
+        return (f"the val split is empty: {reason}; --val-fraction {suggestion:.{decimals}f} "
+                "gives it at least one file")
+    decimals = next((d for d in range(2, 10)
+                     if math.floor(positions[-1] * 10**d) / 10**d > positions[0]), 10)
+    suggestion = math.floor(positions[-1] * 10**decimals) / 10**decimals
+    return (f"the train split is empty: {reason}; --val-fraction {suggestion:.{decimals}f} "
+            "leaves at least one file for training")
+
+
 def resolve_layout(num_keypoints, layout_name, source):
     if layout_name not in (None, "auto"):
         layout = LAYOUTS[layout_name]
@@ -701,13 +727,10 @@ def resolve_layout(num_keypoints, layout_name, source):
     return LAYOUT_BY_K[num_keypoints]
 
 
-def parse_keypoints(value, key, source, expected_k):
+def parse_keypoints(value, key, source):
     """Check one poses.json entry: a list of K [x, y, v] triples of finite numbers, v in 0/1/2."""
     if not isinstance(value, list) or not value:
         raise UserError(f"{source}: entry {key!r} must be a list of [x, y, v] triples")
-    if expected_k is not None and len(value) != expected_k:
-        raise UserError(f"{source}: entry {key!r} has {len(value)} keypoints, other entries have "
-                        f"{expected_k}; every entry needs the same number")
     for index, triple in enumerate(value):
         if (not isinstance(triple, list) or len(triple) != 3
                 or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in triple)
@@ -732,28 +755,56 @@ def read_json(path):
                         f"{error.colno}; fix the file") from None
 
 
-def read_poses_json(path, root, image_names, layout_name):
-    """poses.json -> ({relative path: (K, 3) array}, layout), with a clear error for each flaw."""
+def read_pose_entries(path):
+    """A poses.json file -> ({normalised relative path: (K, 3) keypoints}, K), for training and
+    sample.py alike: keys are paths inside the file's folder, naming one image each, and every
+    entry has the same K (an odd one out is named against the count of the others)."""
     poses = read_json(path)
     if not isinstance(poses, dict):
         raise UserError(f"{path} must hold an object {{\"relative/image.png\": [[x, y, v], ...]}}, "
                         f"not a {type(poses).__name__}")
-    known = set(image_names)
-    parsed, expected_k = {}, None
+    if not poses:
+        raise UserError(f"{path} has no entries; remove it or add poses")
+    folder = os.path.dirname(path) or "."
+    parsed, keys = {}, {}
     for key, value in poses.items():
         normal = os.path.normpath(key).replace(os.sep, "/")
         if os.path.isabs(key) or normal == ".." or normal.startswith("../"):
-            raise UserError(f"{path}: key {key!r} points outside the dataset folder {root}; keys "
-                            "must be paths relative to it")
-        parsed[normal] = parse_keypoints(value, key, path, expected_k)
-        expected_k = len(value)
-    missing = sorted(k for k in parsed if k not in known)
+            raise UserError(f"{path}: key {key!r} points outside the folder {folder}; keys must "
+                            "be paths relative to it")
+        if normal in keys:
+            raise UserError(f"{path}: keys {keys[normal]!r} and {key!r} name the same image; "
+                            "keep one of them")
+        parsed[normal], keys[normal] = parse_keypoints(value, key, path), key
+    counts = collections.Counter(len(keypoints) for keypoints in parsed.values())
+    k, agreeing = counts.most_common(1)[0]
+    for normal, keypoints in parsed.items():
+        if len(keypoints) != k:
+            raise UserError(f"{path}: entry {keys[normal]!r} has {len(keypoints)} keypoints, while "
+                            f"{agreeing} other entr{'y has' if agreeing == 1 else 'ies have'} "
+                            f"{k}; every entry needs the same number")
+    return parsed, k
+
+
+def check_keypoints_inside(keypoints, size, key, source, fix="fix it or set its v to 0"):
+    """The keypoint rule of training and sample.py alike: a joint marked present (v > 0) lies
+    on its (width, height) image, 0 <= x <= width and 0 <= y <= height (continuous pixels)."""
+    width, height = size
+    for index, (x, y, v) in enumerate(keypoints):
+        if v > 0 and not (0 <= x <= width and 0 <= y <= height):
+            raise UserError(f"{source}: entry {key!r}, keypoint {index} at ({x:g}, {y:g}) lies "
+                            f"outside its {width}x{height} image; {fix}")
+
+
+def read_poses_json(path, root, image_names, layout_name):
+    """poses.json -> ({relative path: (K, 3) array}, layout), with a clear error for each flaw."""
+    parsed, k = read_pose_entries(path)
+    known = set(image_names)
+    missing = sorted(key for key in parsed if key not in known)
     if missing:
         raise UserError(f"{path} names {len(missing)} image(s) that are not in {root} "
                         f"(first: {', '.join(missing[:3])}); fix the keys or add the images")
-    if not parsed:
-        raise UserError(f"{path} has no entries; remove it or add poses")
-    return parsed, resolve_layout(expected_k, layout_name, path)
+    return parsed, resolve_layout(k, layout_name, path)
 
 
 def read_coco_annotations(path, root, min_keypoints, margin):
@@ -818,6 +869,9 @@ def prepare_example(example, size, resize_mode, max_pixels):
     """
     image = open_image(example.image_path, max_pixels)
     width, height = image.size
+    if example.pose_source is not None:
+        check_keypoints_inside(example.keypoints, (width, height), example.name,
+                               example.pose_source)
     box = example.box or square_box(width, height, resize_mode)
     x0, y0, side = box
     canvas = Image.new("RGB", (side, side), border_colour(image))
@@ -874,7 +928,8 @@ class PoseImageDataset(torch.utils.data.Dataset):
             self.layout = resolve_layout(examples[0].keypoints.shape[0], pose_layout,
                                          coco_annotations)
         else:
-            examples = self._scan_folder(root, pose_layout)
+            # both splits scan the same folder: one of them warns about it
+            examples = self._scan_folder(root, pose_layout, warn=split != "val")
         # from every example before the split, so that both splits number the classes alike
         self.class_names = class_folders(root, examples) if class_labels else None
         self.has_keypoints = self.layout is not None
@@ -883,14 +938,15 @@ class PoseImageDataset(torch.utils.data.Dataset):
             resize_mode = "pad" if self.has_keypoints or self.has_parts else "crop"
         self.resize_mode = resize_mode
         if split != "all":  # split by image file, so people from one COCO picture stay together
-            examples = [e for e in examples if (split == "val") == is_validation(
-                os.path.relpath(e.image_path, root).replace(os.sep, "/"), val_fraction)]
-        if not examples:
-            raise UserError(f"the {split} split of {root} is empty (val fraction {val_fraction}); "
-                            "add images or change --val-fraction")
+            files = [os.path.relpath(e.image_path, root).replace(os.sep, "/") for e in examples]
+            examples = [e for e, file in zip(examples, files)
+                        if (split == "val") == is_validation(file, val_fraction)]
+            if not examples:
+                raise UserError(empty_split_message(split, root, files, val_fraction,
+                                                    coco=bool(coco_annotations)))
         self.examples, self.cache = self._check_all(examples, strict, preload, progress, split)
 
-    def _scan_folder(self, root, pose_layout):
+    def _scan_folder(self, root, pose_layout, warn):
         names = find_images(root)
         if not names:
             raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
@@ -899,7 +955,7 @@ class PoseImageDataset(torch.utils.data.Dataset):
         if os.path.exists(poses_path):
             poses, self.layout = read_poses_json(poses_path, root, names, pose_layout)
             unposed = [n for n in names if n not in poses]
-            if unposed:
+            if unposed and warn:
                 print(f"warning: {len(unposed)} image(s) have no entry in {poses_path} (first: "
                       f"{', '.join(unposed[:3])}); their keypoints count as not visible",
                       file=sys.stderr)
@@ -915,7 +971,8 @@ class PoseImageDataset(torch.utils.data.Dataset):
             keypoints = poses.get(name)
             if self.layout is not None and keypoints is None:
                 keypoints = np.zeros((self.layout.num_keypoints, 3), np.float32)
-            examples.append(Example(name, os.path.join(root, name), keypoints, part_path))
+            examples.append(Example(name, os.path.join(root, name), keypoints, part_path,
+                                    pose_source=poses_path if name in poses else None))
         return examples
 
     def _check_all(self, examples, strict, preload, progress, split):
@@ -942,10 +999,12 @@ class PoseImageDataset(torch.utils.data.Dataset):
                 elif strict:
                     raise UserError(f"{error} (--strict is on; remove or fix the file)")
                 else:
-                    bad.append(example.image_path)
+                    bad.append((example.image_path, error))
         if bad:
-            print(f"warning: skipped {len(bad)} unreadable image(s) (first: "
-                  f"{', '.join(bad[:3])}); use --strict to stop on them instead", file=sys.stderr)
+            others = ", ".join(path for path, _ in bad[1:3]) + (", ..." if len(bad) > 3 else "")
+            print(f"warning: skipped {len(bad)} unreadable image(s); the first: {bad[0][1]}"
+                  f"{f' (also: {others})' if others else ''}; use --strict to stop on them "
+                  "instead", file=sys.stderr)
         if not results:
             raise UserError(f"none of the images under {self.root} could be read")
         kept = [example for example, _ in results]
