@@ -72,6 +72,7 @@ from transformer import load_transformer
 from vqgan import load_vqgan
 
 SILHOUETTE_THRESHOLD = 0.2  # RGB distance in [0, 1] units from the border's median colour
+BAR_COLOUR = (31, 119, 180)  # the histogram's bars: the blue of the loss curves' first line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def save_code_histogram(counts, path, title="", size=(720, 360)):
         x0 = left + i * bar_w
         x1 = max(x0, x0 + bar_w - 1 - gap)
         y0 = height - bottom - frequency / peak * plot_h
-        draw.rectangle([x0, y0, x1, height - bottom], fill=utils.CURVE_COLOURS[0])
+        draw.rectangle([x0, y0, x1, height - bottom], fill=BAR_COLOUR)
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for fraction in (0.0, 0.5, 1.0):
         y = height - bottom - fraction * plot_h

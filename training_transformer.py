@@ -261,8 +261,9 @@ def train(args, dist, device):
                   "vqgan_checkpoint": os.path.abspath(args.vqgan_checkpoint),
                   "layout": layout.name, "resize_mode": train_set.resize_mode})
         records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
-        utils.plot_curves(records, ["train_bits_per_token", "val_bits_per_token"],
-                          run.path("loss_curves.png"), title="stage 2: bits per image token")
+        utils.plot_curves(records, [("bits per image token",
+                                     ["train_bits_per_token", "val_bits_per_token"])],
+                          run.path("loss_curves.png"), title="stage 2")
 
     if dist.is_main:
         print(f"stage 2: {condition} conditioning, {model.gpt.num_params() / 1e6:.2f}M "

@@ -214,9 +214,11 @@ def train(args, dist, device):
                   "rng": utils.get_rng_state()})
         save_vqgan(model, run.path("vqgan.pt"))
         records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
-        utils.plot_curves(records,
-                          ["rec_loss", "perceptual", "codebook", "generator", "discriminator"],
-                          run.path("loss_curves.png"), title="stage 1 losses")
+        utils.plot_curves(records, [("losses",
+                                     ["rec_loss", "val_l1", "perceptual", "codebook", "generator",
+                                      "discriminator"]),
+                                    ("validation PSNR (dB)", ["val_psnr"])],
+                          run.path("loss_curves.png"), title="stage 1")
 
     total_steps = utils.total_steps(args, sampler.batches_per_epoch)
     if not run.steps_left(step, total_steps, args):

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import sys
@@ -239,6 +240,17 @@ def output_file(text):
     return text
 
 
+def require_file(path, what, expected=""):
+    """UserError unless `path` is a file: it is missing, or a folder (naming what it holds)."""
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path)
+                        if name.endswith((".pt", ".pth", ".ckpt")))
+        hint = f"; it holds {', '.join(inside[:5])}: pass one of those" if inside else ""
+        raise UserError(f"{what} {path} is a folder, not a file{hint}{expected}")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist{expected}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Devices, seeding and RNG state
 # ----------------------------------------------------------------------------------------------
@@ -352,6 +364,15 @@ CHECKPOINT_KINDS = {
 }
 
 
+def torch_load_failure(error):
+    """Why torch.load(weights_only=True) refused a file, in a few words. torch's own message
+    advises retrying with weights_only=False, which runs any code the file holds: never relayed."""
+    first_sentence = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+        return "it holds no plain tensors that torch.load(weights_only=True) can read"
+    return f"{type(error).__name__}: {first_sentence}"
+
+
 def load_checkpoint(path, expected_kinds):
     """Load a checkpoint of ours with weights_only=True and check its "kind" field.
 
@@ -361,14 +382,12 @@ def load_checkpoint(path, expected_kinds):
     if isinstance(expected_kinds, str):
         expected_kinds = (expected_kinds,)
     wanted = " or ".join(CHECKPOINT_KINDS[k] for k in expected_kinds)
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; expected {wanted}")
+    require_file(path, "checkpoint", f"; expected {wanted}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt file or a pickle that is not plain tensors
-        raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}); "
-                        f"expected {wanted}") from None
+        raise UserError(f"{path} is not a checkpoint of this project, or a damaged one "
+                        f"({torch_load_failure(error)}); expected {wanted}") from None
     kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
     if kind not in expected_kinds:
         found = CHECKPOINT_KINDS.get(kind, "a file that is not a checkpoint of this project")
@@ -403,68 +422,47 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
-                 (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127))
+def plot_curves(records, panels, path, title=""):
+    """Plot metrics against `step` into a PNG: one panel per (panel title, keys), e.g. training
+    losses beside validation metrics.
 
-
-def plot_curves(records, keys, path, title="", size=(720, 420)):
-    """Draw each key's values against `step` as a line plot PNG (log scale when values span >100x).
-
-    Pillow only, so the project needs no plotting library.
+    Made to read alike for a 30-step and a 30,000-step run: whole-number step ticks, a marker
+    on every point while a curve has few of them (a single point still shows), and a log y axis
+    where a panel's values span more than 100x.
     """
-    width, height = size
-    left, right, top, bottom = 70, 150, 30, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    series = {}
-    for key in keys:
-        points = [(r["step"], r[key]) for r in records
-                  if key in r and r[key] is not None and math.isfinite(r[key])]
-        if points:
-            series[key] = points
-    draw.text((left, 8), title, fill="black")
-    if not series:
-        draw.text((left, height // 2), "no data yet", fill="black")
-        image.save(path)
-        return
-    steps = [s for pts in series.values() for s, _ in pts]
-    values = [v for pts in series.values() for _, v in pts]
-    log_scale = min(values) > 0 and max(values) / min(values) > 100
-    transform = math.log10 if log_scale else (lambda v: v)
-    y_lo, y_hi = transform(min(values)), transform(max(values))
-    if y_hi - y_lo < 1e-12:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-    x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
+    from matplotlib.figure import Figure  # no pyplot: no window, no global figure state
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    def to_pixel(step, value):
-        x = left + (step - x_lo) / (x_hi - x_lo) * (width - left - right)
-        y = height - bottom - (transform(value) - y_lo) / (y_hi - y_lo) * (height - top - bottom)
-        return x, y
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):
-        fraction = i / 4
-        y_value = y_lo + fraction * (y_hi - y_lo)
-        label = 10 ** y_value if log_scale else y_value
-        y = height - bottom - fraction * (height - top - bottom)
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((4, y - 6), f"{label:.3g}", fill="black")
-        step = x_lo + fraction * (x_hi - x_lo)
-        x = left + fraction * (width - left - right)
-        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-        draw.text((x - 12, height - bottom + 8), f"{step:.0f}", fill="black")
-    draw.text(((width - right) // 2, height - 14), "step" + ("   (log y)" if log_scale else ""),
-              fill="black")
-    for index, (key, points) in enumerate(series.items()):
-        colour = CURVE_COLOURS[index % len(CURVE_COLOURS)]
-        pixels = [to_pixel(s, v) for s, v in points]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
+    width, gap = 4.8 * len(panels), 0.75  # inches; margins fixed (a layout engine would double
+    # the time of a plot that is redrawn at every checkpoint)
+    figure = Figure(figsize=(width, 4.2), dpi=100)
+    figure.subplots_adjust(left=gap / width, right=1 - 0.2 / width, bottom=0.12, top=0.86,
+                           wspace=gap / (4.8 - gap))
+    figure.suptitle(title)
+    for axes, (panel_title, keys) in zip(figure.subplots(1, len(panels), squeeze=False)[0],
+                                         panels):
+        values = []
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records
+                      if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if points:
+                steps, ys = zip(*points)
+                axes.plot(steps, ys, label=key, linewidth=1.2, markersize=3,
+                          marker="o" if len(points) <= 50 else None)
+                values += ys
+        if values:
+            if min(values) > 0 and max(values) / min(values) > 100:
+                axes.set_yscale("log")
+            axes.legend(fontsize=8)
         else:
-            x, y = pixels[0]
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((width - right + 10, top + 16 * index), key, fill=colour)
-    image.save(path)
+            axes.text(0.5, 0.5, "no data yet", ha="center", va="center",
+                      transform=axes.transAxes)
+        axes.set_title(panel_title, fontsize=10)
+        axes.set_xlabel("step")
+        axes.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda step, _: f"{step:,.0f}"))
+        axes.grid(alpha=0.3)
+    figure.savefig(path)
 
 
 def denormalize(images):

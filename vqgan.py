@@ -10,7 +10,6 @@ tokens back into pictures with VQGAN.decode_indices.
 """
 import argparse
 import dataclasses
-import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from codebook import Codebook
 from decoder import Decoder
 from encoder import Encoder
 from utils import (ArgumentParser, UserError, atomic_save, load_checkpoint, non_negative_float,
-                   non_negative_int, output_file, positive_int, run_cli, unit_fraction)
+                   non_negative_int, output_file, positive_int, require_file, run_cli,
+                   unit_fraction)
 
 
 @dataclass
@@ -308,8 +308,7 @@ def read_released_state_dict(path, trust_pickle=False):
     weights_only=True first; a file that also pickles Python objects (Lightning callbacks,
     hyper-parameters) needs trust_pickle, which runs whatever code the file names.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
+    require_file(path, "checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
