@@ -72,7 +72,6 @@ data (another folder, image size, layout or split) is refused, never silently re
     python evaluate.py --vqgan-checkpoint runs/vqgan/vqgan.pt \
         --transformer-checkpoint runs/transformer/transformer_last.pt --train-pose-detector
 """
-import argparse
 import json
 import math
 import os
@@ -92,6 +91,7 @@ from transformer import load_transformer
 from vqgan import load_vqgan
 
 SILHOUETTE_THRESHOLD = 0.2  # RGB distance in [0, 1] units from the border's median colour
+BAR_COLOUR = (31, 119, 180)  # the histogram's bars: the blue of the loss curves' first line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def save_code_histogram(counts, path, title="", size=(720, 360)):
         x0 = left + i * bar_w
         x1 = max(x0, x0 + bar_w - 1 - gap)
         y0 = height - bottom - frequency / peak * plot_h
-        draw.rectangle([x0, y0, x1, height - bottom], fill=utils.CURVE_COLOURS[0])
+        draw.rectangle([x0, y0, x1, height - bottom], fill=BAR_COLOUR)
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for fraction in (0.0, 0.5, 1.0):
         y = height - bottom - fraction * plot_h
@@ -415,33 +415,34 @@ def evaluate_pose_accuracy(detector, poses, layout, alpha, batch_size, device):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a VQGAN and its pose transformer.")
+    parser = utils.ArgumentParser(description="Evaluate a VQGAN and its pose transformer.")
     parser.add_argument("--vqgan-checkpoint", required=True, help="stage-1 vqgan.pt")
     parser.add_argument("--transformer-checkpoint", default=None,
                         help="stage-2 transformer_last.pt trained on that VQGAN (optional)")
     utils.add_data_args(parser)
     parser.set_defaults(image_size=None)  # the VQGAN's resolution unless given
     parser.add_argument("--split", choices=("val", "train"), default="val")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    parser.add_argument("--histogram", default=None,
+    parser.add_argument("--json", type=utils.output_file, default=None,
+                        help="write the results to this JSON file")
+    parser.add_argument("--histogram", type=utils.output_file, default=None,
                         help="code histogram PNG (default: next to --json as <name>_codes.png)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--batch-size", type=utils.positive_int, default=16)
+    parser.add_argument("--device", type=utils.device_name, default="auto",
+                        help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lpips-weights", default=None,
                         help="torchvision AlexNet weights for LPIPS (default: found as "
                              "lpips_loss.find_backbone_weights describes)")
     parser.add_argument("--no-lpips", action="store_true", help="leave LPIPS out")
     group = parser.add_argument_group("pose fidelity")
-    group.add_argument("--num-pose-samples", type=int, default=64)
-    group.add_argument("--silhouette-threshold", type=float, default=SILHOUETTE_THRESHOLD)
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--num-pose-samples", type=utils.positive_int, default=64)
+    group.add_argument("--silhouette-threshold", type=utils.positive_float,
+                       default=SILHOUETTE_THRESHOLD)
+    group.add_argument("--top-k", type=utils.positive_int, default=None)
+    group.add_argument("--top-p", type=utils.nucleus_mass, default=None)
+    group.add_argument("--temperature", type=utils.positive_float, default=1.0)
     add_pose_accuracy_args(parser)
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise utils.UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_pose_accuracy_args(args)
     return args
 
@@ -456,30 +457,24 @@ def add_pose_accuracy_args(parser):
                        help="train the detector on the training split and save it there, "
                             "unless the file already holds one trained on this data with "
                             "these settings")
-    group.add_argument("--pck-alpha", type=float, default=pose_detector.DEFAULT_PCK_ALPHA,
+    group.add_argument("--pck-alpha", type=utils.positive_float, default=pose_detector.DEFAULT_PCK_ALPHA,
                        help="a joint is found within this fraction of the larger side of its "
                             "pose's keypoint bounding box")
-    group.add_argument("--pose-detector-steps", type=int, default=defaults.steps)
-    group.add_argument("--pose-detector-batch-size", type=int, default=defaults.batch_size)
-    group.add_argument("--pose-detector-lr", type=float, default=defaults.lr)
-    group.add_argument("--pose-detector-width", type=int, default=pose_detector.DEFAULT_WIDTH,
+    group.add_argument("--pose-detector-steps", type=utils.positive_int, default=defaults.steps)
+    group.add_argument("--pose-detector-batch-size", type=utils.positive_int,
+                       default=defaults.batch_size)
+    group.add_argument("--pose-detector-lr", type=utils.positive_float, default=defaults.lr)
+    group.add_argument("--pose-detector-width", type=utils.positive_int, default=pose_detector.DEFAULT_WIDTH,
                        help="channels at the heatmap resolution (a multiple of 8)")
-    group.add_argument("--pose-detector-size", type=int,
+    group.add_argument("--pose-detector-size", type=utils.positive_int,
                        default=pose_detector.DEFAULT_MAX_INPUT_SIZE,
                        help="larger images are shrunk to this side for the detector")
 
 
 def check_pose_accuracy_args(args):
-    if not args.pck_alpha > 0:
-        raise utils.UserError(f"--pck-alpha must be above 0, got {args.pck_alpha}")
-    for flag, least in (("pose_detector_steps", 1), ("pose_detector_batch_size", 1),
-                        ("pose_detector_size", 16)):
-        if getattr(args, flag) < least:
-            raise utils.UserError(f"--{flag.replace('_', '-')} must be at least {least}, got "
-                                  f"{getattr(args, flag)}")
-    if not (args.pose_detector_lr > 0 and math.isfinite(args.pose_detector_lr)):
-        raise utils.UserError(f"--pose-detector-lr must be a positive number, got "
-                              f"{args.pose_detector_lr}")
+    if args.pose_detector_size < 16:
+        raise utils.UserError(f"--pose-detector-size must be at least 16, got "
+                              f"{args.pose_detector_size}")
     if args.pose_detector_width < 8 or args.pose_detector_width % 8:
         raise utils.UserError(f"--pose-detector-width must be a positive multiple of 8 "
                               f"(GroupNorm uses 8 groups), got {args.pose_detector_width}")

@@ -24,7 +24,6 @@ Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (everything --resume
 written atomically), vqgan.pt (the small inference checkpoint stage 2 loads), metrics.jsonl,
 loss_curves.png and reconstruction grids under samples/.
 """
-import argparse
 import dataclasses
 import os
 import time
@@ -40,21 +39,21 @@ from vqgan import VQGAN, add_vqgan_args, config_from_args, save_vqgan
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Stage 1: train the VQGAN.")
+    parser = utils.ArgumentParser(description="Stage 1: train the VQGAN.")
     add_vqgan_args(parser)
     utils.add_data_args(parser)
     utils.add_run_args(parser, default_run_dir=os.path.join("runs", "vqgan"),
                        default_batch_size=8, default_base_lr=5e-5,
                        default_max_steps=1800, default_warmup_steps=0, default_min_lr_ratio=0.1)
     group = parser.add_argument_group("loss")
-    group.add_argument("--perceptual-weight", type=float, default=1.0)
-    group.add_argument("--perceptual-start", type=int, default=800,
+    group.add_argument("--perceptual-weight", type=utils.non_negative_float, default=1.0)
+    group.add_argument("--perceptual-start", type=utils.non_negative_int, default=800,
                        help="optimizer step at which the LPIPS term switches on; before it the "
                             "steps are L1 only and cheaper (LPIPS is a VGG16 forward/backward)")
-    group.add_argument("--codebook-weight", type=float, default=1.0)
-    group.add_argument("--disc-weight", type=float, default=0.8,
+    group.add_argument("--codebook-weight", type=utils.non_negative_float, default=1.0)
+    group.add_argument("--disc-weight", type=utils.non_negative_float, default=0.8,
                        help="multiplies the adaptive lambda of the GAN term")
-    group.add_argument("--disc-start", type=int, default=10000,
+    group.add_argument("--disc-start", type=utils.non_negative_int, default=10000,
                        help="optimizer step at which the discriminator and GAN term switch on")
     group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
     group.add_argument("--lpips-weights", default=None,
@@ -158,8 +157,11 @@ def main(argv=None):
 
 
 def train(args, dist, device):
+    """Train to --max-steps; returns the step at which Ctrl-C stopped it, else None."""
     utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     config = config_from_args(args)
+    run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt",
+                             remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data / fetches LPIPS weights first
         train_set, val_set = utils.build_datasets(args, progress=dist.is_main)
         lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
@@ -183,7 +185,6 @@ def train(args, dist, device):
     scaler = utils.grad_scaler(device)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
 
-    run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt")
     step = 0
     if args.resume:  # every rank loads the same checkpoint
         checkpoint = run.load_for_resume(args.resume, dataclasses.asdict(config), args,
@@ -213,11 +214,15 @@ def train(args, dist, device):
                   "rng": utils.get_rng_state()})
         save_vqgan(model, run.path("vqgan.pt"))
         records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
-        utils.plot_curves(records,
-                          ["rec_loss", "perceptual", "codebook", "generator", "discriminator"],
-                          run.path("loss_curves.png"), title="stage 1 losses")
+        utils.plot_curves(records, [("losses",
+                                     ["rec_loss", "val_l1", "perceptual", "codebook", "generator",
+                                      "discriminator"]),
+                                    ("validation PSNR (dB)", ["val_psnr"])],
+                          run.path("loss_curves.png"), title="stage 1")
 
     total_steps = utils.total_steps(args, sampler.batches_per_epoch)
+    if not run.steps_left(step, total_steps, args):
+        return None
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
     code_stats = CodebookStats(config.n_embed)
     health = utils.FiniteCheck()
@@ -296,10 +301,11 @@ def train(args, dist, device):
         progress.close()
         stop.restore()
     if dist.is_main:
-        if stopping:
-            print(f"stopped at step {step}; continue with the same command plus --resume")
-        print(f"stage 1 outputs in {args.run_dir}: vqgan.pt (for stage 2), vqgan_last.pt "
-              f"(--resume), metrics.jsonl, loss_curves.png, samples/")
+        run.report_outputs("stage 1", [
+            ("vqgan.pt", "vqgan.pt (for stage 2)"), ("vqgan_last.pt", "vqgan_last.pt (--resume)"),
+            ("metrics.jsonl", "metrics.jsonl"), ("loss_curves.png", "loss_curves.png"),
+            ("samples", "samples/")])
+    return step if stopping else None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ tokens back into pictures with VQGAN.decode_indices.
 """
 import argparse
 import dataclasses
-import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -21,7 +20,9 @@ import torch.nn as nn
 from codebook import Codebook
 from decoder import Decoder
 from encoder import Encoder
-from utils import UserError, atomic_save, load_checkpoint, run_cli
+from utils import (ArgumentParser, UserError, atomic_save, load_checkpoint, non_negative_float,
+                   non_negative_int, output_file, positive_int, require_file, run_cli,
+                   unit_fraction)
 
 
 @dataclass
@@ -70,8 +71,18 @@ PRESETS = {
 
 
 def comma_ints(text):
-    """'1,2,2' -> (1, 2, 2); '' -> ()."""
-    return tuple(int(part) for part in text.split(",") if part.strip())
+    """'1,2,2' -> (1, 2, 2); '' -> (); an argument type: each entry an integer >= 1."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = None
+    if values is None or any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+# the argument type of each number field; the others are integers >= 1
+FIELD_TYPES = {"lookup_dim": non_negative_int, "dropout": unit_fraction, "beta": non_negative_float}
 
 
 def add_vqgan_args(parser):
@@ -91,7 +102,7 @@ def add_vqgan_args(parser):
             group.add_argument(flag, type=comma_ints, default=None, metavar="N,N,...",
                                help=f"comma-separated ({values})")
         else:  # int, float, and lookup_dim's int | None (0 = off)
-            group.add_argument(flag, type=float if field.type is float else int, default=None,
+            group.add_argument(flag, type=FIELD_TYPES.get(field.name, positive_int), default=None,
                                metavar="N", help=values)
 
 
@@ -297,8 +308,7 @@ def read_released_state_dict(path, trust_pickle=False):
     weights_only=True first; a file that also pickles Python objects (Lightning callbacks,
     hyper-parameters) needs trust_pickle, which runs whatever code the file names.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
+    require_file(path, "checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
@@ -350,13 +360,14 @@ def vqgan_from_released(state_dict, config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="VQGAN checkpoint tools.")
+    parser = ArgumentParser(description="VQGAN checkpoint tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser(
         "convert", help="a released taming-transformers VQGAN (.ckpt + .yaml) -> our vqgan.pt")
     convert.add_argument("--ckpt", required=True, help="the released Lightning checkpoint")
     convert.add_argument("--config", required=True, help="its YAML config (model.params)")
-    convert.add_argument("--out", required=True, help="the inference checkpoint to write")
+    convert.add_argument("--out", type=output_file, required=True,
+                         help="the inference checkpoint to write")
     convert.add_argument("--trust-pickle", action="store_true",
                          help="load with weights_only=False: executes code from the file, so "
                               "only for files from a source you trust")

@@ -184,7 +184,7 @@ def test_histogram_draws_one_bar_per_used_code_tallest_first(tmp_path):
     path = tmp_path / "codes.png"
     evaluate.save_code_histogram(torch.tensor([0, 5, 0, 10, 0, 0, 1, 0]), str(path))
     image = np.asarray(Image.open(path).convert("RGB"))
-    bar = np.all(image == utils.CURVE_COLOURS[0], axis=-1)  # (H, W)
+    bar = np.all(image == evaluate.BAR_COLOUR, axis=-1)  # (H, W)
     columns = bar.any(axis=0)
     starts = np.flatnonzero(columns & ~np.r_[False, columns[:-1]])
     assert len(starts) == 3  # three used codes, drawn next to each other
