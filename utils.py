@@ -16,6 +16,7 @@ here:
 * the command line entry `python utils.py synthetic ...` that writes the synthetic mannequins.
 """
 import argparse
+import colorsys
 import contextlib
 import json
 import math
@@ -513,15 +514,18 @@ def condition_picture(condition, keypoints, parts, layout, size):
     return Image.new("RGB", size, "white")
 
 
+# one colour per label 0 .. 255: the mannequins' 11 (0, the background, white), then hues a
+# golden angle apart for the labels of other labellings (DensePose's 11 .. 24, your own)
 PART_COLOURS = np.array([(255, 255, 255), (230, 190, 140), (220, 40, 40), (40, 110, 220),
                          (40, 200, 220), (20, 60, 150), (20, 140, 160), (60, 170, 60),
-                         (240, 200, 30), (20, 100, 20), (180, 130, 10)], dtype=np.uint8)
+                         (240, 200, 30), (20, 100, 20), (180, 130, 10)] + [
+    tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i * 0.381966 % 1, 0.7, 0.85))
+    for i in range(256 - NUM_PART_LABELS)], dtype=np.uint8)
 
 
 def colorize_parts(part_map):
-    """(H, W) integer labels -> PIL RGB picture with one colour per part (labels wrap around)."""
-    labels = np.asarray(part_map, dtype=np.int64) % len(PART_COLOURS)
-    return Image.fromarray(PART_COLOURS[labels])
+    """(H, W) integer labels in 0 .. 255 -> PIL RGB picture with one colour per label."""
+    return Image.fromarray(PART_COLOURS[np.asarray(part_map, dtype=np.int64)])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -635,6 +635,12 @@ def test_densepose_flip_reads_every_left_part_as_its_right_one_and_the_other_way
     assert wrong[1, 24 - 15] == 15 and wrong[1, 24 - 3] == 4 and wrong[1, 24 - 23] == 23
 
 
+def test_each_densepose_label_is_drawn_in_its_own_colour_and_only_the_background_white():
+    picture = np.asarray(utils.colorize_parts(np.arange(25)[None]))[0]  # (25, 3)
+    assert len({tuple(colour) for colour in picture}) == 25
+    assert [tuple(colour) == (255, 255, 255) for colour in picture] == [True] + [False] * 24
+
+
 def densepose_folder(root, label=15, count=1):
     """count 8 x 6 images whose part maps are background with one pixel of `label` at row 2,
     column 1 (a left upper arm, inside, by default)."""
