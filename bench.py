@@ -200,14 +200,15 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Speed benchmarks.")
+def main(argv=None):
+    parser = utils.ArgumentParser(description="Speed benchmarks.")
     parser.add_argument("what", choices=("vqgan", "sample", "transformer"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", type=utils.device_name, default="auto")
+    parser.add_argument("--threads", type=utils.positive_int, default=None,
+                        help="CPU threads (torch)")
+    parser.add_argument("--batch-size", type=utils.positive_int, default=4)
+    parser.add_argument("--warmup", type=utils.non_negative_int, default=1)
+    parser.add_argument("--repeats", type=utils.positive_int, default=3)
     parser.add_argument("--compile", action="store_true",
                         help="vqgan, transformer: time torch.compile'd steps beside eager ones")
     parser.add_argument("--precision", choices=utils.PRECISIONS, default="auto",
@@ -216,15 +217,20 @@ def main():
                         help="vqgan: NHWC memory format (default: on with CUDA)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
                         help="vqgan: VQGAN preset (its loss weights too)")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=utils.positive_int, default=None,
                         help="vqgan: image side (default: the preset's resolution)")
     parser.add_argument("--lpips-weights", default=None, help="vqgan: VGG16 weights for LPIPS")
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--n-head", type=int, default=8)
-    parser.add_argument("--n-embd", type=int, default=512)
-    parser.add_argument("--n-embed", type=int, default=1024, help="codebook size (vocabulary)")
-    parser.add_argument("--tokens", type=int, default=256, help="image tokens per sequence")
-    args = parser.parse_args()
+    parser.add_argument("--n-layer", type=utils.positive_int, default=8)
+    parser.add_argument("--n-head", type=utils.positive_int, default=8)
+    parser.add_argument("--n-embd", type=utils.positive_int, default=512)
+    parser.add_argument("--n-embed", type=utils.positive_int, default=1024,
+                        help="codebook size (vocabulary)")
+    parser.add_argument("--tokens", type=utils.positive_int, default=256,
+                        help="image tokens per sequence")
+    args = parser.parse_args(argv)
+    if args.n_embd % args.n_head:
+        raise utils.UserError(f"--n-embd {args.n_embd} must be a multiple of --n-head "
+                              f"{args.n_head}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = utils.pick_device(args.device)

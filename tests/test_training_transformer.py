@@ -447,7 +447,8 @@ def test_bf16_and_real_fp16_with_a_grad_scaler_take_the_float32_step(one_step_ru
 
 @pytest.fixture(scope="module")
 def resumed(data, vqgan_path, tmp_path_factory):
-    """Six steps in one run, and the same six stopped by Ctrl-C after four and resumed."""
+    """Six steps in one run, and the same six stopped by Ctrl-C after four (the command's exit
+    status kept) and resumed."""
     whole, split = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("split")
     training_transformer.main(train_args(data, vqgan_path, whole, "--max-steps", "6",
                                          "--log-every", "1"))
@@ -457,16 +458,21 @@ def resumed(data, vqgan_path, tmp_path_factory):
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return scheduled_lr(step, *rest)
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stop:
         patch.setattr(utils, "scheduled_lr", ctrl_c_during_step_4)
-        training_transformer.main(args)
+        utils.run_cli(lambda: training_transformer.main(args))
     stopped_at = last_checkpoint(split)["step"]
     training_transformer.main(args + ["--resume"])
-    return whole, split, stopped_at
+    return whole, split, stopped_at, stop.value.code
+
+
+def test_ctrl_c_exits_130_after_saving_so_that_a_pipeline_stops(resumed):
+    *_, status = resumed
+    assert status == 130
 
 
 def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(resumed):
-    whole_dir, split_dir, stopped_at = resumed
+    whole_dir, split_dir, stopped_at, _ = resumed
     assert stopped_at == 4
     whole, split = last_checkpoint(whole_dir), last_checkpoint(split_dir)
     assert whole["step"] == split["step"] == 6
@@ -480,7 +486,7 @@ def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(resumed)
 
 
 def test_resumed_run_logs_the_mean_loss_and_lr_of_its_own_steps(resumed):
-    whole_dir, split_dir, _ = resumed
+    whole_dir, split_dir, *_ = resumed
     per_step = {r["step"]: r for r in utils.read_jsonl(os.path.join(whole_dir, "metrics.jsonl"))
                 if "loss" in r}
     (last,) = [r for r in utils.read_jsonl(os.path.join(split_dir, "metrics.jsonl"))
@@ -488,6 +494,19 @@ def test_resumed_run_logs_the_mean_loss_and_lr_of_its_own_steps(resumed):
     assert last["step"] == 6
     assert last["loss"] == pytest.approx((per_step[5]["loss"] + per_step[6]["loss"]) / 2)
     assert last["lr"] == pytest.approx(per_step[6]["lr"])
+
+
+def test_resuming_a_run_that_reached_its_max_steps_trains_nothing_and_says_so(
+        trained, data, vqgan_path, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    before = (run_dir / "transformer_last.pt").read_bytes()
+    capsys.readouterr()
+    training_transformer.main(train_args(data, vqgan_path, run_dir, "--resume"))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"nothing to train: {run_dir / 'transformer_last.pt'} is already at step {STEPS}, the "
+        f"end of this run (--max-steps {STEPS}); pass a larger --max-steps to train on")
+    assert (run_dir / "transformer_last.pt").read_bytes() == before
 
 
 def test_resume_from_a_stage1_checkpoint_says_so(trained, data, vqgan_path):
@@ -504,6 +523,20 @@ def test_resume_with_another_architecture_names_the_field_that_differs(trained, 
 
 
 # ---- what a run writes ---------------------------------------------------------------------
+
+
+def test_temporary_files_that_a_killed_write_left_are_removed_at_the_next_start(
+        trained, data, vqgan_path, tmp_path, capsys):
+    run_dir = fresh_run_with_cache_of(trained[0], tmp_path)
+    stale = [run_dir / ".tmp-k1ll3d.pt", run_dir / "token_cache" / ".tmp-0ld.pt"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint" * 1000)
+    kept = run_dir / "notes-about-.tmp-files.txt"
+    kept.write_text("mine")
+    training_transformer.main(train_args(data, vqgan_path, run_dir, "--max-steps", "1"))
+    assert not any(path.exists() for path in stale) and kept.exists()
+    assert (f"removed 2 temporary file(s) (0.034 MB) that an interrupted write left in {run_dir}"
+            in capsys.readouterr().out)
 
 
 def test_validation_bits_per_token_are_logged_each_epoch_and_equal_the_cross_entropy(

@@ -6,6 +6,7 @@ Everything runs on the CPU with 32 px mannequins and a tiny VQGAN (ch 32, ch_mul
 """
 import contextlib
 import copy
+import errno
 import math
 import os
 import re
@@ -586,6 +587,30 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     assert sorted(os.listdir(tmp_path)) == ["vqgan_last.pt"]  # no temporary files left
 
 
+def test_the_temporary_file_of_a_killed_checkpoint_write_is_removed_at_the_next_start(
+        tmp_path, monkeypatch, capsys):
+    """A kill -9 mid-write runs no clean-up: what atomic_save names its temporary file is what
+    RunDirectory's stale-file clean-up looks for."""
+    utils.atomic_save({"kind": "vqgan_train", "step": 1}, str(tmp_path / "vqgan_last.pt"))
+
+    def killed_midway(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_midway)
+    monkeypatch.setattr(os, "remove", lambda path: None)  # a killed process removes nothing
+    with pytest.raises(KeyboardInterrupt):
+        utils.atomic_save({"kind": "vqgan_train", "step": 2}, str(tmp_path / "vqgan_last.pt"))
+    monkeypatch.undo()
+    left = [name for name in os.listdir(tmp_path) if name != "vqgan_last.pt"]
+    assert len(left) == 1 and left[0].startswith(".tmp-")  # what the kill leaves
+
+    utils.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt")
+    assert os.listdir(tmp_path) == ["vqgan_last.pt"]
+    assert "removed 1 temporary file(s)" in capsys.readouterr().out
+    assert utils.load_checkpoint(str(tmp_path / "vqgan_last.pt"), "vqgan_train")["step"] == 1
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_checkpoints_get_the_umasks_mode_and_the_rename_is_fsynced(tmp_path, monkeypatch, umask):
     """Others sharing a run (a group, a container) can read its checkpoints as they can any file
@@ -650,8 +675,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_
 
 
 @needs_lpips
-def test_ctrl_c_saves_at_the_current_step_and_says_how_to_resume(dataset, tmp_path, monkeypatch,
-                                                                 shared_lpips, capsys):
+def test_ctrl_c_saves_at_the_current_step_and_exits_130_saying_how_to_resume(
+        dataset, tmp_path, monkeypatch, shared_lpips, capsys):
     real_step = training_vqgan.generator_backward
     calls = {"n": 0}
 
@@ -664,19 +689,101 @@ def test_ctrl_c_saves_at_the_current_step_and_says_how_to_resume(dataset, tmp_pa
     monkeypatch.setattr(training_vqgan, "generator_backward", press_ctrl_c_in_step_2)
     handler_before = signal.getsignal(signal.SIGINT)
     # default --log-every 50: no metrics line exists yet when it stops
-    train(dataset, tmp_path, "--max-steps", "20")
+    with pytest.raises(SystemExit) as stop:  # as the command line ends
+        utils.run_cli(lambda: train(dataset, tmp_path, "--max-steps", "20"))
 
+    assert stop.value.code == 130  # the shell's convention: `stage1 && stage2` stops here
     assert calls["n"] == 2
     assert load_last(tmp_path)["step"] == 2
     assert load_vqgan(str(tmp_path / "vqgan.pt")).config.n_embed == 32
-    assert "stopped at step 2; continue with the same command plus --resume" in (
-        capsys.readouterr().out)
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1] == (
+        "stopped at step 2; continue with the same command plus --resume")
+    # only the outputs that exist: no metrics were logged and no grid drawn by step 2
+    assert printed.out.strip().splitlines()[-1] == (
+        f"stage 1 outputs in {tmp_path}: vqgan.pt (for stage 2), vqgan_last.pt (--resume), "
+        "loss_curves.png")
     assert signal.getsignal(signal.SIGINT) is handler_before
+
+
+@needs_lpips
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_good_checkpoint(
+        dataset, tmp_path, monkeypatch, shared_lpips, capsys):
+    real_save, calls = torch.save, {"n": 0}
+
+    def disk_full_at_the_second_checkpoint(obj, f, *args, **kwargs):
+        calls["n"] += 1  # two files a checkpoint: vqgan_last.pt, then vqgan.pt
+        if calls["n"] == 3:
+            f.write(b"the first bytes")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+    flags = ["--max-steps", "4", "--save-every", "2", "--log-every", "1",
+             "--perceptual-start", "100"]  # L1 only: LPIPS plays no part here
+    with pytest.raises(SystemExit) as stop:
+        utils.run_cli(lambda: train(dataset, tmp_path, *flags))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write {tmp_path / 'vqgan_last.pt'} (No space left on device); the last "
+        f"good checkpoint {tmp_path / 'vqgan_last.pt'} is intact: free space (or fix the "
+        "permissions) and continue with --resume")
+    assert load_last(tmp_path)["step"] == 2
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+    monkeypatch.setattr(torch, "save", real_save)  # space again: the resumed run ends the job
+    train(dataset, tmp_path, *flags, "--resume")
+    assert load_last(tmp_path)["step"] == 4
+    logged = [r["step"] for r in utils.read_jsonl(tmp_path / "metrics.jsonl") if "rec_loss" in r]
+    assert logged == [1, 2, 3, 4]  # steps 3 and 4 of the failed run are not kept twice
+
+
+@needs_lpips
+def test_resuming_a_run_at_or_past_its_max_steps_says_so_in_one_line(
+        dataset, tmp_path, shared_lpips, capsys):
+    train(dataset, tmp_path, "--max-steps", "2", "--perceptual-start", "100")
+    before = {name: (tmp_path / name).read_bytes() for name in ("vqgan_last.pt", "vqgan.pt")}
+    capsys.readouterr()
+
+    train(dataset, tmp_path, "--max-steps", "2", "--perceptual-start", "100", "--resume")
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"nothing to train: {tmp_path / 'vqgan_last.pt'} is already at step 2, the end of this "
+        "run (--max-steps 2); pass a larger --max-steps to train on"]
+    with pytest.raises(utils.UserError, match=r"already at step 2, past the end of this run "
+                                              r"\(--max-steps 1\); pass --max-steps above 2"):
+        train(dataset, tmp_path, "--max-steps", "1", "--perceptual-start", "100",
+              "--resume")
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
 # ----------------------------------------------------------------------------------------------
 # Refusing checkpoints that cannot be resumed
 # ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["random bytes", "a pickled object"])
+def test_a_file_that_is_no_checkpoint_is_called_so_without_torchs_unsafe_advice(tmp_path,
+                                                                                content):
+    path = tmp_path / "vqgan_last.pt"
+    if content == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:  # loading it with weights_only=False would run the pickle's code
+        torch.save({"kind": "vqgan_train", "args": SimpleNamespace(lr=1e-3)}, path)
+    with pytest.raises(utils.UserError) as error:
+        utils.load_checkpoint(str(path), "vqgan_train")
+    assert str(error.value) == (
+        f"{path} is not a checkpoint of this project, or a damaged one (it holds no plain "
+        "tensors that torch.load(weights_only=True) can read); expected a stage-1 training "
+        "checkpoint (vqgan_last.pt)")
+
+
+def test_a_folder_given_as_a_checkpoint_is_called_a_folder_and_its_checkpoints_named(tmp_path):
+    utils.atomic_save({"kind": "vqgan"}, str(tmp_path / "vqgan.pt"))
+    with pytest.raises(utils.UserError) as error:
+        utils.load_checkpoint(str(tmp_path), "vqgan")
+    assert str(error.value) == (
+        f"checkpoint {tmp_path} is a folder, not a file; it holds vqgan.pt: pass one of those; "
+        "expected a stage-1 inference checkpoint (vqgan.pt)")
 
 
 @pytest.fixture(scope="module")
@@ -733,8 +840,52 @@ def test_command_line_prints_one_error_line_for_a_wrong_resume_file(dataset, fin
 # ----------------------------------------------------------------------------------------------
 
 
+def plotted_figures(monkeypatch):
+    """The matplotlib figures that utils.plot_curves saves, in order."""
+    from matplotlib.figure import Figure
+    figures, real_savefig = [], Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        figures.append(figure)
+        return real_savefig(figure, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def curves(axes):
+    """{label: (steps, values)} of the lines in one panel, and its visible x tick labels."""
+    lines = {line.get_label(): tuple(map(list, line.get_data())) for line in axes.get_lines()}
+    low, high = axes.get_xlim()
+    ticks = [label.get_text() for tick, label in zip(axes.get_xticks(), axes.get_xticklabels())
+             if low <= tick <= high]
+    return lines, ticks
+
+
+def test_curves_read_well_for_a_single_point_and_for_thirty_thousand_steps(tmp_path,
+                                                                           monkeypatch):
+    figures = plotted_figures(monkeypatch)
+    panels = [("losses", ["rec_loss"]), ("validation PSNR (dB)", ["val_psnr"])]
+    utils.plot_curves([{"step": 30, "rec_loss": 0.3}, {"step": 30, "val_psnr": 18.0}], panels,
+                      tmp_path / "short.png")
+    long_run = ([{"step": s, "rec_loss": 0.5 * 0.9997**s} for s in range(50, 30001, 50)]
+                + [{"step": s, "val_psnr": 15 + s / 3000} for s in range(2000, 30001, 2000)])
+    utils.plot_curves(long_run, panels, tmp_path / "long.png")
+
+    (short_losses, short_psnr), (long_losses, long_psnr) = [f.axes for f in figures]
+    for axes, key, value in ((short_losses, "rec_loss", 0.3), (short_psnr, "val_psnr", 18.0)):
+        lines, ticks = curves(axes)
+        assert lines[key] == ([30], [value]) and axes.get_lines()[0].get_marker() == "o"
+        assert "30" in ticks and len(set(ticks)) == len(ticks)  # not "30 30 30 31 31"
+    lines, ticks = curves(long_losses)
+    assert len(lines["rec_loss"][0]) == 600 and long_losses.get_yscale() == "log"
+    assert 3 <= len(ticks) <= 8 and len(set(ticks)) == len(ticks) and "30,000" in ticks
+    assert len(curves(long_psnr)[0]["val_psnr"][0]) == 15
+
+
 @needs_lpips
-def test_tiny_run_lowers_the_reconstruction_loss_and_writes_every_output(dataset, tmp_path):
+def test_tiny_run_lowers_the_reconstruction_loss_and_writes_every_output(dataset, tmp_path,
+                                                                         monkeypatch):
+    figures = plotted_figures(monkeypatch)
     train(dataset, tmp_path, "--max-steps", "30", "--disc-start", "20", "--log-every", "1",
           "--sample-every", "15")
 
@@ -755,7 +906,19 @@ def test_tiny_run_lowers_the_reconstruction_loss_and_writes_every_output(dataset
 
     model = load_vqgan(str(tmp_path / "vqgan.pt"))
     assert model.config.n_embed == 32 and model.config.resolution == 32
-    assert Image.open(tmp_path / "loss_curves.png").size == (720, 420)
+    # the curves: losses (with validation L1) beside validation PSNR, every point of this short
+    # run shown, and step ticks that are distinct whole numbers
+    assert Image.open(tmp_path / "loss_curves.png").size == (960, 420)
+    losses, psnr = figures[-1].axes
+    (loss_lines, loss_ticks), (psnr_lines, psnr_ticks) = curves(losses), curves(psnr)
+    assert loss_lines["rec_loss"][0] == list(range(1, 31))
+    assert loss_lines["val_l1"] == ([r["step"] for r in validation],
+                                    [r["val_l1"] for r in validation])
+    assert psnr_lines["val_psnr"] == ([r["step"] for r in validation],
+                                      [r["val_psnr"] for r in validation])
+    for ticks in (loss_ticks, psnr_ticks):
+        assert len(ticks) >= 3 and len(set(ticks)) == len(ticks)
+        assert all(text.isdigit() for text in ticks)
     grids = sorted(os.listdir(tmp_path / "samples"))
     assert grids == ["reconstructions_000015.png", "reconstructions_000030.png"]
     # the first validation batch (4 images) over its reconstructions, 32 px cells, 2 px padding

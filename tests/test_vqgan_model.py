@@ -136,3 +136,35 @@ def test_a_checkpoint_with_missing_weights_is_a_user_error(tmp_path):
     atomic_save(checkpoint, path)
     with pytest.raises(UserError, match="quantize.embedding.weight"):
         load_vqgan(path)
+
+
+@pytest.mark.parametrize("preset", ["small"])
+def test_the_default_decoder_can_shift_a_pictures_colour(preset):
+    """A constant added to one channel of the features before the decoder's last norm (a colour
+    offset over the whole picture) must reach the output. With one channel per GroupNorm group
+    (32 groups over 32 channels) that norm is InstanceNorm and removes it: the default model then
+    drew every figure grey and every backdrop the same tint."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(PRESETS[preset], resolution=32)
+    decoder = VQGAN(config).decoder.eval()
+    z = torch.randn(1, config.z_channels, 8, 8)
+
+    def shift_channel_0(module, inputs):
+        h, = inputs
+        return h + torch.eye(h.shape[1])[0][None, :, None, None] * 3.0
+
+    with torch.no_grad():
+        plain = decoder(z)
+        handle = decoder.norm_out.register_forward_pre_hook(shift_channel_0)
+        shifted = decoder(z)
+        handle.remove()
+    assert (shifted - plain).abs().max() > 1e-3
+
+
+def test_norm_groups_sets_every_groupnorm_and_the_paper_keeps_32():
+    model = VQGAN(dataclasses.replace(TINY, norm_groups=8))
+    groups = {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {8}
+    assert PRESETS["paper"].norm_groups == 32  # what the released checkpoints were trained with
+    with pytest.raises(UserError, match="--norm-groups"):
+        VQGANConfig(**{**dataclasses.asdict(TINY), "norm_groups": 24})
