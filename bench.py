@@ -1,18 +1,23 @@
 """Benchmarks that print figures: one stage-1 training step, sampling speed, stage-2 training.
 
     python bench.py vqgan --preset paper --batch-size 4 --image-size 64
+    python bench.py vqgan --compile          # small preset, eager and compiled side by side
     python bench.py sample --n-layer 8 --n-head 8 --n-embd 512 --batch-size 4 --tokens 256
     python bench.py transformer --n-layer 6 --n-head 8 --n-embd 256 --batch-size 32
 
 `vqgan` times a full training step (generator with LPIPS and the adaptive GAN weight, then the
 discriminator) as training_vqgan.py runs it, and beside it the usual formulation that calls
 autograd.grad twice through the full graph and then back-propagates everything again.
+With --compile, `vqgan` and `transformer` time each step eager and torch.compile'd side by
+side: through a compiled model, autograd.grad to the last layer runs the whole compiled backward,
+which the graph split avoids. --preset sets the VQGAN, its resolution (unless --image-size) and
+its loss weights; --precision and --channels-last are the trainers' flags.
 `sample` times generation of --tokens tokens with the KV cache and, for comparison, by re-running
 the whole sequence for every new token (what samplers without a cache do).
 `transformer` times stage-2 optimizer steps on random tokens (training reads cached tokens, so
 this is the whole step). Random weights: speed does not depend on training.
 """
-import dataclasses
+import argparse
 import resource
 import time
 from types import SimpleNamespace
@@ -20,6 +25,7 @@ from types import SimpleNamespace
 import torch
 
 import utils
+from vqgan import PRESETS
 
 
 def timed(function, warmup, repeats, device):
@@ -42,46 +48,71 @@ def peak_memory(device):
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB process peak RSS"
 
 
+def variants(model, args):
+    """[("eager", model)], plus ("compiled", torch.compile(model)) with --compile: the two are
+    timed side by side."""
+    return [("eager", model)] + ([("compiled", torch.compile(model))] if args.compile else [])
+
+
+def warmup_calls(args, name):
+    """A compiled variant compiles its forward and backward in its first calls: never time them."""
+    return max(args.warmup, 2) if name == "compiled" else args.warmup
+
+
 def bench_vqgan(args, device):
     from discriminator import NLayerDiscriminator, hinge_d_loss
     from lpips_loss import LPIPSLoss
-    from training_vqgan import discriminator_backward, generator_backward
-    from vqgan import PRESETS, VQGAN
-    config = dataclasses.replace(PRESETS[args.preset], resolution=args.image_size)
+    from training_vqgan import PRESET_DEFAULTS, discriminator_backward, generator_backward
+    from vqgan import VQGAN, config_from_args
+    # the preset, at its resolution unless --image-size is given (bench's --n-embed is stage 2's)
+    config = config_from_args(SimpleNamespace(preset=args.preset, image_size=args.image_size))
     model = VQGAN(config).to(device).train()
     discriminator = NLayerDiscriminator().to(device).train()
     lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
-    if device.type == "cuda":
+    precision = utils.resolve_precision(args.precision, device)
+    channels_last = utils.use_channels_last(args.channels_last, device)
+    if channels_last:
         for module in (model, discriminator, lpips):
             module.to(memory_format=torch.channels_last)
-    forward_model = torch.compile(model) if args.compile else model
-    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
-    loss_args = SimpleNamespace(perceptual_weight=1.0, codebook_weight=1.0, disc_weight=0.8)
+    size = config.resolution
+    images = torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    loss_args = SimpleNamespace(**{k: PRESET_DEFAULTS[args.preset][k] for k in (
+        "perceptual_weight", "codebook_weight", "disc_weight")})
 
-    def ours():
+    def ours(forward_model):
         x_hat, _, _ = generator_backward(forward_model, lpips, discriminator, images, loss_args,
-                                         gan_on=True, last_layer=model.last_layer)
-        discriminator_backward(discriminator, images, x_hat, hinge_d_loss)
+                                         gan_on=True, last_conv=model.decoder.conv_out,
+                                         precision=precision)
+        discriminator_backward(discriminator, images, x_hat, hinge_d_loss, precision=precision)
 
-    def conventional():  # autograd.grad twice through LPIPS and D, then a full backward
-        with utils.autocast_context(device):
+    def conventional(forward_model):  # autograd.grad twice through LPIPS and D, then backward
+        with utils.autocast_context(device, precision):
             x_hat, codebook_loss, _ = forward_model(images)
-            rec_loss = (images - x_hat).abs().mean() + lpips(images, x_hat)
+            rec_loss = ((images - x_hat).abs().mean()
+                        + loss_args.perceptual_weight * lpips(images, x_hat))
             generator_loss = -discriminator(x_hat).mean()
         last = model.last_layer
         rec_grad, = torch.autograd.grad(rec_loss, last, retain_graph=True)
         gan_grad, = torch.autograd.grad(generator_loss, last, retain_graph=True)
-        lam = (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * 0.8
-        (rec_loss + lam * generator_loss + codebook_loss).backward()
-        discriminator_backward(discriminator, images, x_hat, hinge_d_loss)
+        lam = (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+        (rec_loss + lam * loss_args.disc_weight * generator_loss
+         + loss_args.codebook_weight * codebook_loss).backward()
+        discriminator_backward(discriminator, images, x_hat, hinge_d_loss, precision=precision)
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"vqgan preset {args.preset} ({params:.1f}M params), {args.image_size} px, batch "
-          f"{args.batch_size}, device {device_name(device)}, compile {args.compile}")
+    print(f"vqgan preset {args.preset} ({params:.1f}M params), {size} px, batch "
+          f"{args.batch_size}, device {device_name(device)}, precision {precision}, "
+          f"channels_last {'on' if channels_last else 'off'}; seconds per training step:")
+    models = variants(model, args)
+    print(f"  {'':<48}" + "".join(f"{name:>12}" for name, _ in models))
     for name, step in (("ours (graph split at x_hat)", ours),
                        ("conventional (2x autograd.grad + full backward)", conventional)):
-        seconds = timed(step, args.warmup, args.repeats, device)
-        print(f"  {name:<48} {seconds:7.3f} s/step  {args.batch_size / seconds:8.2f} images/s")
+        seconds = [timed(lambda: step(forward_model), warmup_calls(args, variant),
+                         args.repeats, device) for variant, forward_model in models]
+        print(f"  {name:<48}" + "".join(f"{t:10.3f} s" for t in seconds)
+              + f"   ({args.batch_size / seconds[0]:.2f} images/s eager)")
     print(f"  memory: {peak_memory(device)}")
 
 
@@ -126,7 +157,7 @@ def bench_sample(args, device):
     print(f"sampling {args.tokens} tokens, GPT {args.n_layer} layers x {args.n_head} heads x "
           f"{args.n_embd} wide ({model.num_params() / 1e6:.1f}M params), batch {args.batch_size}, "
           f"device {device_name(device)}")
-    with utils.autocast_context(device):
+    with utils.autocast_context(device, args.precision):
         same = torch.equal(cached(), recompute())
         results = {}
         for name, run in (("KV cache", cached), ("full recompute", recompute)):
@@ -141,12 +172,12 @@ def bench_transformer(args, device):
     model, cond = random_prefix_model(args, device)
     model.train()
     optimizer = model.configure_optimizer(0.01, 3e-4, (0.9, 0.95), device.type)
-    forward_model = torch.compile(model) if args.compile else model
+    precision = utils.resolve_precision(args.precision, device)
     tokens = torch.randint(0, args.n_embed, (args.batch_size, args.tokens), device=device)
     sequence = torch.cat([cond, tokens[:, :-1]], 1)
 
-    def step():
-        with utils.autocast_context(device):
+    def step(forward_model):
+        with utils.autocast_context(device, precision):
             logits = forward_model(sequence)[:, cond.shape[1] - 1:]
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
                                                      tokens.flatten())
@@ -154,12 +185,15 @@ def bench_transformer(args, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed(step, args.warmup, args.repeats, device)
     print(f"stage-2 training, GPT {args.n_layer}x{args.n_head}x{args.n_embd} "
           f"({model.num_params() / 1e6:.1f}M params), batch {args.batch_size} x {args.tokens} "
-          f"tokens, device {device_name(device)}, compile {args.compile}")
-    print(f"  {1 / seconds:.2f} steps/s  {args.batch_size * args.tokens / seconds:.0f} tokens/s  "
-          f"{peak_memory(device)}")
+          f"tokens, device {device_name(device)}, precision {precision}")
+    for name, forward_model in variants(model, args):
+        seconds = timed(lambda: step(forward_model), warmup_calls(args, name), args.repeats,
+                        device)
+        print(f"  {name:<9} {seconds:7.3f} s/step  {1 / seconds:6.2f} steps/s  "
+              f"{args.batch_size * args.tokens / seconds:8.0f} tokens/s")
+    print(f"  memory: {peak_memory(device)}")
 
 
 def device_name(device):
@@ -167,7 +201,6 @@ def device_name(device):
 
 
 def main(argv=None):
-    from vqgan import PRESETS
     parser = utils.ArgumentParser(description="Speed benchmarks.")
     parser.add_argument("what", choices=("vqgan", "sample", "transformer"))
     parser.add_argument("--device", type=utils.device_name, default="auto")
@@ -176,11 +209,16 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=utils.positive_int, default=4)
     parser.add_argument("--warmup", type=utils.non_negative_int, default=1)
     parser.add_argument("--repeats", type=utils.positive_int, default=3)
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                        help="vqgan: VQGAN preset")
-    parser.add_argument("--image-size", type=utils.positive_int, default=64,
-                        help="vqgan: image side")
+    parser.add_argument("--compile", action="store_true",
+                        help="vqgan, transformer: time torch.compile'd steps beside eager ones")
+    parser.add_argument("--precision", choices=utils.PRECISIONS, default="auto",
+                        help="autocast dtype, as the trainers' --precision")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="vqgan: NHWC memory format (default: on with CUDA)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                        help="vqgan: VQGAN preset (its loss weights too)")
+    parser.add_argument("--image-size", type=utils.positive_int, default=None,
+                        help="vqgan: image side (default: the preset's resolution)")
     parser.add_argument("--lpips-weights", default=None, help="vqgan: VGG16 weights for LPIPS")
     parser.add_argument("--n-layer", type=utils.positive_int, default=8)
     parser.add_argument("--n-head", type=utils.positive_int, default=8)

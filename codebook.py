@@ -6,9 +6,12 @@ Codebook.lookup to turn stage-2 tokens back into latents. Three small options fi
 collapse (few codes used), each off by default:
   l2_normalize        cosine-similarity codes (ViT-VQGAN, Yu et al. 2021)
   lookup_dim          factorised codes: look up in a low-dimensional space (ViT-VQGAN)
-  restart_dead_codes  re-initialise codes unused for a while from encoder outputs
-                      (Dhariwal et al. 2020, Jukebox; Zeghidour et al. 2021, SoundStream)
+  restart_dead_codes  re-initialise codes unused for dead_code_window optimizer steps from
+                      encoder outputs (Dhariwal et al. 2020, Jukebox; Zeghidour et al. 2021,
+                      SoundStream); the trainer calls count_step() after each optimizer step
 CodebookStats measures the collapse: usage fraction and perplexity over a window of batches.
+The training-time bookkeeping has no data-dependent shapes (no boolean indexing, no bincount),
+so it never waits for the GPU.
 """
 import torch
 import torch.distributed as dist
@@ -41,8 +44,11 @@ class Codebook(nn.Module):
         self.embedding = nn.Embedding(n_embed, lookup_dim or embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
         if restart_dead_codes:
-            # training steps since each code was last chosen (saved, so a resumed run keeps it)
+            # optimizer steps since each code was last chosen (saved, so a resumed run keeps it)
             self.register_buffer("steps_unused", torch.zeros(n_embed, dtype=torch.long))
+            # chosen by a micro-batch of the step in progress (empty again after count_step)
+            self.register_buffer("used_this_step", torch.zeros(n_embed, dtype=torch.bool),
+                                 persistent=False)
 
     def codes(self):
         """The codebook as the lookup sees it: (n_embed, code_dim), unit rows with l2_normalize."""
@@ -82,7 +88,7 @@ class Codebook(nn.Module):
             z_q = z + (z_q - z).detach()  # straight-through: the decoder's gradient reaches z
             z_q = self.project_out(z_q).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
             if self.training and self.restart_dead_codes:
-                self._count_usage(indices)
+                self._note_usage(indices)
         return z_q, loss, indices.reshape(B, H, W)
 
     def lookup(self, indices):
@@ -92,7 +98,8 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, z):
-        """Codes unused for dead_code_window training steps get random rows of this batch's z.
+        """Codes unused for dead_code_window optimizer steps get random rows of this batch's z
+        (the first micro-batch's of a step: a restart sets the code's count back to 0).
 
         Runs before the lookup, so no autograd graph holds the weights being overwritten.
         """
@@ -107,12 +114,23 @@ class Codebook(nn.Module):
         self.steps_unused.masked_fill_(dead, 0)
 
     @torch.no_grad()
-    def _count_usage(self, indices):
-        used = torch.bincount(indices, minlength=self.n_embed)
-        if _distributed():
-            dist.all_reduce(used)  # all ranks agree on which codes are dead
-        self.steps_unused += 1
-        self.steps_unused[used > 0] = 0
+    def _note_usage(self, indices):
+        """Mark the codes a micro-batch chose (indices (N,)); count_step ages the others."""
+        self.used_this_step.index_fill_(0, indices, True)
+
+    @torch.no_grad()
+    def count_step(self):
+        """One optimizer step is done: codes that none of its micro-batches chose age by one
+        step, the others start again from 0. A no-op without restart_dead_codes."""
+        if not self.restart_dead_codes:
+            return
+        used = self.used_this_step
+        if _distributed():  # all ranks agree on which codes are dead
+            used = used.to(torch.int32)
+            dist.all_reduce(used)
+            used = used > 0
+        self.steps_unused.add_(1).masked_fill_(used, 0)
+        self.used_this_step.zero_()
 
 
 class CodebookStats:
@@ -123,8 +141,10 @@ class CodebookStats:
         self.counts = torch.zeros(n_embed, dtype=torch.long)
 
     def update(self, indices):
-        counts = torch.bincount(indices.flatten(), minlength=len(self.counts))
-        self.counts = self.counts.to(counts.device) + counts  # stays on the device: no sync
+        indices = indices.flatten()
+        # index_add_ rather than bincount, whose output size (the largest index) needs a sync
+        self.counts = self.counts.to(indices.device).index_add_(
+            0, indices, torch.ones_like(indices))  # stays on the device
 
     def reset(self):
         self.counts = torch.zeros_like(self.counts)

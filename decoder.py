@@ -50,6 +50,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z):
+        return self.conv_out(self.last_input(z))  # (B, out_ch, h*f, w*f)
+
+    def last_input(self, z):
+        """Everything before conv_out: (B, z_channels, h, w) -> (B, ch * ch_mult[0], h*f, w*f)."""
         h = self.conv_in(z)  # (B, ch * ch_mult[-1], h, w)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for up in reversed(self.up):
@@ -58,5 +62,4 @@ class Decoder(nn.Module):
                 if len(up.attn) > 0:
                     h = up.attn[i](h)
             h = up.upsample(h)
-        # h: (B, ch * ch_mult[0], h*f, w*f)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, h*f, w*f)
+        return F.silu(self.norm_out(h))  # (B, ch * ch_mult[0], h*f, w*f)

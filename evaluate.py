@@ -8,7 +8,10 @@ The data flags are the trainers' (utils.add_data_args): without --dataset-path i
 synthetic mannequins; --image-size defaults to the VQGAN's resolution. Prints a table and, with
 --json OUT, writes the same numbers (keys in `main`) plus a code-frequency histogram
 OUT_codes.png (or --histogram PNG). Everything is seeded: two runs with the same flags, batch
-size and device give identical numbers. Metrics are computed in float32 without autocast.
+size and device give identical numbers. Images are encoded once, by VQGAN.image_tokens (under the
+device's automatic precision, as the token cache and sample.py encode them): the code histogram
+counts those tokens, the reconstructions decode them and the transformer scores them. Metrics
+are computed in float32 without autocast.
 
 Reconstruction (images through encoder -> codebook -> decoder, clamped to [-1, 1] like a saved
 picture), averaged over the images of the split:
@@ -256,17 +259,20 @@ def batches(dataset, batch_size, num_workers=0, count=None):
 def evaluate_reconstruction(vqgan, dataset, batch_size, device, lpips=None, num_workers=0):
     """PSNR, SSIM, LPIPS (when `lpips` is given) and L1 of VQGAN reconstructions, the figure's
     and the backdrop's PSNR and colour error (data with part maps), and the histogram of codes
-    the split's images are encoded with. Returns (metrics dict, counts)."""
+    the split's images are encoded with. Returns (metrics dict, counts, tokens (N, h * w) of the
+    split's images in order, for evaluate_transformer)."""
     vqgan.eval()
     sums = {"psnr_db": 0.0, "ssim": 0.0, "lpips_alex": 0.0, "l1": 0.0}
     regions = {}  # region metric -> list of (B,) tensors
     stats = CodebookStats(vqgan.config.n_embed)
+    tokens = []
     for batch in tqdm(batches(dataset, batch_size, num_workers), desc="reconstruction",
                       leave=False):
         images = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
-        reconstructions, _, indices = vqgan(images)
-        reconstructions = reconstructions.float().clamp(-1, 1)
+        indices = vqgan.image_tokens(images)  # (B, h, w): the one encoding
+        reconstructions = vqgan.decode_indices(indices).float().clamp(-1, 1)  # float32
         stats.update(indices)
+        tokens.append(indices.flatten(1).cpu())
         x, y = utils.denormalize(images), utils.denormalize(reconstructions)
         sums["psnr_db"] += utils.psnr(x, y).sum().item()
         sums["ssim"] += ssim(x, y).sum().item()
@@ -281,7 +287,7 @@ def evaluate_reconstruction(vqgan, dataset, batch_size, device, lpips=None, num_
         metrics["lpips_alex"] = None
     for key in ("figure_psnr_db", "backdrop_psnr_db", "figure_delta_e", "backdrop_delta_e"):
         metrics[key] = torch.cat(regions[key]).nanmean().item() if regions else None
-    return metrics, stats.counts.cpu()
+    return metrics, stats.counts.cpu(), torch.cat(tokens)
 
 
 @torch.no_grad()
@@ -296,17 +302,18 @@ def condition_of(model, batch, device):
 
 
 @torch.no_grad()
-def evaluate_transformer(model, dataset, batch_size, device, num_workers=0):
-    """Negative log-likelihood of the split's image tokens in bits per token and per image."""
+def evaluate_transformer(model, dataset, tokens, batch_size, device, num_workers=0):
+    """Negative log-likelihood of the split's image tokens (N, L), as evaluate_reconstruction
+    encoded them, in bits per token and per image."""
     model.eval()
     total_nats, total_tokens = 0.0, 0
-    for batch in tqdm(batches(dataset, batch_size, num_workers), desc="transformer NLL",
-                      leave=False):
-        tokens = model.image_tokens(batch["image"].to(device))  # (B, L)
-        logits, _ = model(condition_of(model, batch, device), tokens)  # (B, L, n_embed)
-        total_nats += F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(),
+    for start, batch in zip(range(0, len(dataset), batch_size), tqdm(
+            batches(dataset, batch_size, num_workers), desc="transformer NLL", leave=False)):
+        batch_tokens = tokens[start:start + batch_size].to(device)  # (B, L)
+        logits, _ = model(condition_of(model, batch, device), batch_tokens)  # (B, L, n_embed)
+        total_nats += F.cross_entropy(logits.float().flatten(0, 1), batch_tokens.flatten(),
                                       reduction="sum").item()
-        total_tokens += tokens.numel()
+        total_tokens += batch_tokens.numel()
     bits_per_token = total_nats / total_tokens / math.log(2)
     return {"condition": model.condition, "tokens_per_image": model.num_image_tokens,
             "bits_per_token": bits_per_token,
@@ -634,8 +641,8 @@ def main(argv=None):
     lpips = None
     if not args.no_lpips:
         lpips = LPIPSLoss(weights_path=args.lpips_weights, net="alex").to(device)
-    reconstruction, counts = evaluate_reconstruction(vqgan, dataset, args.batch_size, device,
-                                                     lpips, args.num_workers)
+    reconstruction, counts, tokens = evaluate_reconstruction(vqgan, dataset, args.batch_size,
+                                                             device, lpips, args.num_workers)
     codes = codebook_summary(counts)
     histogram = args.histogram or (os.path.splitext(args.json)[0] + "_codes.png"
                                    if args.json else None)
@@ -649,7 +656,7 @@ def main(argv=None):
     if model is None:
         transformer = pose = accuracy = {"skipped": "no --transformer-checkpoint"}
     else:
-        transformer = evaluate_transformer(model, dataset, args.batch_size, device,
+        transformer = evaluate_transformer(model, dataset, tokens, args.batch_size, device,
                                            args.num_workers)
         pose, accuracy = evaluate_poses(model, dataset, detector, no_detector, args, device)
         if "skipped" not in accuracy:

@@ -4,10 +4,17 @@
     python training_transformer.py --vqgan-checkpoint RUN/vqgan.pt --dataset-path DIR
 
 The VQGAN is frozen, so every image has fixed tokens: the training and validation sets are
-encoded once (both flips when flipping is on) and cached in RUN/token_cache/, keyed by the VQGAN
-checkpoint's content hash and the data settings. Later epochs, resumed runs and new runs on the
-same data read the cache and never run the encoder again; the training loop only indexes
-tensors already in memory.
+encoded once (both flips when flipping is on) and cached in RUN/token_cache/, keyed by
+everything the cache's contents depend on: the VQGAN checkpoint's content hash, the data flags,
+the part labelling (flips swap its labels), the precision tokens are encoded in, and the files
+(PoseImageDataset.fingerprint: a content hash of poses.json or the COCO file, and the path,
+size and modification time of every image and part map). Later epochs, resumed runs and new
+runs on unchanged data read the cache and never run the encoder again; the training loop only
+indexes tensors already in memory.
+
+The image size is the VQGAN's resolution unless --image-size says otherwise (which is refused
+when it differs). --precision sets the GPT's autocast dtype, with a GradScaler under fp16
+(utils.resolve_precision), and the resolved configuration is printed when a run starts.
 
 Each sequence is [condition prefix | image tokens]; the condition comes from the data
 (--condition auto picks keypoints, else part maps, else none; --condition class reads
@@ -38,6 +45,7 @@ def parse_args(argv=None):
     utils.add_run_args(parser, default_run_dir=os.path.join("runs", "transformer"),
                        default_batch_size=16, default_base_lr=6.25e-5, default_max_steps=2000,
                        default_warmup_steps=100, default_min_lr_ratio=0.1)
+    parser.set_defaults(image_size=None)  # the VQGAN's resolution unless given
     group = parser.add_argument_group("model")
     group.add_argument("--condition", choices=("auto", "keypoints", "parts", "class", "none"),
                        default="auto", help="class: one class token, the image's first folder "
@@ -101,14 +109,19 @@ def load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
     """Tokens of both splits, from RUN/token_cache/ when this VQGAN and data were seen before."""
     key = {"vqgan_sha256": vqgan_sha256, "flip": args.flip,
            **{k: getattr(args, k) for k in ("dataset_path", "image_size", "val_fraction",
-                                            "resize_mode", "pose_layout", "coco_annotations")}}
+                                            "resize_mode", "pose_layout", "coco_annotations")},
+           "part_labels": train_set.part_labels.to_dict(),
+           "encoding_precision": utils.resolve_precision("auto", device),  # VQGAN.image_tokens
+           "files": {"train": train_set.fingerprint(), "val": val_set.fingerprint()}}
     if train_set.class_names:  # only then: caches of runs without classes keep their names
         key["class_names"] = train_set.class_names
-    name = utils.stable_hash(json.dumps(key, sort_keys=True))
+    # named by the settings, so that a cache of edited files is replaced, not kept beside it
+    name = utils.stable_hash(json.dumps({k: v for k, v in key.items() if k != "files"},
+                                        sort_keys=True))
     path = run.path("token_cache", f"tokens-{vqgan_sha256[:12]}-{name:08x}.pt")
     names = {"train": [e.name for e in train_set.examples],
              "val": [e.name for e in val_set.examples]}
-    if os.path.exists(path):  # still valid only if the folder holds the same images
+    if os.path.exists(path):  # still valid only if the folder holds the same, unedited files
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache.get("key") == key and all(cache[s]["paths"] == names[s] for s in names):
             return cache
@@ -144,13 +157,13 @@ def condition_tokens(model, split, chunk=1024):
 
 
 @torch.no_grad()
-def validation_bits(model, tokens, prefixes, batch_size, device):
+def validation_bits(model, tokens, prefixes, batch_size, device, precision="auto"):
     """Mean negative log-likelihood of validation image tokens, in bits per token."""
     model.eval()
     total = 0.0
     for start in range(0, len(tokens), batch_size):
         batch_tokens = tokens[start:start + batch_size].to(device)
-        with utils.autocast_context(device):
+        with utils.autocast_context(device, precision):
             _, loss = model(prefixes[start:start + batch_size].to(device), batch_tokens)
         total += loss.float().item() * len(batch_tokens)
     model.train()
@@ -158,7 +171,7 @@ def validation_bits(model, tokens, prefixes, batch_size, device):
 
 
 @torch.no_grad()
-def save_sample_grid(model, val_set, val_split, prefixes, args, device, path):
+def save_sample_grid(model, val_set, val_split, prefixes, args, device, path, precision="auto"):
     """Rows: pose | original | reconstruction | completion from the top half | two samples."""
     model.eval()
     count = min(args.grid_examples, len(val_set))
@@ -168,7 +181,7 @@ def save_sample_grid(model, val_set, val_split, prefixes, args, device, path):
     options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                    generator=generator)
     half = tokens.shape[1] // 2
-    with utils.autocast_context(device):
+    with utils.autocast_context(device, precision):
         completion = model.sample(cond, prefix_tokens=tokens[:, :half], **options)
         samples = model.sample(cond.repeat(2, 1), **options)  # (2n, L)
         pictures = model.decode(torch.cat([tokens, completion, samples])).float().cpu()
@@ -210,10 +223,16 @@ def train(args, dist, device):
                               "python training_vqgan.py first or pass --vqgan-checkpoint")
     vqgan = load_vqgan(args.vqgan_checkpoint, device)
     vqgan_sha256 = utils.file_sha256(args.vqgan_checkpoint)
-    if vqgan.config.resolution != args.image_size:
+    if args.image_size is None:
+        args.image_size = vqgan.config.resolution
+    elif vqgan.config.resolution != args.image_size:
         raise utils.UserError(f"the VQGAN in {args.vqgan_checkpoint} was trained on "
                               f"{vqgan.config.resolution} px images; pass --image-size "
-                              f"{vqgan.config.resolution}")
+                              f"{vqgan.config.resolution} or leave it out")
+    precision = utils.resolve_precision(args.precision, device)
+    channels_last = utils.use_channels_last(args.channels_last, device)
+    if channels_last:  # the frozen VQGAN's convolutions: encoding the cache, decoding grids
+        vqgan.to(memory_format=torch.channels_last)
     run = utils.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt",
                              remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data before the others read it
@@ -223,6 +242,7 @@ def train(args, dist, device):
     layout = train_set.layout or utils.COCO17
     model = PoseTransformer(vqgan, condition=condition, image_size=args.image_size,
                             num_keypoints=layout.num_keypoints, keypoint_grid=args.keypoint_grid,
+                            num_part_labels=train_set.part_labels.num_labels,
                             class_names=train_set.class_names, n_layer=args.n_layer,
                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout).to(device)
     with dist.main_first():  # rank 0 encodes and writes the cache; the others then read it
@@ -234,6 +254,7 @@ def train(args, dist, device):
     peak_lr = utils.learning_rate(args, dist.world_size)
     optimizer = model.gpt.configure_optimizer(args.weight_decay, peak_lr, (0.9, 0.95),
                                               device.type)
+    scaler = utils.grad_scaler(device, precision)
     sampler = utils.EpochBatchSampler(len(train_tokens), args.batch_size, args.seed, args.flip,
                                       dist.rank, dist.world_size)
     total_steps = utils.total_steps(args, sampler.batches_per_epoch)
@@ -244,6 +265,8 @@ def train(args, dist, device):
         checkpoint = run.load_for_resume(args.resume, config, args, dist.world_size)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):  # absent or empty from a run without fp16
+            scaler.load_state_dict(checkpoint["scaler"])
         utils.set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
     if not run.steps_left(step, total_steps, args):
@@ -257,17 +280,29 @@ def train(args, dist, device):
         run.save({"kind": "transformer_train", "step": step, "config": config,
                   "args": utils.plain_args(args), "world_size": dist.world_size,
                   "model": model.state_dict(),
-                  "optimizer": optimizer.state_dict(), "rng": utils.get_rng_state(),
+                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                  "rng": utils.get_rng_state(),
                   "vqgan_checkpoint": os.path.abspath(args.vqgan_checkpoint),
-                  "layout": layout.name, "resize_mode": train_set.resize_mode})
+                  "layout": layout.name, "resize_mode": train_set.resize_mode,
+                  "part_labels": train_set.part_labels.to_dict()})
         records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
         utils.plot_curves(records, [("bits per image token",
                                      ["train_bits_per_token", "val_bits_per_token"])],
                           run.path("loss_curves.png"), title="stage 2")
 
     if dist.is_main:
+        grid = model.token_grid
+        lr_source = "--lr" if args.lr is not None else (
+            f"--base-lr {args.base_lr:g} x batch {args.batch_size} x --grad-accum "
+            f"{args.grad_accum} x {dist.world_size} process(es)")
         print(f"stage 2: {condition} conditioning, {model.gpt.num_params() / 1e6:.2f}M "
-              f"parameters, {len(train_tokens)} training images, {total_steps} steps")
+              f"parameters, {len(train_tokens)} training images, {total_steps} steps\n"
+              f"  {args.image_size} px images -> {grid}x{grid} tokens of "
+              f"{vqgan.config.n_embed} codes; GPT {args.n_layer} layers x {args.n_head} heads x "
+              f"{args.n_embd}, batch {args.batch_size}, lr {peak_lr:.3g} ({lr_source}), "
+              f"warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}\n"
+              f"  precision {precision}, channels_last {'on' if channels_last else 'off'} (the "
+              f"VQGAN's), compile {'on' if args.compile else 'off'}")
     health, stop = utils.FiniteCheck(), utils.StopRequest()
     progress = tqdm(total=total_steps, initial=step, desc="stage 2", dynamic_ncols=True,
                     disable=not dist.is_main)
@@ -287,14 +322,16 @@ def train(args, dist, device):
                 prefixes = train_prefixes[index, flip].to(device, non_blocking=True)  # (B, P)
                 # gradients are all-reduced once per step, on its last micro-batch
                 with dist.no_sync(ddp_model, last=micro == args.grad_accum - 1):
-                    with utils.autocast_context(device):
+                    with utils.autocast_context(device, precision):
                         _, loss = forward_model(prefixes, tokens, pkeep=args.pkeep)
-                    (loss / args.grad_accum).backward()
+                    scaler.scale(loss / args.grad_accum).backward()  # scaled for fp16 only
                 loss_sum = loss_sum + loss.detach() / args.grad_accum
                 health.add(loss)
                 window_tokens += tokens.numel() * dist.world_size
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(model.gpt.parameters(), args.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+            scaler.update()
             step += 1
             progress.update(1)
 
@@ -317,12 +354,13 @@ def train(args, dist, device):
                 continue
             # Rank 0 alone validates, samples and saves, with the bare model (no collectives).
             if step % steps_per_epoch == 0 or step == total_steps:
-                bits = validation_bits(model, val_tokens, val_prefixes, args.batch_size, device)
+                bits = validation_bits(model, val_tokens, val_prefixes, args.batch_size, device,
+                                       precision)
                 metrics.write({"step": step, "val_bits_per_token": bits})
                 progress.write(f"step {step}: validation {bits:.3f} bits/token")
             if step % args.sample_every == 0 or step == total_steps:
                 save_sample_grid(model, val_set, cache["val"], val_prefixes, args, device,
-                                 run.path("samples", f"samples_{step:06d}.png"))
+                                 run.path("samples", f"samples_{step:06d}.png"), precision)
             if save_step or stopping:
                 save_checkpoint()
     finally:  # also on errors (NaN, a second Ctrl-C): in-process callers get Ctrl-C back

@@ -1,7 +1,7 @@
 """Stage 1: train the VQGAN (encoder, codebook, decoder) against a patch discriminator.
 
     python training_vqgan.py                         # small preset, synthetic mannequins, CPU ok
-    python training_vqgan.py --dataset-path DIR --preset paper --image-size 256
+    python training_vqgan.py --dataset-path DIR --preset paper   # 256 px, the paper's settings
 
 The objective is the paper's:
     L = L1 + perceptual_weight * LPIPS + codebook loss + lambda * (-mean D(x_hat))
@@ -9,16 +9,24 @@ with the adaptive weight lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the 
 layer (times --disc-weight), and a hinge-loss PatchGAN; the GAN term switches on at --disc-start.
 Before that step neither the GAN term nor the discriminator runs: an untrained generator gives
 the discriminator nothing useful to learn from, and skipping it saves two of its
-forward/backward passes per step. Likewise LPIPS joins at --perceptual-start (default 0): L1
-alone gets the coarse picture right at a fraction of the cost of a step with VGG16 in it. The
-learning rate may warm up (--warmup-steps) and follow a cosine down to --min-lr-ratio of its
-peak at the last step (1, constant, is taming-transformers' choice).
+forward/backward passes per step. Likewise LPIPS joins at --perceptual-start: L1 alone gets the
+coarse picture right at a fraction of the cost of a step with VGG16 in it. The learning rate may
+warm up (--warmup-steps) and follow a cosine down to --min-lr-ratio of its peak at the last step
+(1, constant, is taming-transformers' choice). Each --preset brings its own defaults for these
+(PRESET_DEFAULTS); the resolved configuration is printed when a run starts.
 
 One step splits the graph at the reconstruction x_hat: LPIPS and the discriminator are
 back-propagated once each, to x_hat only; lambda then needs just the last conv's weight
 gradient, and one backward from x_hat trains decoder, codebook and encoder. The usual code
 instead runs autograd.grad twice through LPIPS and D and then a full backward (a second pass
-through both); see bench.py for the saving.
+through both); see bench.py for the saving. The last conv's weight gradients come from its
+input and output gradients directly (adaptive_lambda), so even a torch.compile'd model runs one
+backward pass per step.
+
+--precision picks the autocast dtype (utils.resolve_precision: bf16 on GPUs that have it
+natively, fp16 with a GradScaler on older ones, fp32 on the CPU); --channels-last the memory
+format (on with CUDA). Under fp16 every loss is scaled before its first backward pass, and
+lambda is computed from float32 gradients.
 
 Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (everything --resume needs,
 written atomically), vqgan.pt (the small inference checkpoint stage 2 loads), metrics.jsonl,
@@ -35,43 +43,106 @@ import utils
 from codebook import CodebookStats
 from discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
 from lpips_loss import LPIPSLoss
-from vqgan import VQGAN, add_vqgan_args, config_from_args, save_vqgan
+from vqgan import PRESETS, VQGAN, add_vqgan_args, config_from_args, save_vqgan
+
+
+# Training defaults of each preset; a flag given on the command line wins over them.
+#   small: measured on the mannequins on 2 CPU cores (README, "Results on the embedded default").
+#   paper: taming-transformers' configs/imagenet_vqgan.yaml, the f16 ImageNet VQGAN with 1024
+#          codes at 256 px: base_learning_rate 4.5e-6 (their main.py multiplies it by batch x
+#          GPUs x accumulation, as utils.learning_rate does with --base-lr), batch_size 3 per GPU,
+#          disc_start 250001, disc_weight 0.8, codebook_weight 1.0, and
+#          VQLPIPSWithDiscriminator's perceptual_weight 1.0 from the first step; a constant
+#          learning rate (no warm-up, no decay). The resolution is the preset's (vqgan.PRESETS).
+PRESET_DEFAULTS = {
+    "small": dict(batch_size=8, base_lr=5e-5, warmup_steps=0, min_lr_ratio=0.1,
+                  perceptual_weight=1.0, perceptual_start=800, codebook_weight=1.0,
+                  disc_weight=0.8, disc_start=10000),
+    "paper": dict(batch_size=3, base_lr=4.5e-6, warmup_steps=0, min_lr_ratio=1.0,
+                  perceptual_weight=1.0, perceptual_start=0, codebook_weight=1.0,
+                  disc_weight=0.8, disc_start=250001),
+}
 
 
 def parse_args(argv=None):
-    parser = utils.ArgumentParser(description="Stage 1: train the VQGAN.")
+    """The flags, with the preset's defaults (PRESET_DEFAULTS, and its resolution unless
+    --image-size is given) filled in for the ones not given."""
+    presets = "; ".join(f"{name}: {PRESETS[name].resolution} px, " + ", ".join(
+        f"--{key.replace('_', '-')} {value}" for key, value in defaults.items())
+        for name, defaults in PRESET_DEFAULTS.items())
+    parser = utils.ArgumentParser(
+        description="Stage 1: train the VQGAN.",
+        epilog=f"Preset defaults, each overridden by its flag: {presets}.")
     add_vqgan_args(parser)
     utils.add_data_args(parser)
     utils.add_run_args(parser, default_run_dir=os.path.join("runs", "vqgan"),
-                       default_batch_size=8, default_base_lr=5e-5,
-                       default_max_steps=1800, default_warmup_steps=0, default_min_lr_ratio=0.1)
-    group = parser.add_argument_group("loss")
-    group.add_argument("--perceptual-weight", type=utils.non_negative_float, default=1.0)
-    group.add_argument("--perceptual-start", type=utils.non_negative_int, default=800,
+                       default_batch_size=None, default_base_lr=None, default_max_steps=1800,
+                       default_warmup_steps=None, default_min_lr_ratio=None)
+    parser.set_defaults(image_size=None)  # the preset's resolution unless given
+    group = parser.add_argument_group("loss (defaults: the preset's, see below)")
+    group.add_argument("--perceptual-weight", type=utils.non_negative_float, default=None)
+    group.add_argument("--perceptual-start", type=utils.non_negative_int, default=None,
                        help="optimizer step at which the LPIPS term switches on; before it the "
                             "steps are L1 only and cheaper (LPIPS is a VGG16 forward/backward)")
-    group.add_argument("--codebook-weight", type=utils.non_negative_float, default=1.0)
-    group.add_argument("--disc-weight", type=utils.non_negative_float, default=0.8,
+    group.add_argument("--codebook-weight", type=utils.non_negative_float, default=None)
+    group.add_argument("--disc-weight", type=utils.non_negative_float, default=None,
                        help="multiplies the adaptive lambda of the GAN term")
-    group.add_argument("--disc-start", type=utils.non_negative_int, default=10000,
+    group.add_argument("--disc-start", type=utils.non_negative_int, default=None,
                        help="optimizer step at which the discriminator and GAN term switch on")
     group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
     group.add_argument("--lpips-weights", default=None,
                        help="path of the VGG16 ImageNet weights for LPIPS (default: found "
                             "automatically, see lpips_loss.py)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, value in PRESET_DEFAULTS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.image_size = config_from_args(args).resolution
+    return args
 
 
-def adaptive_lambda(x_hat, last_layer, grad_rec, grad_gan, disc_weight, average=None):
-    """lambda = ||dL_rec/dw|| / (||dL_G/dw|| + 1e-4) at the last layer w, clamped and detached.
+def describe_run(args, config, model, precision, channels_last, total_steps, world_size):
+    """The resolved configuration, printed when a run starts."""
+    grid = model.token_grid_size
+    lines = [
+        f"stage 1: preset {args.preset}, {config.resolution} px images -> {grid}x{grid} tokens of "
+        f"{config.n_embed} codes, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        "parameters",
+        "  architecture: " + ", ".join(f"{field.name} {getattr(config, field.name)}"
+                                        for field in dataclasses.fields(config)),
+        f"  lr {utils.learning_rate(args, world_size):.3g} (--base-lr {args.base_lr:g} x batch "
+        f"{args.batch_size} x --grad-accum {args.grad_accum} x {world_size} process(es))"
+        if args.lr is None else f"  lr {args.lr:g} (--lr)",
+        f"  {total_steps} steps, warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}; "
+        f"LPIPS x {args.perceptual_weight:g} from step {args.perceptual_start}, codebook x "
+        f"{args.codebook_weight:g}, GAN x {args.disc_weight:g} lambda from step "
+        f"{args.disc_start}" + (" (after this run's last step)" if args.disc_start >= total_steps
+                                else ""),
+        f"  precision {precision}, channels_last {'on' if channels_last else 'off'}, compile "
+        f"{'on' if args.compile else 'off'}",
+    ]
+    print("\n".join(lines))
 
-    grad_rec and grad_gan are the two losses' gradients at x_hat; pushing each back through
-    the last conv alone gives the weight gradients, without touching LPIPS or D again. Under
-    DDP `average` all-reduces these two small tensors, so every rank uses the lambda of the
+
+def adaptive_lambda(last_input, last_conv, grad_rec, grad_gan, disc_weight, average=None):
+    """lambda = ||dL_rec/dw|| / (||dL_G/dw|| + 1e-4) at the last conv's weight w, clamped and
+    detached.
+
+    grad_rec and grad_gan are the two losses' gradients at the conv's output x_hat, last_input
+    its input (B, C, H, W). The weight gradient of a convolution is a correlation of the two,
+    torch.nn.grad.conv2d_weight, so it costs no backward pass through the model: under
+    torch.compile, autograd.grad to the weight would run the whole compiled backward. It is
+    computed in float32 whatever the autocast dtype, so fp16 cannot underflow it. Under DDP
+    `average` all-reduces the two small weight gradients, so every rank uses the lambda of the
     global batch (the one a single process with the whole batch would compute).
     """
-    rec_w, = torch.autograd.grad(x_hat, last_layer, grad_outputs=grad_rec, retain_graph=True)
-    gan_w, = torch.autograd.grad(x_hat, last_layer, grad_outputs=grad_gan, retain_graph=True)
+    inputs = last_input.detach().float()
+
+    def weight_grad(grad_output):  # (out_ch, C, k, k)
+        return torch.nn.grad.conv2d_weight(
+            inputs, last_conv.weight.shape, grad_output.float(), stride=last_conv.stride,
+            padding=last_conv.padding, dilation=last_conv.dilation, groups=last_conv.groups)
+    rec_w, gan_w = weight_grad(grad_rec), weight_grad(grad_gan)
     if average is not None:
         rec_w, gan_w = average(rec_w), average(gan_w)
     weight = rec_w.norm() / (gan_w.norm() + 1e-4)
@@ -79,44 +150,46 @@ def adaptive_lambda(x_hat, last_layer, grad_rec, grad_gan, disc_weight, average=
 
 
 def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=1.0,
-                       average=None, last_layer=None, perceptual_on=True):
+                       average=None, last_conv=None, perceptual_on=True, precision="auto"):
     """Forward the VQGAN, back-propagate its whole loss (times `scale`); return loss terms.
 
     The discriminator's parameters receive no gradient here: D is only differentiated with
-    respect to its input. `model` may be wrapped (DDP, torch.compile); then `last_layer` names
-    the bare VQGAN's last weight.
+    respect to its input. `model` may be wrapped (DDP, torch.compile); then `last_conv` names
+    the bare VQGAN's decoder.conv_out. `scale` is 1 / --grad-accum times the GradScaler's
+    factor under fp16: the losses are scaled before any backward pass (also the ones through
+    LPIPS and D to x_hat), so that no fp16 gradient underflows; lambda is taken unscaled.
     """
-    with utils.autocast_context(images.device):
-        x_hat, codebook_loss, indices = model(images)
+    with utils.autocast_context(images.device, precision):
+        x_hat, codebook_loss, indices, last_input = model(images, return_last_input=True)
     # Split the graph: losses are differentiated to this leaf copy of x_hat, once each.
     x_hat_leaf = x_hat.detach().float().requires_grad_(True)
-    with utils.autocast_context(images.device):
+    with utils.autocast_context(images.device, precision):
         rec_loss = l1 = (images - x_hat_leaf).abs().mean()
         if perceptual_on:
             perceptual = lpips(images, x_hat_leaf)
             rec_loss = l1 + args.perceptual_weight * perceptual
-    grad_x_hat, = torch.autograd.grad(rec_loss, x_hat_leaf)
+    grad_x_hat, = torch.autograd.grad(rec_loss * scale, x_hat_leaf)  # (B, 3, H, W), scaled
     terms = {"rec_loss": l1.detach(), "codebook": codebook_loss.detach()}
     if perceptual_on:
         terms["perceptual"] = perceptual.detach()
     if gan_on:
-        with utils.autocast_context(images.device):
+        with utils.autocast_context(images.device, precision):
             generator_loss = -discriminator(x_hat_leaf).mean()
-        grad_gan, = torch.autograd.grad(generator_loss, x_hat_leaf)
-        last_layer = model.last_layer if last_layer is None else last_layer
-        lam = adaptive_lambda(x_hat, last_layer, grad_x_hat.to(x_hat.dtype),
-                              grad_gan.to(x_hat.dtype), args.disc_weight, average)
+        grad_gan, = torch.autograd.grad(generator_loss * scale, x_hat_leaf)
+        last_conv = model.decoder.conv_out if last_conv is None else last_conv
+        lam = adaptive_lambda(last_input, last_conv, grad_x_hat / scale, grad_gan / scale,
+                              args.disc_weight, average)
         grad_x_hat = grad_x_hat + lam * grad_gan
         terms.update(generator=generator_loss.detach(), disc_lambda=lam)
-    torch.autograd.backward(
-        [x_hat, codebook_loss * args.codebook_weight * scale],
-        [(grad_x_hat * scale).to(x_hat.dtype), None])
+    torch.autograd.backward([x_hat, codebook_loss * args.codebook_weight * scale],
+                            [grad_x_hat.to(x_hat.dtype), None])
     return x_hat.detach(), indices, terms
 
 
-def discriminator_backward(discriminator, images, x_hat, disc_loss_fn, scale=1.0):
+def discriminator_backward(discriminator, images, x_hat, disc_loss_fn, scale=1.0,
+                           precision="auto"):
     """Hinge (or vanilla) loss on real images and detached reconstructions; D's grads only."""
-    with utils.autocast_context(images.device):
+    with utils.autocast_context(images.device, precision):
         logits_real = discriminator(images)
         logits_fake = discriminator(x_hat.detach())
         loss = disc_loss_fn(logits_real, logits_fake)
@@ -125,13 +198,13 @@ def discriminator_backward(discriminator, images, x_hat, disc_loss_fn, scale=1.0
 
 
 @torch.no_grad()
-def validate(model, loader, device):
+def validate(model, loader, device, precision="auto"):
     """Mean L1 and PSNR of reconstructions over the validation split."""
     model.eval()
     total_l1 = total_psnr = count = 0.0
     for batch in loader:
         images = batch["image"].to(device)
-        with utils.autocast_context(device):
+        with utils.autocast_context(device, precision):
             x_hat, _, _ = model(images)
         x_hat = x_hat.float()
         total_l1 += (images - x_hat).abs().flatten(1).mean(1).sum().item()
@@ -143,10 +216,10 @@ def validate(model, loader, device):
 
 
 @torch.no_grad()
-def save_reconstructions(model, images, path):
+def save_reconstructions(model, images, path, precision="auto"):
     """Originals on the top row, reconstructions below, de-normalised to real pixel values."""
     model.eval()
-    with utils.autocast_context(images.device):
+    with utils.autocast_context(images.device, precision):
         x_hat, _, _ = model(images)
     model.train()
     utils.save_image_grid([list(images.cpu()), list(x_hat.float().cpu())], path)
@@ -174,7 +247,9 @@ def train(args, dist, device):
 
     model = VQGAN(config).to(device)
     discriminator = NLayerDiscriminator().to(device)  # its BatchNorm sees the global batch
-    if device.type == "cuda":  # convolutions run faster in NHWC on tensor cores
+    precision = utils.resolve_precision(args.precision, device)
+    channels_last = utils.use_channels_last(args.channels_last, device)
+    if channels_last:
         for module in (model, discriminator, lpips):
             module.to(memory_format=torch.channels_last)
     peak_lr = utils.learning_rate(args, dist.world_size)
@@ -182,7 +257,7 @@ def train(args, dist, device):
     opt_g = torch.optim.Adam(model.parameters(), lr=peak_lr, betas=(0.5, 0.9), fused=fused)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=peak_lr, betas=(0.5, 0.9),
                              fused=fused)
-    scaler = utils.grad_scaler(device)
+    scaler = utils.grad_scaler(device, precision)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
 
     step = 0
@@ -193,7 +268,8 @@ def train(args, dist, device):
         discriminator.load_state_dict(checkpoint["discriminator"])
         opt_g.load_state_dict(checkpoint["opt_g"])
         opt_d.load_state_dict(checkpoint["opt_d"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty from a run without fp16
+            scaler.load_state_dict(checkpoint["scaler"])
         utils.set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
     # DDP all-reduces gradients in backward. The generator loss differentiates D with respect
@@ -211,7 +287,7 @@ def train(args, dist, device):
                   "model": model.state_dict(),
                   "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(),
                   "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
-                  "rng": utils.get_rng_state()})
+                  "rng": utils.get_rng_state(), "part_labels": train_set.part_labels.to_dict()})
         save_vqgan(model, run.path("vqgan.pt"))
         records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
         utils.plot_curves(records, [("losses",
@@ -224,12 +300,17 @@ def train(args, dist, device):
     if not run.steps_left(step, total_steps, args):
         return None
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
+    if dist.is_main:
+        describe_run(args, config, model, precision, channels_last, total_steps,
+                     dist.world_size)
     code_stats = CodebookStats(config.n_embed)
     health = utils.FiniteCheck()
     stop = utils.StopRequest()
     progress = tqdm(total=total_steps, initial=step, desc="stage 1", dynamic_ncols=True,
                     disable=not dist.is_main)
-    window_start, window_images = time.perf_counter(), 0
+    # the window since the last log line: sums of each loss term over its steps, and how many
+    # steps had the term (the GAN and LPIPS terms start within a window)
+    window_start, window_images, window_sums, window_steps = time.perf_counter(), 0, {}, {}
     model.train()
     discriminator.train()
     batches = utils.resume_batches(loader, sampler, step * args.grad_accum)
@@ -246,23 +327,30 @@ def train(args, dist, device):
             scale = scaler.scale(torch.full((), 1.0 / args.grad_accum, device=device))
             for micro in range(args.grad_accum):
                 images = next(batches)["image"].to(device, non_blocking=True)
-                if device.type == "cuda":
+                if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # gradients are all-reduced once per step, on its last micro-batch
                 with dist.no_sync(ddp_model, ddp_discriminator,
                                   last=micro == args.grad_accum - 1):
                     x_hat, indices, terms = generator_backward(
                         forward_model, lpips, discriminator, images, args, gan_on, scale,
-                        average, model.last_layer, step >= args.perceptual_start)
+                        average, model.decoder.conv_out, step >= args.perceptual_start,
+                        precision)
                     if gan_on:
                         terms["discriminator"] = discriminator_backward(
-                            ddp_discriminator, images, x_hat, disc_loss_fn, scale)
+                            ddp_discriminator, images, x_hat, disc_loss_fn, scale, precision)
                 code_stats.update(indices)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value / args.grad_accum
                 window_images += images.shape[0] * dist.world_size
-            for value in sums.values():  # every term: a NaN in D or the GAN term stops it too
-                health.add(value)
+            model.quantize.count_step()  # the dead-code window counts optimizer steps
+            for key, value in sums.items():  # a NaN in D or the GAN term stops the run too;
+                # under fp16 an infinite lambda is a scaled gradient that overflowed, and the
+                # scaler skips that step itself
+                if key != "disc_lambda" or not scaler.is_enabled():
+                    health.add(value)
+                window_sums[key] = window_sums.get(key, 0) + value
+                window_steps[key] = window_steps.get(key, 0) + 1
             scaler.step(opt_g)
             if gan_on:
                 scaler.step(opt_d)
@@ -275,26 +363,29 @@ def train(args, dist, device):
             stopping = stop.should_stop(dist, log_step)
             if log_step or save_step or stopping:  # never log or save past a NaN
                 health.check(step, run.path("vqgan_last.pt"), dist)
-            if log_step:
-                sums = {key: float(dist.mean(value)) for key, value in sums.items()}
+            if log_step:  # window means of the loss terms, like usage and perplexity
+                means = {key: float(dist.mean(value)) / window_steps[key]
+                         for key, value in window_sums.items()}
                 code_stats.counts = dist.sum(code_stats.counts)  # usage of every rank's codes
                 if dist.is_main:
                     elapsed = time.perf_counter() - window_start
                     usage, perplexity = code_stats.usage, code_stats.perplexity
-                    metrics.write({"step": step, **sums, "usage": usage,
+                    metrics.write({"step": step, **means, "usage": usage,
                                    "perplexity": perplexity, "lr": lr,
                                    "images_per_s": window_images / elapsed})
-                    progress.set_postfix(l1=f"{sums['rec_loss']:.4f}", usage=f"{usage:.2f}")
+                    progress.set_postfix(l1=f"{means['rec_loss']:.4f}", usage=f"{usage:.2f}")
                 code_stats.reset()
-                window_start, window_images = time.perf_counter(), 0
+                window_start, window_images, window_sums, window_steps = (time.perf_counter(), 0,
+                                                                          {}, {})
             if not dist.is_main:
                 continue
             # Rank 0 alone validates, draws and saves, with the bare model (no collectives).
             if step % steps_per_epoch == 0 or step == total_steps:
-                metrics.write({"step": step, **validate(model, val_loader, device)})
+                metrics.write({"step": step, **validate(model, val_loader, device, precision)})
             if step % args.sample_every == 0 or step == total_steps:
                 save_reconstructions(model, fixed_images,
-                                     run.path("samples", f"reconstructions_{step:06d}.png"))
+                                     run.path("samples", f"reconstructions_{step:06d}.png"),
+                                     precision)
             if save_step or stopping:
                 save_checkpoint()
     finally:  # also on errors (NaN, a second Ctrl-C): in-process callers get Ctrl-C back

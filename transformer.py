@@ -38,8 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mingpt import GPT, GPTConfig
-from utils import (NUM_PART_LABELS, UserError, autocast_context, file_sha256, load_checkpoint,
-                   require_file)
+from utils import NUM_PART_LABELS, UserError, file_sha256, load_checkpoint, require_file
 from vqgan import load_vqgan
 
 CONDITION_MODES = ("keypoints", "parts", "class", "none")
@@ -257,14 +256,9 @@ class PoseTransformer(nn.Module):
 
     @torch.no_grad()
     def image_tokens(self, images):
-        """images (B, 3, H, W) in [-1, 1] -> VQGAN codes (B, h * w), row-major.
-
-        Always under the device's autocast, so the token cache, completions and evaluation
-        encode an image to the same tokens.
-        """
-        with autocast_context(images.device):
-            _, _, indices = self.vqgan.encode(images)  # (B, h, w)
-        return indices.flatten(1)
+        """images (B, 3, H, W) in [-1, 1] -> VQGAN codes (B, h * w), row-major, encoded as
+        VQGAN.image_tokens encodes them for every use."""
+        return self.vqgan.image_tokens(images).flatten(1)
 
     @torch.no_grad()
     def decode(self, tokens):

@@ -4,10 +4,12 @@ Data flows one way: images -> this module's loader -> stage 1 (VQGAN) -> cached 
 -> stage 2 (pose-conditioned GPT) -> samples. Everything that more than one script needs lives
 here:
 
-* pose layouts (COCO-17, OpenPose-18), body-part labels and their left/right swaps;
+* pose layouts (COCO-17, OpenPose-18) and part labellings (mannequin, DensePose, your own JSON),
+  with their left/right swaps;
 * errors meant for people (`UserError`), the `run_cli` wrapper that prints them as one line, and
   the argument types every script's flags use, so that a bad value is refused when parsed;
-* devices, seeding, RNG state, atomic checkpoints and checkpoint loading with a kind check;
+* devices, precision (--precision: autocast dtype and GradScaler) and memory format, seeding, RNG
+  state, atomic checkpoints and checkpoint loading with a kind check;
 * metrics logging, loss-curve plots, image grids (always de-normalised from [-1, 1]) and skeleton
   drawing;
 * the dataset: user folders with optional poses.json / part maps, COCO person-keypoint files,
@@ -16,6 +18,7 @@ here:
 """
 import argparse
 import collections
+import colorsys
 import contextlib
 import json
 import math
@@ -23,6 +26,7 @@ import os
 import pickle
 import random
 import re
+import secrets
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -83,20 +87,96 @@ OPENPOSE18 = KeypointLayout(
 LAYOUTS = {layout.name: layout for layout in (COCO17, OPENPOSE18)}
 LAYOUT_BY_K = {layout.num_keypoints: layout for layout in (COCO17, OPENPOSE18)}
 
-# Body-part label maps: 0 is background; limbs are split into upper and lower segments.
+
+@dataclass(frozen=True)
+class PartLabelling:
+    """What the integer labels of a part map mean: labels 0 .. num_labels - 1 (0 background),
+    and which pairs are the left and right of one body part, swapped under a horizontal flip."""
+
+    name: str
+    num_labels: int
+    flip_pairs: tuple  # ((label, its mirror label), ...)
+
+    def flip_lookup(self):
+        """Table (256,) mapping each uint8 label to its mirror label (unpaired ones to
+        themselves)."""
+        table = np.arange(256, dtype=np.uint8)
+        for left, right in self.flip_pairs:
+            table[left], table[right] = right, left
+        return table
+
+    def to_dict(self):
+        """Plain values for a checkpoint (loads with weights_only=True)."""
+        return {"name": self.name, "num_labels": self.num_labels,
+                "flip_pairs": [list(pair) for pair in self.flip_pairs]}
+
+
+# The mannequins' labels (mannequins.py draws them): 0 is background; limbs are split into upper
+# and lower segments.
 PART_NAMES = ("background", "head", "torso",
               "left_upper_arm", "right_upper_arm", "left_lower_arm", "right_lower_arm",
               "left_upper_leg", "right_upper_leg", "left_lower_leg", "right_lower_leg")
 NUM_PART_LABELS = len(PART_NAMES)
-PART_FLIP_PAIRS = ((3, 4), (5, 6), (7, 8), (9, 10))
+MANNEQUIN_PARTS = PartLabelling("mannequin", NUM_PART_LABELS,
+                               ((3, 4), (5, 6), (7, 8), (9, 10)))
+
+# DensePose's 24 body-part indices (its "I" channel; 0 is background): 1, 2 torso; 3 right hand,
+# 4 left hand; 5 left foot, 6 right foot; 7 / 9 right upper leg back / front, 8 / 10 left; 11 / 13
+# right lower leg back / front, 12 / 14 left; 15 / 17 left upper arm inside / outside, 16 / 18
+# right; 19 / 21 left lower arm inside / outside, 20 / 22 right; 23 right head, 24 left head.
+DENSEPOSE_PARTS = PartLabelling("densepose", 25, ((3, 4), (5, 6), (7, 8), (9, 10), (11, 12),
+                                                  (13, 14), (15, 16), (17, 18), (19, 20),
+                                                  (21, 22), (23, 24)))
+
+PART_LABELLINGS = {labelling.name: labelling for labelling in (MANNEQUIN_PARTS, DENSEPOSE_PARTS)}
 
 
-def part_flip_lookup(num_labels=256):
-    """Lookup table mapping each part label to its mirror label (identity for unpaired ones)."""
-    table = np.arange(num_labels, dtype=np.int64)
-    for left, right in PART_FLIP_PAIRS:
-        table[left], table[right] = right, left
-    return table
+def resolve_part_labelling(value):
+    """--part-labels: a named labelling, or a JSON file {"num_labels": N, "flip_pairs": [[left,
+    right], ...]} of your own, checked: pairs of two different labels in 1 .. N - 1, none twice."""
+    if value in PART_LABELLINGS:
+        return PART_LABELLINGS[value]
+    usage = ('{"num_labels": N, "flip_pairs": [[left, right], ...]} (labels 0 .. N - 1, 0 the '
+             'background, N at most 256)')
+    if not value.lower().endswith(".json"):
+        raise UserError(f"--part-labels {value}: use one of {', '.join(PART_LABELLINGS)}, or a "
+                        f".json file holding {usage}")
+    spec = read_json(value)
+    num_labels, pairs = (spec.get("num_labels"), spec.get("flip_pairs")) if isinstance(
+        spec, dict) else (None, None)
+
+    def is_label(n):
+        return isinstance(n, int) and not isinstance(n, bool) and 0 < n < num_labels
+    if (not isinstance(num_labels, int) or isinstance(num_labels, bool)
+            or not 2 <= num_labels <= 256 or not isinstance(pairs, list)
+            or set(spec) != {"num_labels", "flip_pairs"}):
+        raise UserError(f"{value} must hold exactly {usage}")
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(map(is_label, pair))
+                and pair[0] != pair[1]):
+            raise UserError(f"{value}: flip pair {pair!r} must be two different labels in "
+                            f"1 .. {num_labels - 1}")
+    labels = [label for pair in pairs for label in pair]
+    if len(set(labels)) < len(labels):
+        twice = next(label for label in labels if labels.count(label) > 1)
+        raise UserError(f"{value}: label {twice} is in two flip pairs; each label has one mirror")
+    return PartLabelling(value, num_labels, tuple(tuple(pair) for pair in pairs))
+
+
+def part_labels_value(text):
+    """The argument type of --part-labels: a named labelling, or a .json file of your own that
+    resolve_part_labelling accepts (read and checked when parsed, before any data is read)."""
+    if text in PART_LABELLINGS:
+        return text
+    if not text.lower().endswith(".json"):
+        raise argparse.ArgumentTypeError(f"must be {', '.join(PART_LABELLINGS)} or a .json file "
+                                         f"of your own labelling, got {text!r}")
+    try:
+        resolve_part_labelling(text)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(f"must be a labelling file this project reads, but "
+                                         f"{error}") from None
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,18 +358,46 @@ def pick_device(name="auto"):
     return device
 
 
-def autocast_context(device):
-    """bf16 autocast on CUDA (fp16 where bf16 is missing needs a GradScaler: see grad_scaler)."""
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name, device):
+    """--precision -> 'fp32', 'bf16' or 'fp16' on `device`.
+
+    auto: bf16 on a GPU that computes it natively (CUDA compute capability 8.0, Ampere, and
+    later), fp16 with a GradScaler on older GPUs (torch.cuda.is_bf16_supported() also says yes
+    there, where bf16 is emulated and slow), fp32 on the CPU and MPS. The others are taken as
+    given: the CPU runs bf16 and fp16 autocast too (slowly), which the tests use.
+    """
+    if name not in PRECISIONS:
+        raise UserError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext()
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+    return "fp32"
 
 
-def grad_scaler(device):
-    """A GradScaler only where fp16 autocast is used (CUDA without bf16); disabled otherwise."""
-    needs_scaling = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    return torch.amp.GradScaler(device.type, enabled=needs_scaling)
+def autocast_context(device, precision="auto"):
+    """Autocast in the resolved precision's dtype on `device`; no autocast for fp32."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(device, precision="auto"):
+    """A GradScaler, enabled only for fp16 (whose small gradients underflow unless the loss is
+    scaled up); bf16 has fp32's range and needs none."""
+    enabled = resolve_precision(precision, device) == "fp16"
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def use_channels_last(flag, device):
+    """--channels-last / --no-channels-last, else NHWC on CUDA, where tensor-core convolutions
+    run faster in it."""
+    return device.type == "cuda" if flag is None else flag
 
 
 def seed_everything(seed):
@@ -328,13 +436,18 @@ def stable_hash(text):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+    """torch.save to a temporary file in the same folder, fsync, rename over `path`, fsync the
+    folder.
 
-    A crash at any moment leaves either the old file or the new one, never a half-written file.
+    A crash at any moment leaves either the old file or the new one, never a half-written file;
+    the folder's fsync makes the rename itself survive a power cut. The file gets the mode any
+    new file gets (0666 less the umask), so that others sharing the run can read it.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    # not tempfile.mkstemp, which creates mode 0600; O_EXCL: never another file of this name
+    tmp_path = os.path.join(folder, f".tmp-{secrets.token_hex(8)}.pt")
+    handle = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as f:
             torch.save(obj, f)
@@ -345,6 +458,12 @@ def atomic_save(obj, path):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX; Windows cannot open a folder, nor needs to
+        folder_handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder_handle)
+        finally:
+            os.close(folder_handle)
 
 
 def file_sha256(path):
@@ -540,15 +659,18 @@ def condition_picture(condition, keypoints, parts, layout, size):
     return Image.new("RGB", size, "white")
 
 
+# one colour per label 0 .. 255: the mannequins' 11 (0, the background, white), then hues a
+# golden angle apart for the labels of other labellings (DensePose's 11 .. 24, your own)
 PART_COLOURS = np.array([(255, 255, 255), (230, 190, 140), (220, 40, 40), (40, 110, 220),
                          (40, 200, 220), (20, 60, 150), (20, 140, 160), (60, 170, 60),
-                         (240, 200, 30), (20, 100, 20), (180, 130, 10)], dtype=np.uint8)
+                         (240, 200, 30), (20, 100, 20), (180, 130, 10)] + [
+    tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i * 0.381966 % 1, 0.7, 0.85))
+    for i in range(256 - NUM_PART_LABELS)], dtype=np.uint8)
 
 
 def colorize_parts(part_map):
-    """(H, W) integer labels -> PIL RGB picture with one colour per part (labels wrap around)."""
-    labels = np.asarray(part_map, dtype=np.int64) % len(PART_COLOURS)
-    return Image.fromarray(PART_COLOURS[labels])
+    """(H, W) integer labels in 0 .. 255 -> PIL RGB picture with one colour per label."""
+    return Image.fromarray(PART_COLOURS[np.asarray(part_map, dtype=np.int64)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,11 +719,12 @@ def transform_keypoints(keypoints, box, size):
     return out
 
 
-def flip_example(image, keypoints, parts, layout):
+def flip_example(image, keypoints, parts, layout, part_labels=MANNEQUIN_PARTS):
     """Mirror left-right: image (H, W, 3), keypoints (K, 3) and parts (H, W), swapping sides.
 
     Swapping matters: after a flip the person's left arm is where the right arm was, so the
-    'left_wrist' keypoint and the 'left_lower_arm' label must be renamed to 'right_*'.
+    'left_wrist' keypoint and the 'left_lower_arm' label must be renamed to 'right_*' (the
+    pairs of `layout` and of the PartLabelling `part_labels`).
     """
     width = image.shape[1]
     image = image[:, ::-1].copy()
@@ -609,7 +732,7 @@ def flip_example(image, keypoints, parts, layout):
         keypoints = keypoints[layout.flip_permutation()].copy()
         keypoints[:, 0] = width - keypoints[:, 0]
     if parts is not None:
-        parts = part_flip_lookup()[parts[:, ::-1]]
+        parts = part_labels.flip_lookup()[parts[:, ::-1]]
     return image, keypoints, parts
 
 
@@ -860,11 +983,12 @@ def class_folders(root, examples):
     return names
 
 
-def prepare_example(example, size, resize_mode, max_pixels):
+def prepare_example(example, size, resize_mode, max_pixels, part_labels=MANNEQUIN_PARTS):
     """Decode and square one example: uint8 image (S, S, 3), keypoints (K, 3), uint8 parts (S, S).
 
     The kept square is the example's box (COCO people) or the 'pad'/'crop' square of the image;
     parts of it outside the image are filled with the border colour (image) and 0 (part labels).
+    Every label of the part map must be one of the PartLabelling `part_labels`.
     """
     image = open_image(example.image_path, max_pixels)
     width, height = image.size
@@ -886,8 +1010,13 @@ def prepare_example(example, size, resize_mode, max_pixels):
             raise UserError(f"part map {example.part_path} is {labels.shape[1]}x"
                             f"{labels.shape[0]} but its image is {width}x{height}; part "
                             "maps must have the image's size")
-        if labels.min() < 0 or labels.max() > 255:
-            raise UserError(f"part map {example.part_path} has labels outside 0..255")
+        outside = (labels < 0) | (labels >= part_labels.num_labels)
+        if outside.any():
+            row, column = np.argwhere(outside)[0]
+            raise UserError(f"part map {example.part_path} has label {labels[row, column]} (row "
+                            f"{row}, column {column}), but --part-labels {part_labels.name} has "
+                            f"labels 0 .. {part_labels.num_labels - 1}; pass the labelling the "
+                            f"maps use ({', '.join(PART_LABELLINGS)} or a .json file)")
         part_canvas = Image.new("L", (side, side), 0)
         part_canvas.paste(Image.fromarray(labels.astype(np.uint8)), (-x0, -y0))
         parts = np.asarray(part_canvas.resize((size, size), Image.NEAREST))
@@ -905,14 +1034,15 @@ class PoseImageDataset(torch.utils.data.Dataset):
       path       the example's relative path
     With class_labels=True the data is folder-per-class: an image's class is its first folder
     below root (DIR/<class>/.../image.png), and `class_names` lists the folders, sorted.
-    Every file is decoded once when the dataset is built, so a corrupt image is found before
-    training starts; small datasets keep those decoded pixels in memory (`preload`).
+    Every file is decoded once when the dataset is built, so a corrupt image (or a part label
+    that `part_labels` does not know) is found before training starts; small datasets keep those
+    decoded pixels in memory (`preload`).
     """
 
     def __init__(self, root, image_size=64, split="train", val_fraction=0.05, resize_mode="auto",
                  pose_layout="auto", coco_annotations=None, coco_min_keypoints=5,
                  coco_margin=0.1, strict=False, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
-                 preload="auto", progress=True, class_labels=False):
+                 preload="auto", progress=True, class_labels=False, part_labels=MANNEQUIN_PARTS):
         if not os.path.exists(root):
             raise UserError(f"dataset path {root} does not exist; pass --dataset-path DIR with "
                             "your images, or leave it out to use the synthetic mannequins")
@@ -920,7 +1050,9 @@ class PoseImageDataset(torch.utils.data.Dataset):
             raise UserError(f"dataset path {root} is not a folder; pass the folder that holds "
                             "the images")
         self.root, self.image_size, self.max_image_pixels = root, image_size, max_image_pixels
+        self.part_labels = part_labels
         self.layout = None
+        self.annotation_path = coco_annotations  # or poses.json, found by _scan_folder
         if coco_annotations:
             examples = read_coco_annotations(coco_annotations, root, coco_min_keypoints,
                                              coco_margin)
@@ -952,6 +1084,7 @@ class PoseImageDataset(torch.utils.data.Dataset):
         poses = {}
         poses_path = os.path.join(root, "poses.json")
         if os.path.exists(poses_path):
+            self.annotation_path = poses_path
             poses, self.layout = read_poses_json(poses_path, root, names, pose_layout)
             unposed = [n for n in names if n not in poses]
             if unposed and warn:
@@ -1010,7 +1143,25 @@ class PoseImageDataset(torch.utils.data.Dataset):
         return kept, ([prepared for _, prepared in results] if preload else None)
 
     def prepare(self, example):
-        return prepare_example(example, self.image_size, self.resize_mode, self.max_image_pixels)
+        return prepare_example(example, self.image_size, self.resize_mode, self.max_image_pixels,
+                               self.part_labels)
+
+    def fingerprint(self):
+        """A SHA-256 hex digest of the files the items are made of, to key caches of them: the
+        content of the annotation file (poses.json or the COCO file), and the path, size and
+        modification time of every image and part map. Those are a stat, not a read, so a large
+        set costs nothing extra; any edit changes the time (a copy with cp -p, shutil.copy2 or
+        rsync -a keeps it, and then the file is the same as well)."""
+        import hashlib
+        digest = hashlib.sha256()
+        if self.annotation_path is not None:
+            digest.update(file_sha256(self.annotation_path).encode())
+        for example in self.examples:
+            for path in (example.image_path, example.part_path):
+                if path is not None:
+                    info = os.stat(path)
+                    digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
     def __len__(self):
         return len(self.examples)
@@ -1021,7 +1172,8 @@ class PoseImageDataset(torch.utils.data.Dataset):
         image, keypoints, parts = (self.cache[index] if self.cache is not None
                                    else self.prepare(example))
         if flip:
-            image, keypoints, parts = flip_example(image, keypoints, parts, self.layout or COCO17)
+            image, keypoints, parts = flip_example(image, keypoints, parts, self.layout or COCO17,
+                                                   self.part_labels)
         out = {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
                .float().div(127.5).sub(1.0),  # (3, S, S) in [-1, 1]
                "path": example.name}
@@ -1115,6 +1267,12 @@ def add_run_args(parser, default_run_dir, default_batch_size, default_base_lr, d
     group.add_argument("--epochs", type=positive_int, default=None,
                        help="total epochs, when --max-steps is not given")
     parser.set_defaults(default_max_steps=default_max_steps)
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="autocast dtype: auto is bf16 on GPUs with native bf16 (compute "
+                            "capability 8.0+), fp16 with a GradScaler on older GPUs, fp32 on "
+                            "the CPU")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory format for the convolutions (default: on with CUDA)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--log-every", type=positive_int, default=50)
     group.add_argument("--save-every", type=positive_int, default=500)
@@ -1484,6 +1642,10 @@ def add_data_args(parser):
                             "when poses or part maps are present")
     group.add_argument("--pose-layout", choices=("auto",) + tuple(LAYOUTS), default="auto",
                        help="keypoint order in poses.json; auto picks it from K (17 or 18)")
+    group.add_argument("--part-labels", type=part_labels_value, default="mannequin",
+                       help="what the part maps' labels mean: mannequin (0-10), densepose (the "
+                            "24 DensePose body-part indices, 0 background), or a .json file "
+                            '{"num_labels": N, "flip_pairs": [[left, right], ...]}')
     group.add_argument("--coco-annotations", default=None,
                        help="a COCO person_keypoints_*.json; its images are read below "
                             "--dataset-path")
@@ -1515,7 +1677,8 @@ def build_datasets(args, progress=True, class_labels=False):
                   resize_mode=args.resize_mode, pose_layout=args.pose_layout,
                   coco_annotations=args.coco_annotations, strict=args.strict,
                   max_image_pixels=args.max_image_pixels, progress=progress,
-                  class_labels=class_labels)
+                  class_labels=class_labels,
+                  part_labels=resolve_part_labelling(getattr(args, "part_labels", "mannequin")))
     return PoseImageDataset(split="train", **common), PoseImageDataset(split="val", **common)
 
 

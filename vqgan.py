@@ -20,9 +20,9 @@ import torch.nn as nn
 from codebook import Codebook
 from decoder import Decoder
 from encoder import Encoder
-from utils import (ArgumentParser, UserError, atomic_save, load_checkpoint, non_negative_float,
-                   non_negative_int, output_file, positive_int, require_file, run_cli,
-                   unit_fraction)
+from utils import (ArgumentParser, UserError, atomic_save, autocast_context, load_checkpoint,
+                   non_negative_float, non_negative_int, output_file, positive_int, require_file,
+                   run_cli, unit_fraction)
 
 
 @dataclass
@@ -98,7 +98,7 @@ def add_vqgan_args(parser):
     group = parser.add_argument_group("VQGAN architecture (each flag overrides the preset)")
     group.add_argument("--preset", choices=sorted(PRESETS), default="small")
     for field in dataclasses.fields(VQGANConfig):
-        if field.name == "resolution":  # the image size comes from --image-size
+        if field.name == "resolution":  # the preset's, or --image-size
             continue
         flag = "--" + field.name.replace("_", "-")
         values = "; ".join(f"{name}: {getattr(preset, field.name)}"
@@ -115,10 +115,12 @@ def add_vqgan_args(parser):
 
 
 def config_from_args(args):
-    """The preset, with every flag that was given and the resolution from --image-size."""
+    """The preset, with every flag that was given; the resolution is --image-size when given,
+    else the preset's (256 px for paper, 64 px for small)."""
     overrides = {field.name: getattr(args, field.name) for field in dataclasses.fields(VQGANConfig)
                  if getattr(args, field.name, None) is not None}
-    overrides["resolution"] = args.image_size
+    if getattr(args, "image_size", None) is not None:
+        overrides["resolution"] = args.image_size
     return dataclasses.replace(PRESETS[args.preset], **overrides)
 
 
@@ -155,6 +157,14 @@ class VQGAN(nn.Module):
         """Images (B, 3, H, W) in [-1, 1] -> z_q (B, embed_dim, h, w), loss, tokens (B, h, w)."""
         return self.quantize(self.quant_conv(self.encoder(x)))
 
+    @torch.no_grad()
+    def image_tokens(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> tokens (B, h, w), always under the device's automatic
+        precision (utils.autocast_context), so that the token cache, completions and evaluation
+        encode an image to the same tokens."""
+        with autocast_context(images.device):
+            return self.encode(images)[2]
+
     def decode(self, z_q):
         """(B, embed_dim, h, w) -> images (B, out_ch, H, W)."""
         return self.decoder(self.post_quant_conv(z_q))
@@ -163,9 +173,16 @@ class VQGAN(nn.Module):
         """Tokens (B, h, w) -> images (B, out_ch, H, W)."""
         return self.decode(self.quantize.lookup(indices))
 
-    def forward(self, x):
+    def forward(self, x, return_last_input=False):
+        """Images (B, 3, H, W) -> reconstructions (B, out_ch, H, W), codebook loss, tokens
+        (B, h, w). With return_last_input, also the (detached) input of decoder.conv_out
+        (B, ch * ch_mult[0], H, W): training gets that conv's weight gradient from it directly
+        (training_vqgan.adaptive_lambda), without a backward pass through the model."""
         z_q, codebook_loss, indices = self.encode(x)
-        return self.decode(z_q), codebook_loss, indices
+        if not return_last_input:
+            return self.decode(z_q), codebook_loss, indices
+        last_input = self.decoder.last_input(self.post_quant_conv(z_q))
+        return self.decoder.conv_out(last_input), codebook_loss, indices, last_input.detach()
 
 
 def save_vqgan(model, path):

@@ -109,6 +109,7 @@ def test_dead_code_is_restarted_from_this_batchs_encoder_outputs():
     codebook.train()
     for _ in range(2):  # two steps unused: code 3 is now dead
         _, _, indices = codebook(torch.rand(2, 2, 2, 2))
+        codebook.count_step()
         assert not (indices == 3).any()
     assert codebook.steps_unused[3] == 2
     z = torch.rand(2, 2, 2, 2)
@@ -116,6 +117,7 @@ def test_dead_code_is_restarted_from_this_batchs_encoder_outputs():
     loss.backward()  # the in-place restart happened before the graph was built
     new_code = codebook.embedding.weight[3].detach()
     assert (rows(z) == new_code).all(1).any(), "the restarted code is one of the batch's vectors"
+    codebook.count_step()
     assert (indices == 3).any() and codebook.steps_unused[3] == 0
     assert torch.equal(codebook.embedding.weight[:3].detach(),
                        torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
@@ -125,11 +127,53 @@ def test_restarts_are_deterministic_given_the_torch_seed():
     def run():
         torch.manual_seed(1)
         codebook = Codebook(n_embed=64, embed_dim=3, restart_dead_codes=True, dead_code_window=1)
+        initial = codebook.embedding.weight.detach().clone()
         for _ in range(3):
             codebook(torch.randn(2, 3, 4, 4))
-        return codebook.embedding.weight.detach()
+            codebook.count_step()
+        return initial, codebook.embedding.weight.detach()
 
-    assert torch.equal(run(), run())
+    (initial, first), (_, second) = run(), run()
+    # 32 vectors per step cannot use all 64 codes: restarts happened, and they repeat exactly
+    restarted = (first != initial).any(dim=1)
+    assert restarted.sum() >= 32, f"only {int(restarted.sum())} of 64 codes were restarted"
+    assert torch.equal(first, second)
+
+
+def test_the_dead_code_window_counts_optimizer_steps_not_micro_batches():
+    """dead_code_window 2 with 3 micro-batches per step: a code unused by every micro-batch is
+    restarted in the third step's first micro-batch, after 2 steps, not after 2 micro-batches."""
+    codebook = Codebook(n_embed=4, embed_dim=2, restart_dead_codes=True, dead_code_window=2)
+    codebook.embedding.weight.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0],
+                                                   [50.0, 50.0]])  # code 3 is never chosen
+    codebook.train()
+    far_code = codebook.embedding.weight[3].detach().clone()
+    for step in range(2):
+        for _ in range(3):  # micro-batches
+            codebook(torch.rand(2, 2, 2, 2))
+            assert torch.equal(codebook.embedding.weight[3], far_code), f"restarted in step {step}"
+        codebook.count_step()
+        assert codebook.steps_unused[3] == step + 1
+        assert codebook.steps_unused[:3].tolist() == [0, 0, 0]  # used in some micro-batch
+    z = torch.rand(2, 2, 2, 2)
+    codebook(z)  # step 3, micro-batch 1
+    assert (rows(z) == codebook.embedding.weight[3].detach()).all(1).any()
+
+
+def test_usage_bookkeeping_has_no_data_dependent_shapes_so_never_waits_for_the_gpu():
+    """On the meta device tensors have shapes but no values: an op whose output shape depends
+    on values (boolean indexing, bincount, nonzero) cannot run there, and on a GPU it would make
+    the host wait for the device. A training step's bookkeeping runs there."""
+    meta = torch.device("meta")
+    codebook = Codebook(n_embed=8, embed_dim=2, restart_dead_codes=True,
+                        dead_code_window=1).to(meta).train()
+    stats = CodebookStats(n_embed=8)
+    indices = torch.zeros(6, dtype=torch.long, device=meta)
+    codebook._restart_dead_codes(torch.zeros(6, 2, device=meta))
+    codebook._note_usage(indices)
+    codebook.count_step()
+    stats.update(indices.view(2, 3))
+    assert codebook.steps_unused.device == stats.counts.device == meta
 
 
 def test_dead_codes_are_left_alone_in_eval_mode():

@@ -68,6 +68,11 @@ CASES = [
     (WITH_DATA, ["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1, got 1.5"),
     (WITH_DATA, ["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
     (WITH_DATA, ["--max-image-pixels", "0"], "--max-image-pixels must be >= 1, got 0"),
+    (WITH_DATA, ["--part-labels", "coco"], "--part-labels must be mannequin, densepose or a "
+                                           ".json file of your own labelling, got 'coco'"),
+    (WITH_DATA, ["--part-labels", "A_FOLDER/none.json"],
+     "--part-labels must be a labelling file this project reads, but cannot read "
+     "A_FOLDER/none.json: No such file or directory"),
     (TRAINERS, ["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
     (TRAINERS, ["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (TRAINERS, ["--save-every", "0"], "--save-every must be >= 1, got 0"),

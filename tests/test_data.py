@@ -3,6 +3,7 @@
 Every test builds its own tiny dataset in tmp_path, so the expected numbers can be worked out
 by hand from the files it writes.
 """
+import argparse
 import json
 import os
 import re
@@ -633,6 +634,125 @@ def test_two_ranks_together_see_what_one_process_with_double_batch_sees():
 def test_batch_larger_than_the_data_is_refused():
     with pytest.raises(UserError, match="5 images, fewer than one batch of 8"):
         EpochBatchSampler(5, 4, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Part labellings: mannequin, DensePose, your own
+# ----------------------------------------------------------------------------------------------
+
+# DensePose's body-part indices, from its documentation ("I" channel; 0 is background).
+DENSEPOSE_NAMES = {1: "torso", 2: "torso", 3: "right hand", 4: "left hand", 5: "left foot",
+                   6: "right foot", 7: "right upper leg back", 8: "left upper leg back",
+                   9: "right upper leg front", 10: "left upper leg front",
+                   11: "right lower leg back", 12: "left lower leg back",
+                   13: "right lower leg front", 14: "left lower leg front",
+                   15: "left upper arm inside", 16: "right upper arm inside",
+                   17: "left upper arm outside", 18: "right upper arm outside",
+                   19: "left lower arm inside", 20: "right lower arm inside",
+                   21: "left lower arm outside", 22: "right lower arm outside",
+                   23: "right head", 24: "left head"}
+
+
+def densepose_mirror(label):
+    """The DensePose label of the same part on the other side, by name."""
+    if label == 0:
+        return 0
+    name = DENSEPOSE_NAMES[label]
+    other = name.replace("left", "RIGHT").replace("right", "left").replace("RIGHT", "right")
+    (mirror,) = [i for i, n in DENSEPOSE_NAMES.items() if n == other and (i == label or
+                                                                          other != name)]
+    return mirror
+
+
+def test_densepose_flip_reads_every_left_part_as_its_right_one_and_the_other_way_round():
+    image = noise_image(3, 25)
+    parts = np.zeros((3, 25), np.uint8)
+    parts[1] = np.arange(25)  # every label once, label j in column j
+    _, _, flipped = flip_example(image, None, parts, COCO17, utils.DENSEPOSE_PARTS)
+    for label in range(25):
+        assert flipped[1, 24 - label] == densepose_mirror(label), DENSEPOSE_NAMES.get(label)
+    assert flipped[1, 24 - 15] == 16  # left upper arm inside -> right upper arm inside
+    # the mannequin table would have left DensePose's limbs alone or swapped torso and hands
+    _, _, wrong = flip_example(image, None, parts, COCO17, utils.MANNEQUIN_PARTS)
+    assert wrong[1, 24 - 15] == 15 and wrong[1, 24 - 3] == 4 and wrong[1, 24 - 23] == 23
+
+
+def test_each_densepose_label_is_drawn_in_its_own_colour_and_only_the_background_white():
+    picture = np.asarray(utils.colorize_parts(np.arange(25)[None]))[0]  # (25, 3)
+    assert len({tuple(colour) for colour in picture}) == 25
+    assert [tuple(colour) == (255, 255, 255) for colour in picture] == [True] + [False] * 24
+
+
+def densepose_folder(root, label=15, count=1):
+    """count 8 x 6 images whose part maps are background with one pixel of `label` at row 2,
+    column 1 (a left upper arm, inside, by default)."""
+    for i in range(count):
+        save(str(root / f"person{i}.png"), noise_image(6, 8, seed=i))
+        parts = np.zeros((6, 8), np.uint8)
+        parts[2, 1] = label
+        save(str(root / "parts" / f"person{i}.png"), parts)
+
+
+def test_a_densepose_dataset_flips_a_left_upper_arm_pixel_into_a_right_upper_arm_one(tmp_path):
+    densepose_folder(tmp_path)
+    data = dataset(tmp_path, image_size=8, part_labels=utils.DENSEPOSE_PARTS)
+    assert data.resize_mode == "pad"  # 8 x 6 padded to 8 x 8: one row above, one below
+    assert data[0]["parts"][3, 1] == 15
+    flipped = data[(0, True)]["parts"]
+    assert flipped[3, 8 - 1 - 1] == 16 and (flipped == 15).sum() == 0
+
+
+def test_build_datasets_takes_the_labelling_from_the_part_labels_flag(tmp_path):
+    densepose_folder(tmp_path, label=24, count=8)
+    args = argparse.Namespace(dataset_path=str(tmp_path), image_size=8, val_fraction=0.5,
+                              resize_mode="auto", pose_layout="auto", coco_annotations=None,
+                              strict=False, max_image_pixels=10**6, part_labels="densepose")
+    train_set, val_set = utils.build_datasets(args, progress=False)
+    assert train_set.part_labels is val_set.part_labels is utils.DENSEPOSE_PARTS
+
+
+def test_a_label_the_labelling_does_not_know_is_named_with_its_file_when_the_set_is_built(
+        tmp_path):
+    densepose_folder(tmp_path, label=15)
+    with pytest.raises(UserError, match=r"part map .*person0\.png has label 15 \(row 2, column "
+                                        r"1\), but --part-labels mannequin has labels 0 \.\. 10"):
+        dataset(tmp_path)  # the mannequin labelling, 0 .. 10
+
+
+def test_your_own_labelling_from_a_json_file(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"num_labels": 6, "flip_pairs": [[1, 4], [2, 3]]}))
+    labelling = utils.resolve_part_labelling(str(path))
+    assert (labelling.num_labels, labelling.flip_pairs) == (6, ((1, 4), (2, 3)))
+    assert labelling.flip_lookup()[:6].tolist() == [0, 4, 3, 2, 1, 5]
+    assert labelling.to_dict() == {"name": str(path), "num_labels": 6,
+                                   "flip_pairs": [[1, 4], [2, 3]]}
+    densepose_folder(tmp_path / "data", label=6)
+    with pytest.raises(UserError, match=r"has label 6 .*--part-labels .*labels\.json has labels "
+                                        r"0 \.\. 5"):
+        dataset(tmp_path / "data", part_labels=labelling)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"num_labels": 6, "flip_pairs": [[1, 6]]}, r"flip pair \[1, 6\] must be two different "
+                                                r"labels in 1 \.\. 5"),
+    ({"num_labels": 6, "flip_pairs": [[0, 1]]}, r"flip pair \[0, 1\]"),
+    ({"num_labels": 6, "flip_pairs": [[1, 2], [2, 3]]}, r"label 2 is in two flip pairs"),
+    ({"num_labels": 300, "flip_pairs": []}, r"must hold exactly .*N at most 256"),
+    ({"labels": 6}, r"must hold exactly"),
+    ([1, 2], r"must hold exactly"),
+])
+def test_a_wrong_labelling_file_is_one_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(UserError, match=re.escape(str(path)) + ".*" + message):
+        utils.resolve_part_labelling(str(path))
+
+
+def test_an_unknown_labelling_name_lists_the_choices():
+    with pytest.raises(UserError, match=r"--part-labels coco: use one of mannequin, densepose, "
+                                        r"or a \.json file"):
+        utils.resolve_part_labelling("coco")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 import evaluate
 import mannequins
 import utils
-from transformer import load_transformer
+from transformer import PoseTransformer, load_transformer
 from vqgan import VQGAN, VQGANConfig, save_vqgan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,6 +365,40 @@ def test_reported_numbers_equal_a_direct_computation(report, trained, val_set):
     backdrop_psnr = [10 * np.log10(1 / m[~f].mean()) for m, f in zip(per_pixel_mse, figure)]
     assert rec["figure_psnr_db"] == pytest.approx(np.mean(figure_psnr), rel=1e-4)
     assert rec["backdrop_psnr_db"] == pytest.approx(np.mean(backdrop_psnr), rel=1e-4)
+
+
+def test_one_encoding_gives_the_histogram_the_reconstructions_and_the_bits_per_token(
+        trained, dataset_dir, val_set, tmp_path, monkeypatch):
+    """On a GPU the encoder runs under autocast, which can pick other codes than float32: the
+    histogram must count the very tokens whose likelihood is reported. bf16 autocast around
+    VQGAN.image_tokens plays that GPU here; each image is encoded once."""
+    encoded, scored = [], []
+    real_tokens, real_forward = VQGAN.image_tokens, PoseTransformer.forward
+
+    def bf16_tokens(vqgan, images):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = real_tokens(vqgan, images)
+        encoded.append(tokens.flatten(1))
+        return tokens
+
+    def watched_forward(model, cond, tokens, *args, **kwargs):
+        scored.append(tokens)
+        return real_forward(model, cond, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(VQGAN, "image_tokens", bf16_tokens)
+    monkeypatch.setattr(PoseTransformer, "forward", watched_forward)
+    results = evaluate.main(evaluate_args(trained, dataset_dir, tmp_path / "eval.json")
+                            + ["--num-pose-samples", "1"])
+    tokens = torch.cat(encoded)  # (N, 256)
+    assert len(tokens) == len(val_set) == results["num_images"]  # each image once
+    assert torch.equal(torch.cat(scored), tokens)
+    assert results["codebook"]["counts"] == torch.bincount(tokens.flatten(),
+                                                           minlength=32).tolist()
+    images = torch.stack([val_set[i]["image"] for i in range(len(val_set))])
+    vqgan = load_transformer(str(trained.transformer), "cpu", str(trained.vqgan))[0].vqgan
+    with torch.no_grad():
+        float32_tokens = vqgan.encode(images)[2].flatten(1)
+    assert not torch.equal(float32_tokens, tokens), "bf16 should pick some other codes here"
 
 
 def test_two_runs_write_identical_json(report, trained, dataset_dir):

@@ -4,6 +4,7 @@ No stage-1 training is needed: the transformer only needs *some* frozen VQGAN. R
 steps of a one-layer GPT; main() is called in-process (it raises UserError for bad input) and
 the command line is checked once through a subprocess.
 """
+import json
 import math
 import os
 import shutil
@@ -183,6 +184,123 @@ def test_token_cache_is_rebuilt_when_the_dataset_gains_an_image(data, vqgan_path
     assert "images/extra.png" in cache["train"]["paths"] + cache["val"]["paths"]
 
 
+@pytest.fixture
+def small_copy(mannequin_set, tmp_path):
+    """A copy of 12 mannequins (10 training images) that a test may edit."""
+    folder = tmp_path / "data"
+    shutil.copytree(mannequin_set(12, SIZE), folder)
+    return folder
+
+
+def edit_pose(folder):
+    """Move every joint of poses.json by (2, 1) px; returns the new poses."""
+    poses = json.loads((folder / "poses.json").read_text())
+    poses = {name: [[x + 2, y + 1, v] for x, y, v in joints] for name, joints in poses.items()}
+    (folder / "poses.json").write_text(json.dumps(poses))
+    return poses
+
+
+def edit_part_map(folder):
+    """Relabel one part map's torso as head; returns its name."""
+    path = folder / "parts" / "images" / "000003.png"
+    labels = np.asarray(Image.open(path)).copy()
+    labels[labels == utils.PART_NAMES.index("torso")] = utils.PART_NAMES.index("head")
+    Image.fromarray(labels).save(path)
+    return "images/000003.png"
+
+
+def edit_image(folder):
+    """Invert one image's pixels (same size, same file name); returns its name."""
+    path = folder / "images" / "000005.png"
+    Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
+    return "images/000005.png"
+
+
+def cached_example(cache, name):
+    """The cached (unflipped) tokens, keypoints and parts of one example, by name."""
+    for split in ("train", "val"):
+        if name in cache[split]["paths"]:
+            i = cache[split]["paths"].index(name)
+            return {key: cache[split][key][i, 0] for key in ("tokens", "keypoints", "parts")}
+    raise KeyError(name)
+
+
+def test_token_cache_is_rebuilt_whenever_a_pose_part_map_or_image_changes_and_only_then(
+        small_copy, vqgan_path, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    args = train_args(small_copy, vqgan_path, run_dir, "--max-steps", "1")
+    training_transformer.main(args)
+    encodes = count_calls(monkeypatch, VQGAN, "encode")
+    training_transformer.main(args)
+    assert encodes == [], "an untouched folder must reuse the cache"
+    poses = edit_pose(small_copy)
+    training_transformer.main(args)
+    assert encodes, "a moved joint must rebuild the cache"
+    name = "images/000001.png"
+    expected = np.asarray(poses[name], np.float32)[:, :2]  # 32 px images: no rescaling
+    np.testing.assert_allclose(cached_example(read_cache(run_dir), name)["keypoints"][:, :2],
+                               expected, atol=1e-5)
+
+    encodes.clear()
+    name = edit_part_map(small_copy)
+    training_transformer.main(args)
+    assert encodes, "a relabelled part map must rebuild the cache"
+    parts = torch.from_numpy(np.array(Image.open(small_copy / "parts" / name))).long()
+    assert torch.equal(cached_example(read_cache(run_dir), name)["parts"].long(), parts)
+
+    encodes.clear()
+    name = edit_image(small_copy)
+    training_transformer.main(args)
+    assert encodes, "new pixels must rebuild the cache"
+    everything = utils.PoseImageDataset(str(small_copy), image_size=SIZE, split="all",
+                                        progress=False)
+    item = everything[[e.name for e in everything.examples].index(name)]
+    with torch.no_grad():  # the new pixels were read and encoded
+        tokens = load_vqgan(vqgan_path).encode(item["image"][None])[2].flatten()
+    assert torch.equal(cached_example(read_cache(run_dir), name)["tokens"], tokens)
+    encodes.clear()
+    training_transformer.main(args)
+    assert encodes == [], "once rebuilt, the cache is reused again"
+
+
+def write_coco_file(folder, shift=0):
+    """person_keypoints.json for the mannequin images of `folder`: one person per image, its
+    poses.json joints (moved by `shift` px) as COCO's integer pixel indices."""
+    poses = json.loads((folder / "poses.json").read_text())
+    images, annotations = [], []
+    for i, (name, joints) in enumerate(sorted(poses.items())):
+        images.append({"id": i, "file_name": name, "width": SIZE, "height": SIZE})
+        keypoints = [[math.floor(x) + shift, math.floor(y), v] for x, y, v in joints]
+        annotations.append({"id": i, "image_id": i, "bbox": [4, 4, 24, 24], "iscrowd": 0,
+                            "num_keypoints": sum(v > 0 for _, _, v in joints),
+                            "keypoints": [n for joint in keypoints for n in joint]})
+    path = folder / "person_keypoints.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+def test_token_cache_is_rebuilt_when_the_coco_file_changes(small_copy, vqgan_path, tmp_path,
+                                                           monkeypatch):
+    coco = write_coco_file(small_copy)
+    args = train_args(small_copy, vqgan_path, tmp_path / "run", "--max-steps", "1",
+                      "--coco-annotations", str(coco))
+    training_transformer.main(args)
+    before = read_cache(tmp_path / "run")
+    encodes = count_calls(monkeypatch, VQGAN, "encode")
+    training_transformer.main(args)
+    assert encodes == [], "an unchanged COCO file must reuse the cache"
+    write_coco_file(small_copy, shift=1)  # the same images and people, joints 1 px further
+    training_transformer.main(args)
+    assert encodes, "moved COCO keypoints must rebuild the cache"
+    after = read_cache(tmp_path / "run")
+    assert after["train"]["paths"] == before["train"]["paths"]
+    old, new = before["train"]["keypoints"][:, 0], after["train"]["keypoints"][:, 0]
+    visible = (old[..., 2] > 0) & (new[..., 2] > 0)
+    # the 24 px box with 10 % margins is a round(28.8) = 29 px square, resized to 32 px
+    torch.testing.assert_close(new[..., 0][visible] - old[..., 0][visible],
+                               torch.full((int(visible.sum()),), 32 / 29), rtol=0, atol=1e-4)
+
+
 def test_cached_tokens_equal_a_direct_encode_and_flipped_tokens_encode_the_mirrored_image(
         trained, data, vqgan_path):
     cache = read_cache(trained[0])
@@ -217,6 +335,111 @@ def test_condition_prefixes_of_flipped_examples_come_from_mirrored_keypoints_wit
     assert torch.equal(prefixes[:, 0], model.condition_tokens(keypoints=keypoints))
     assert torch.equal(prefixes[:, 1], model.condition_tokens(keypoints=swapped))
     assert not torch.equal(prefixes[:, 1], model.condition_tokens(keypoints=mirrored))
+
+
+# ---- the image size, the part labelling, precision and compile ---------------------------
+
+
+def test_image_size_is_the_vqgans_resolution_unless_given_and_the_run_says_so(
+        trained, data, vqgan_path, tmp_path, capsys):
+    run_dir = fresh_run_with_cache_of(trained[0], tmp_path)
+    args = train_args(data, vqgan_path, run_dir, "--max-steps", "1")
+    del args[args.index("--image-size"):args.index("--image-size") + 2]
+    training_transformer.main(args)
+    assert last_checkpoint(run_dir)["args"]["image_size"] == SIZE
+    printed = capsys.readouterr().out
+    assert f"{SIZE} px images -> 16x16 tokens of 32 codes; GPT 1 layers x 2 heads x 32" in printed
+    assert "lr 0.001 (--lr)" in printed and "precision fp32" in printed
+
+
+# DensePose's part indices (its "I" channel) and the one each mirrors into, from its docs.
+DENSEPOSE_MIRROR = {0: 0, 1: 1, 2: 2, 3: 4, 4: 3, 5: 6, 6: 5, 7: 8, 8: 7, 9: 10, 10: 9, 11: 12,
+                    12: 11, 13: 14, 14: 13, 15: 16, 16: 15, 17: 18, 18: 17, 19: 20, 20: 19,
+                    21: 22, 22: 21, 23: 24, 24: 23}
+# the mannequins' labels drawn as DensePose ones: head -> right head, left upper arm -> left
+# upper arm inside, ..., left upper leg -> left upper leg back, ...
+MANNEQUIN_AS_DENSEPOSE = np.array([0, 23, 2, 15, 16, 19, 20, 8, 7, 12, 11], np.uint8)
+
+
+@pytest.fixture
+def densepose_copy(small_copy):
+    for path in (small_copy / "parts" / "images").iterdir():
+        labels = MANNEQUIN_AS_DENSEPOSE[np.asarray(Image.open(path))]
+        Image.fromarray(labels).save(path)
+    return small_copy
+
+
+def test_densepose_part_maps_train_with_their_labelling_and_flip_left_into_right(
+        densepose_copy, vqgan_path, tmp_path):
+    run_dir = tmp_path / "run"
+    training_transformer.main(train_args(densepose_copy, vqgan_path, run_dir, "--max-steps",
+                                         "1", "--condition", "parts", "--part-labels",
+                                         "densepose"))
+    checkpoint = last_checkpoint(run_dir)
+    assert checkpoint["config"]["num_part_labels"] == 25
+    assert checkpoint["part_labels"] == utils.DENSEPOSE_PARTS.to_dict()
+    parts = read_cache(run_dir)["train"]["parts"].long()  # (N, 2, S, S): as is, flipped
+    assert {15, 23} <= set(parts[:, 0].unique().tolist())  # left upper arm, right head
+    mirror = torch.tensor([DENSEPOSE_MIRROR[label] for label in range(25)])
+    assert torch.equal(parts[:, 1], mirror[parts[:, 0].flip(-1)])
+
+
+def test_part_labels_the_labelling_does_not_know_stop_the_run_before_any_encoding(
+        densepose_copy, vqgan_path, tmp_path, monkeypatch):
+    encodes = count_calls(monkeypatch, VQGAN, "encode")
+    with pytest.raises(UserError, match=r"part map .*parts/images/0000\d\d\.png has label "
+                                        r"(1[1-9]|2\d) .*--part-labels mannequin has labels "
+                                        r"0 \.\. 10"):
+        training_transformer.main(train_args(densepose_copy, vqgan_path, tmp_path / "run",
+                                             "--condition", "parts"))
+    assert encodes == [] and not (tmp_path / "run" / "token_cache").exists()
+
+
+@pytest.fixture(scope="module")
+def one_step_runs(trained, data, vqgan_path, tmp_path_factory):
+    """One step of the tiny GPT in float32 eager, compiled, bf16 and fp16 (the cached tokens
+    of `trained`): name -> (checkpoint, the logged loss). No dropout and no --pkeep: compiled
+    code draws its random numbers differently."""
+    runs = {}
+    for name, flags in (("fp32", []), ("compiled", ["--compile"]),
+                        ("bf16", ["--precision", "bf16"]), ("fp16", ["--precision", "fp16"])):
+        run_dir = fresh_run_with_cache_of(trained[0], tmp_path_factory.mktemp(name))
+        training_transformer.main(train_args(data, vqgan_path, run_dir, "--max-steps", "1",
+                                             "--log-every", "1", "--dropout", "0", "--pkeep",
+                                             "1", *flags))
+        (record,) = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+                     if "loss" in r]
+        runs[name] = last_checkpoint(run_dir), record["loss"]
+    return runs
+
+
+def adam_first_moments(checkpoint):
+    return torch.cat([state["exp_avg"].flatten()
+                      for state in checkpoint["optimizer"]["state"].values()])
+
+
+def test_a_compiled_step_is_the_eager_one(one_step_runs):
+    (eager, eager_loss), (compiled, compiled_loss) = (one_step_runs[name]
+                                                      for name in ("fp32", "compiled"))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    expected, moments = adam_first_moments(eager), adam_first_moments(compiled)
+    assert ((moments - expected).norm() / expected.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bf16_and_real_fp16_with_a_grad_scaler_take_the_float32_step(one_step_runs,
+                                                                      precision):
+    """fp16 scales the loss by 2^16 before backward and unscales before clipping and Adam:
+    the gradients are the float32 step's up to the precision's noise, not 2^16 times them."""
+    (fp32, fp32_loss), (run, loss) = one_step_runs["fp32"], one_step_runs[precision]
+    assert loss == pytest.approx(fp32_loss, rel=0.01) and loss != fp32_loss
+    if precision == "fp16":
+        assert run["scaler"]["scale"] == 2.0**16 and run["scaler"]["_growth_tracker"] == 1
+    else:
+        assert run["scaler"] == {} == fp32["scaler"]
+    expected, moments = adam_first_moments(fp32), adam_first_moments(run)
+    assert ((moments - expected).norm() / expected.norm()) < 0.1
+    assert F.cosine_similarity(moments, expected, dim=0) > 0.99
 
 
 # ---- exact resume --------------------------------------------------------------------------

@@ -4,12 +4,14 @@ Ctrl-C stop cleanly, wrong --resume files are refused, and a tiny run learns.
 
 Everything runs on the CPU with 32 px mannequins and a tiny VQGAN (ch 32, ch_mult 1,2).
 """
+import contextlib
 import copy
 import errno
 import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +25,10 @@ from PIL import Image
 
 import training_vqgan
 import utils
+from codebook import Codebook
 from discriminator import NLayerDiscriminator, hinge_d_loss
 from lpips_loss import LPIPSLoss
-from vqgan import VQGAN, VQGANConfig, load_vqgan
+from vqgan import VQGAN, VQGANConfig, config_from_args, load_vqgan
 
 REPO = Path(__file__).resolve().parents[1]
 LPIPS_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_features.pth"
@@ -76,6 +79,15 @@ def train(dataset, run_dir, *extra):
 
 def load_last(run_dir):
     return utils.load_checkpoint(str(run_dir / "vqgan_last.pt"), "vqgan_train")
+
+
+def counting_restarts(restart, counts):
+    """Codebook._restart_dead_codes, also appending how many codes it changed to `counts`."""
+    def counting_restart(codebook, z):
+        before = codebook.embedding.weight.detach().clone()
+        restart(codebook, z)
+        counts.append(int((codebook.embedding.weight != before).any(dim=1).sum()))
+    return counting_restart
 
 
 def assert_identical(a, b, where="checkpoint"):
@@ -138,6 +150,55 @@ def test_split_graph_generator_step_matches_the_two_autograd_grad_reference(lpip
         assert error <= 1e-4 * ref_param.grad.norm() + 1e-6, f"{name}: error {error:.2e}"
 
 
+def test_generator_step_differentiates_to_x_hat_only_and_never_to_a_model_weight(lpips,
+                                                                               monkeypatch):
+    """Under torch.compile, autograd.grad to the last conv's weight would run the model's whole
+    compiled backward: lambda's weight gradients come from conv2d_weight instead, and the only
+    backward through the model is the one that trains it."""
+    model, discriminator = tiny_models()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    inputs_of_grad_calls, real_grad = [], torch.autograd.grad
+
+    def spy(outputs, inputs, *args, **kwargs):
+        inputs_of_grad_calls.append(inputs)
+        return real_grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    _, _, terms = training_vqgan.generator_backward(model, lpips, discriminator, images,
+                                                    LOSS_WEIGHTS, gan_on=True)
+    weights = {id(p) for p in model.parameters()}
+    assert "disc_lambda" in terms and len(inputs_of_grad_calls) == 2  # L_rec and L_G, to x_hat
+    for inputs in inputs_of_grad_calls:
+        for tensor in (inputs if isinstance(inputs, (list, tuple)) else [inputs]):
+            assert id(tensor) not in weights and tensor.shape == images.shape
+
+
+def test_lambda_comes_from_float32_weight_gradients_where_fp16_ones_underflow():
+    """At 256 px the GAN term's gradient at x_hat is of order 1e-8 per pixel, below half of fp16's
+    smallest subnormal (6e-8): an fp16 gradient is all zeros there, while summed over the image
+    the weight gradient is well above lambda's 1e-4 floor. lambda must then equal the float64
+    computation, also under fp16 autocast."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 3, 3, padding=1)
+    last_input = F.silu(torch.randn(2, 8, 128, 128))  # as the decoder's norm + swish give it
+    grad_rec = torch.randn(2, 3, 128, 128) * 3e-6
+    grad_gan = torch.full((2, 3, 128, 128), 2e-8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        x_hat = conv(last_input)  # (2, 3, 128, 128) in fp16
+        lam = training_vqgan.adaptive_lambda(last_input, conv, grad_rec, grad_gan, 0.8)
+    underflowed, = torch.autograd.grad(x_hat, conv.weight, grad_gan.to(x_hat.dtype))
+    assert not underflowed.any(), "the setup should be where fp16 gradients vanish"
+
+    conv64, input64 = copy.deepcopy(conv).double(), last_input.double()
+    output64 = conv64(input64)
+    rec_w, = torch.autograd.grad(output64, conv64.weight, grad_rec.double(), retain_graph=True)
+    gan_w, = torch.autograd.grad(output64, conv64.weight, grad_gan.double())
+    assert gan_w.norm() > 10 * 1e-4  # far above the floor: the GAN gradient matters
+    expected = (rec_w.norm() / (gan_w.norm() + 1e-4)).clamp(0, 1e4) * 0.8
+    assert lam.dtype == torch.float32
+    assert lam.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_generator_step_leaves_discriminator_grads_none(lpips):
     model, discriminator = tiny_models()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -167,7 +228,7 @@ def test_discriminator_step_leaves_generator_grads_untouched_and_is_the_hinge_lo
 
 @needs_lpips
 def test_no_discriminator_forward_or_lambda_before_disc_start(dataset, tmp_path, monkeypatch,
-                                                              shared_lpips):
+                                                              shared_lpips, capsys):
     calls = {"discriminator": 0, "lambda": 0}
 
     class CountingDiscriminator(NLayerDiscriminator):
@@ -192,6 +253,71 @@ def test_no_discriminator_forward_or_lambda_before_disc_start(dataset, tmp_path,
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [bool(gan_keys & r.keys()) for r in records] == [False, False, True, True]
     assert all(gan_keys <= r.keys() for r in records[2:])
+    # the resolved configuration, printed as the run starts
+    printed = capsys.readouterr().out
+    assert "stage 1: preset small, 32 px images -> 16x16 tokens of 32 codes" in printed
+    assert "ch 32, ch_mult (1, 2), num_res_blocks 1," in printed
+    assert "lr 0.001 (--lr)" in printed
+    assert "GAN x 0.8 lambda from step 2" in printed
+    assert "precision fp32, channels_last off, compile off" in printed
+
+
+def test_each_preset_brings_its_own_resolution_and_hyperparameters_unless_a_flag_is_given():
+    paper = training_vqgan.parse_args(["--preset", "paper"])
+    # taming-transformers' configs/imagenet_vqgan.yaml: 256 px, base lr 4.5e-6 x batch, ...
+    assert paper.image_size == 256 and config_from_args(paper).resolution == 256
+    assert (paper.batch_size, paper.base_lr, paper.disc_start, paper.disc_weight,
+            paper.codebook_weight, paper.perceptual_weight, paper.perceptual_start,
+            paper.warmup_steps, paper.min_lr_ratio) == (3, 4.5e-6, 250001, 0.8, 1.0, 1.0, 0, 0,
+                                                        1.0)
+    assert utils.learning_rate(paper, world_size=2) == pytest.approx(4.5e-6 * 3 * 2)
+    small = training_vqgan.parse_args([])
+    assert (small.image_size, small.batch_size, small.base_lr, small.disc_start,
+            small.perceptual_start, small.min_lr_ratio) == (64, 8, 5e-5, 10000, 800, 0.1)
+    given = training_vqgan.parse_args(["--preset", "paper", "--image-size", "128",
+                                       "--disc-start", "5", "--base-lr", "1e-5",
+                                       "--min-lr-ratio", "0.5"])
+    assert (given.image_size, given.disc_start, given.base_lr, given.min_lr_ratio,
+            given.batch_size) == (128, 5, 1e-5, 0.5, 3)
+    assert config_from_args(given).resolution == 128 and config_from_args(given).ch == 128
+
+
+@needs_lpips
+def test_logged_loss_terms_are_means_over_the_logging_window(dataset, tmp_path, shared_lpips):
+    """Like usage and perplexity (and stage 2's loss): one line per window of --log-every steps
+    holds each term's mean over the steps of the window that had it."""
+    flags = ["--max-steps", "3", "--disc-start", "1", "--perceptual-start", "1"]
+    train(dataset, tmp_path / "every", *flags, "--log-every", "1")
+    train(dataset, tmp_path / "window", *flags, "--log-every", "3")
+    per_step = [r for r in utils.read_jsonl(tmp_path / "every" / "metrics.jsonl")
+                if "rec_loss" in r]
+    (window,) = [r for r in utils.read_jsonl(tmp_path / "window" / "metrics.jsonl")
+                 if "rec_loss" in r]
+    assert window["step"] == 3
+    for key in ("rec_loss", "codebook"):  # every step
+        assert window[key] == pytest.approx(np.mean([r[key] for r in per_step]), rel=1e-6)
+    for key in ("perceptual", "generator", "discriminator", "disc_lambda"):  # steps 2 and 3
+        assert "perceptual" not in per_step[0] and key in per_step[1]
+        assert window[key] == pytest.approx(np.mean([r[key] for r in per_step[1:]]), rel=1e-6)
+
+
+@needs_lpips
+def test_the_dead_code_window_counts_optimizer_steps_under_grad_accumulation(dataset, tmp_path,
+                                                                             shared_lpips,
+                                                                             monkeypatch):
+    """4 steps of 2 micro-batches with --dead-code-window 3: codes that no micro-batch of steps
+    1-3 chose are restarted in step 4's first micro-batch, not after 3 micro-batches."""
+    dead_at_each_forward = []
+    monkeypatch.setattr(Codebook, "_restart_dead_codes",
+                        counting_restarts(Codebook._restart_dead_codes, dead_at_each_forward))
+
+    train(dataset, tmp_path, "--max-steps", "4", "--grad-accum", "2", "--restart-dead-codes",
+          "--dead-code-window", "3", "--disc-start", "10", "--perceptual-start", "10")
+    assert len(dead_at_each_forward) == 8
+    assert dead_at_each_forward[:6] == [0] * 6 and dead_at_each_forward[7] == 0
+    assert dead_at_each_forward[6] > 0, "some of the 32 codes went unused for 3 steps"
+    steps_unused = load_last(tmp_path)["model"]["quantize.steps_unused"]
+    assert steps_unused.max() <= 3, steps_unused.tolist()
 
 
 def test_before_perceptual_start_the_step_is_l1_and_codebook_only(lpips):
@@ -265,14 +391,21 @@ def test_reconstruction_grid_shows_originals_over_reconstructions_in_pixels(tmp_
 @needs_lpips
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_stop_and_resume_gives_the_same_weights_as_one_unbroken_run(dataset, tmp_path, grad_accum,
-                                                                    shared_lpips):
+                                                                    shared_lpips, monkeypatch):
     # GAN on from step 2, flips on, codes restarted from random batch rows every step (RNG),
     # and an epoch boundary inside the resumed part
     common = ["--disc-start", "2", "--flip", "--restart-dead-codes", "--dead-code-window", "1",
               "--grad-accum", str(grad_accum), "--log-every", "1"]
+    restarted = []  # codes restarted per training forward, in both runs
+    monkeypatch.setattr(Codebook, "_restart_dead_codes",
+                        counting_restarts(Codebook._restart_dead_codes, restarted))
     train(dataset, tmp_path / "unbroken", *common, "--max-steps", "8")
+    unbroken_restarts, restarted[:] = list(restarted), []
     train(dataset, tmp_path / "split", *common, "--max-steps", "4")
     train(dataset, tmp_path / "split", *common, "--max-steps", "8", "--resume")
+    # restarts happened (in the resumed part too), and at the same calls as in the unbroken run
+    assert sum(restarted[4 * grad_accum:]) > 0
+    assert restarted == unbroken_restarts
 
     unbroken, resumed = load_last(tmp_path / "unbroken"), load_last(tmp_path / "split")
     assert unbroken["step"] == resumed["step"] == 8  # --max-steps counts the run's total
@@ -286,23 +419,152 @@ def test_stop_and_resume_gives_the_same_weights_as_one_unbroken_run(dataset, tmp
     assert training_records(tmp_path / "unbroken") == training_records(tmp_path / "split")
 
 
-@needs_lpips
-def test_fp16_grad_scaler_trains_like_an_unscaled_run(dataset, tmp_path, monkeypatch,
-                                                      shared_lpips):
-    """CUDA without bf16 scales losses for fp16; on the CPU the same code path runs in fp32."""
-    flags = ["--max-steps", "3", "--disc-start", "1", "--grad-accum", "2"]
-    train(dataset, tmp_path / "unscaled", *flags)
-    monkeypatch.setattr(utils, "grad_scaler",
-                        lambda device: torch.amp.GradScaler(device.type, enabled=True))
-    train(dataset, tmp_path / "scaled", *flags)
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    """torch.cuda.is_bf16_supported() is true on pre-Ampere GPUs too, where bf16 is emulated:
+    the compute capability decides, and fp16 there comes with an enabled GradScaler."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    for capability, expected in (((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+        assert utils.resolve_precision("auto", cuda) == expected
+    assert utils.resolve_precision("auto", cpu) == "fp32"
+    assert utils.resolve_precision("bf16", cpu) == "bf16"  # as given: the CPU tests use it
+    assert utils.grad_scaler(cpu, "fp16").is_enabled()
+    assert not utils.grad_scaler(cpu, "bf16").is_enabled()
+    assert not utils.grad_scaler(cpu, "auto").is_enabled()
+    assert isinstance(utils.autocast_context(cpu, "fp32"), contextlib.nullcontext)
+    with utils.autocast_context(cpu, "fp16"):
+        assert torch.get_autocast_dtype("cpu") == torch.float16
+        assert torch.is_autocast_enabled("cpu")
 
-    unscaled, scaled = load_last(tmp_path / "unscaled"), load_last(tmp_path / "scaled")
-    assert scaled["step"] == 3 and scaled["scaler"]["scale"] == 2.0**16
-    for key in ("model", "discriminator"):
-        for name, tensor in unscaled[key].items():
-            if tensor.is_floating_point():
-                torch.testing.assert_close(scaled[key][name], tensor, rtol=1e-4, atol=1e-6,
-                                           msg=lambda text: f"{key}.{name}: {text}")
+
+@pytest.fixture(scope="module")
+def small_dataset(mannequin_set):
+    """16 px mannequins: CPU kernels for fp16 convolution gradients are about 100x slower than
+    fp32 ones, so the real-fp16 run is kept this small."""
+    return mannequin_set(24, 16)
+
+
+def adam_first_moments(checkpoint, optimizer):
+    return torch.cat([state["exp_avg"].flatten()
+                      for state in checkpoint[optimizer]["state"].values()])
+
+
+def assert_same_gradients(moments, expected):
+    """Adam's first moments after one step are (1 - beta1) x the gradients: equal up to the
+    noise that another precision (and with it other code choices) brings, not off by a loss
+    scale."""
+    assert not torch.equal(moments, expected)  # really computed in another precision
+    assert (moments.norm() / expected.norm()).item() == pytest.approx(1.0, rel=0.2)
+    assert F.cosine_similarity(moments, expected, dim=0) > 0.8
+
+
+class OneConvGenerator(torch.nn.Module):
+    """A stand-in for the VQGAN in generator_backward: x_hat = decoder.conv_out(silu(1x1 conv of
+    the image)). fp16 convolution gradients are slow on the CPU, and two small convs keep a
+    real-fp16 step fast."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 32, 1)
+        self.decoder = torch.nn.Module()
+        self.decoder.conv_out = torch.nn.Conv2d(32, 3, 3, padding=1)
+
+    def forward(self, images, return_last_input=False):
+        last_input = F.silu(self.features(images))
+        x_hat = self.decoder.conv_out(last_input)
+        codebook_loss = 0.1 * (x_hat.float() - images).pow(2).mean()
+        return x_hat, codebook_loss, None, last_input.detach()
+
+
+@needs_lpips
+def test_a_real_fp16_gan_step_with_a_grad_scaler_gives_the_float32_gradients(lpips):
+    """Under fp16 autocast every loss is scaled before its first backward pass (LPIPS and D to
+    x_hat, the model, D's own loss); after unscaling, the generator's and D's gradients and
+    lambda are the float32 step's up to fp16's precision."""
+    torch.manual_seed(0)
+    generator, discriminator = OneConvGenerator(), NLayerDiscriminator()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    results = {}
+    for precision in ("fp32", "fp16"):
+        g, d = copy.deepcopy(generator), copy.deepcopy(discriminator)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=precision == "fp16")
+        scale = scaler.scale(torch.full((), 0.5))  # --grad-accum 2
+        x_hat, _, terms = training_vqgan.generator_backward(
+            g, lpips, d, images, LOSS_WEIGHTS, gan_on=True, scale=scale, precision=precision)
+        training_vqgan.discriminator_backward(d, images, x_hat, hinge_d_loss, scale, precision)
+        assert x_hat.dtype == (torch.float16 if precision == "fp16" else torch.float32)
+        unscale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        results[precision] = (terms["disc_lambda"],
+                              *(torch.cat([p.grad.flatten() for p in m.parameters()]) / unscale
+                                for m in (g, d)))
+    (lam32, g32, d32), (lam16, g16, d16) = results["fp32"], results["fp16"]
+    assert lam16.item() == pytest.approx(lam32.item(), rel=0.03)
+    for fp16_grads, fp32_grads in ((g16, g32), (d16, d32)):
+        assert torch.isfinite(fp16_grads).all()
+        assert ((fp16_grads - fp32_grads).norm() / fp32_grads.norm()) < 0.05
+
+
+@needs_lpips
+def test_real_fp16_with_the_grad_scaler_takes_the_float32_step(small_dataset, tmp_path,
+                                                                shared_lpips):
+    """--precision fp16 on the CPU runs fp16 autocast with an enabled GradScaler (scale 2^16):
+    the scaled gradients are unscaled before Adam sees them. L1 only: at 2^16 the LPIPS
+    package's feature normalisation overflows fp16, and the scaler would (rightly) skip the
+    step and halve its scale."""
+    flags = ["--image-size", "16", "--batch-size", "2", "--max-steps", "1",
+             "--disc-start", "10", "--perceptual-start", "10"]
+    train(small_dataset, tmp_path / "fp32", *flags)
+    train(small_dataset, tmp_path / "fp16", *flags, "--precision", "fp16")
+    fp32, fp16 = load_last(tmp_path / "fp32"), load_last(tmp_path / "fp16")
+    assert fp32["scaler"] == {} and fp16["scaler"]["scale"] == 2.0**16
+    assert fp16["scaler"]["_growth_tracker"] == 1  # the step was taken, not skipped
+    assert_same_gradients(adam_first_moments(fp16, "opt_g"), adam_first_moments(fp32, "opt_g"))
+
+
+@needs_lpips
+def test_channels_last_compile_and_bf16_run_on_the_cpu(dataset, tmp_path, shared_lpips,
+                                                       monkeypatch):
+    """The accelerator settings, on the CPU, for one GAN step. A torch.compile'd VQGAN in NHWC
+    takes the eager float32 step (to float32 rounding); bf16 autocast (eager) takes it up to
+    bf16's precision: 8 bits, enough to move some latents to other codes, hence loose bounds."""
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or
+                        real_compile(model, **kw))
+    dtypes, real_step = [], training_vqgan.generator_backward
+
+    def watch_step(*args, **kwargs):
+        x_hat, indices, terms = real_step(*args, **kwargs)
+        dtypes.append(x_hat.dtype)
+        return x_hat, indices, terms
+
+    monkeypatch.setattr(training_vqgan, "generator_backward", watch_step)
+    flags = ["--max-steps", "1", "--disc-start", "0"]
+    train(dataset, tmp_path / "fp32", *flags)
+    frames_before = torch._dynamo.utils.counters["frames"]["ok"]
+    train(dataset, tmp_path / "compiled", *flags, "--channels-last", "--compile")
+    assert len(compiled) == 1 and torch._dynamo.utils.counters["frames"]["ok"] > frames_before
+    train(dataset, tmp_path / "bf16", *flags, "--precision", "bf16")
+    assert dtypes == [torch.float32, torch.float32, torch.bfloat16]
+
+    runs = {name: load_last(tmp_path / name) for name in ("fp32", "compiled", "bf16")}
+    logged = {name: [r for r in utils.read_jsonl(tmp_path / name / "metrics.jsonl")
+                     if "rec_loss" in r][0] for name in runs}
+    weight = runs["compiled"]["model"]["decoder.conv_out.weight"]  # (3, 32, 3, 3)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert not weight.is_contiguous()
+    for key in ("rec_loss", "perceptual", "codebook", "generator", "disc_lambda",
+                "discriminator"):
+        assert logged["compiled"][key] == pytest.approx(logged["fp32"][key], rel=1e-3), key
+        assert logged["bf16"][key] == pytest.approx(logged["fp32"][key], rel=0.15, abs=0.02), key
+    for optimizer in ("opt_g", "opt_d"):
+        expected = adam_first_moments(runs["fp32"], optimizer)
+        same = adam_first_moments(runs["compiled"], optimizer)
+        assert ((same - expected).norm() / expected.norm()) < 1e-3, optimizer
+        bf16 = adam_first_moments(runs["bf16"], optimizer)
+        assert not torch.equal(bf16, expected)
+        assert (bf16.norm() / expected.norm()).item() == pytest.approx(1.0, rel=0.2)
+        assert F.cosine_similarity(bf16, expected, dim=0) > 0.5, optimizer
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -323,6 +585,54 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     checkpoint = utils.load_checkpoint(str(path), "vqgan_train")
     assert checkpoint["step"] == 1 and torch.equal(checkpoint["weight"], torch.ones(3))
     assert sorted(os.listdir(tmp_path)) == ["vqgan_last.pt"]  # no temporary files left
+
+
+def test_the_temporary_file_of_a_killed_checkpoint_write_is_removed_at_the_next_start(
+        tmp_path, monkeypatch, capsys):
+    """A kill -9 mid-write runs no clean-up: what atomic_save names its temporary file is what
+    RunDirectory's stale-file clean-up looks for."""
+    utils.atomic_save({"kind": "vqgan_train", "step": 1}, str(tmp_path / "vqgan_last.pt"))
+
+    def killed_midway(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_midway)
+    monkeypatch.setattr(os, "remove", lambda path: None)  # a killed process removes nothing
+    with pytest.raises(KeyboardInterrupt):
+        utils.atomic_save({"kind": "vqgan_train", "step": 2}, str(tmp_path / "vqgan_last.pt"))
+    monkeypatch.undo()
+    left = [name for name in os.listdir(tmp_path) if name != "vqgan_last.pt"]
+    assert len(left) == 1 and left[0].startswith(".tmp-")  # what the kill leaves
+
+    utils.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt")
+    assert os.listdir(tmp_path) == ["vqgan_last.pt"]
+    assert "removed 1 temporary file(s)" in capsys.readouterr().out
+    assert utils.load_checkpoint(str(tmp_path / "vqgan_last.pt"), "vqgan_train")["step"] == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoints_get_the_umasks_mode_and_the_rename_is_fsynced(tmp_path, monkeypatch, umask):
+    """Others sharing a run (a group, a container) can read its checkpoints as they can any file
+    made there; and the folder is fsynced after the rename, so that the rename survives a crash."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def watch_fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watch_fsync)
+    monkeypatch.setattr(os, "replace", lambda *a: events.append("rename") or real_replace(*a))
+    previous = os.umask(umask)
+    try:
+        utils.atomic_save({"step": 1}, str(tmp_path / "last.pt"))
+        (tmp_path / "plain.txt").write_text("a file made the ordinary way")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE(os.stat(tmp_path / "last.pt").st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+    assert events == ["fsync file", "rename", "fsync folder"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 1}
 
 
 @needs_lpips

@@ -34,6 +34,9 @@ class FakeVQGAN(nn.Module):
         z_q = self.codebook(indices)
         return z_q.permute(0, 3, 1, 2), F.mse_loss(z_q, z), indices
 
+    def image_tokens(self, x):
+        return self.encode(x)[2]
+
     def decode_indices(self, indices):
         return self.decoder(self.codebook(indices).permute(0, 3, 1, 2)).tanh()
 
