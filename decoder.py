@@ -1,14 +1,26 @@
 """Stage-1 decoder: quantized latent grid (B, z_channels, h, w) -> image (B, out_ch, h*f, w*f).
 
-The mirror of encoder.py, built from the same blocks. As in CompVis taming-transformers, `up` is
-indexed by resolution level (up.0 is the highest resolution) although it runs from the lowest
-level up, each level has num_res_blocks + 1 ResnetBlocks, and the parameter names match the
-released checkpoints (decoder.up.1.upsample.conv, decoder.mid.attn_1.q, ...).
+The mirror of encoder.py, built from the same blocks plus Upsample, the decoder's own. As in
+CompVis taming-transformers, `up` is indexed by resolution level (up.0 is the highest
+resolution) although it runs from the lowest level up, each level has num_res_blocks + 1
+ResnetBlocks, and the parameter names match the released checkpoints
+(decoder.up.1.upsample.conv, decoder.mid.attn_1.q, ...).
 """
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoder import AttnBlock, Normalize, ResnetBlock, Upsample
+from encoder import AttnBlock, Normalize, ResnetBlock
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
 class Decoder(nn.Module):

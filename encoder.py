@@ -1,6 +1,6 @@
 """Stage-1 encoder: image (B, 3, H, W) -> latent grid (B, z_channels, H/f, W/f), f = 2**(levels-1).
 
-Also the building blocks the decoder reuses (ResnetBlock, AttnBlock, Downsample, Upsample).
+Also the building blocks the decoder reuses (Normalize, ResnetBlock, AttnBlock).
 Architecture and parameter names follow CompVis taming-transformers
 (taming/modules/diffusionmodules/model.py), so the released VQGAN checkpoints load as they are:
 encoder.down.{level}.block.{i}.norm1, encoder.mid.attn_1.q, ...
@@ -67,17 +67,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
 class Encoder(nn.Module):
