@@ -18,12 +18,13 @@ the whole sequence for every new token (what samplers without a cache do).
 this is the whole step). Random weights: speed does not depend on training.
 """
 import argparse
+import dataclasses
 import resource
 import time
-from types import SimpleNamespace
 
 import torch
 
+import cli
 import utils
 from vqgan import PRESETS
 
@@ -62,10 +63,12 @@ def warmup_calls(args, name):
 def bench_vqgan(args, device):
     from discriminator import NLayerDiscriminator, hinge_d_loss
     from lpips_loss import LPIPSLoss
-    from training_vqgan import PRESET_DEFAULTS, discriminator_backward, generator_backward
-    from vqgan import VQGAN, config_from_args
+    from training_vqgan import (PRESET_DEFAULTS, LossWeights, discriminator_backward,
+                                generator_backward)
+    from vqgan import VQGAN
     # the preset, at its resolution unless --image-size is given (bench's --n-embed is stage 2's)
-    config = config_from_args(SimpleNamespace(preset=args.preset, image_size=args.image_size))
+    config = dataclasses.replace(PRESETS[args.preset],
+                                 resolution=args.image_size or PRESETS[args.preset].resolution)
     model = VQGAN(config).to(device).train()
     discriminator = NLayerDiscriminator().to(device).train()
     lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
@@ -78,7 +81,7 @@ def bench_vqgan(args, device):
     images = torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    loss_args = SimpleNamespace(**{k: PRESET_DEFAULTS[args.preset][k] for k in (
+    loss_args = LossWeights(**{k: PRESET_DEFAULTS[args.preset][k] for k in (
         "perceptual_weight", "codebook_weight", "disc_weight")})
 
     def ours(forward_model):
@@ -130,7 +133,7 @@ def random_prefix_model(args, device):
 
 @torch.no_grad()
 def bench_sample(args, device):
-    from transformer import sample_next
+    from sampling import sample_next
     model, cond = random_prefix_model(args, device)
     generator = torch.Generator(device=device)
     P = cond.shape[1]
@@ -201,14 +204,14 @@ def device_name(device):
 
 
 def main(argv=None):
-    parser = utils.ArgumentParser(description="Speed benchmarks.")
+    parser = cli.ArgumentParser(description="Speed benchmarks.")
     parser.add_argument("what", choices=("vqgan", "sample", "transformer"))
-    parser.add_argument("--device", type=utils.device_name, default="auto")
-    parser.add_argument("--threads", type=utils.positive_int, default=None,
+    parser.add_argument("--device", type=cli.device_name, default="auto")
+    parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="CPU threads (torch)")
-    parser.add_argument("--batch-size", type=utils.positive_int, default=4)
-    parser.add_argument("--warmup", type=utils.non_negative_int, default=1)
-    parser.add_argument("--repeats", type=utils.positive_int, default=3)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=4)
+    parser.add_argument("--warmup", type=cli.non_negative_int, default=1)
+    parser.add_argument("--repeats", type=cli.positive_int, default=3)
     parser.add_argument("--compile", action="store_true",
                         help="vqgan, transformer: time torch.compile'd steps beside eager ones")
     parser.add_argument("--precision", choices=utils.PRECISIONS, default="auto",
@@ -217,15 +220,15 @@ def main(argv=None):
                         help="vqgan: NHWC memory format (default: on with CUDA)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
                         help="vqgan: VQGAN preset (its loss weights too)")
-    parser.add_argument("--image-size", type=utils.positive_int, default=None,
+    parser.add_argument("--image-size", type=cli.positive_int, default=None,
                         help="vqgan: image side (default: the preset's resolution)")
     parser.add_argument("--lpips-weights", default=None, help="vqgan: VGG16 weights for LPIPS")
-    parser.add_argument("--n-layer", type=utils.positive_int, default=8)
-    parser.add_argument("--n-head", type=utils.positive_int, default=8)
-    parser.add_argument("--n-embd", type=utils.positive_int, default=512)
-    parser.add_argument("--n-embed", type=utils.positive_int, default=1024,
+    parser.add_argument("--n-layer", type=cli.positive_int, default=8)
+    parser.add_argument("--n-head", type=cli.positive_int, default=8)
+    parser.add_argument("--n-embd", type=cli.positive_int, default=512)
+    parser.add_argument("--n-embed", type=cli.positive_int, default=1024,
                         help="codebook size (vocabulary)")
-    parser.add_argument("--tokens", type=utils.positive_int, default=256,
+    parser.add_argument("--tokens", type=cli.positive_int, default=256,
                         help="image tokens per sequence")
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head:

@@ -2,11 +2,11 @@
 
 Every picture is a flat-coloured figure on a light, mostly plain backdrop, like a shop's product
 photo, drawn with Pillow and numpy only, so the whole pipeline can be trained and tested without
-downloading anything. `write_dataset` writes a folder that the utils loader reads like any user
-dataset (`python utils.py synthetic ...` or `python mannequins.py --out DIR`):
+downloading anything. `write_dataset` writes a folder that data.py reads like any user dataset
+(`python mannequins.py --out DIR --count N --image-size S --seed K`):
 
     DIR/images/000000.png          the RGB picture
-    DIR/parts/images/000000.png    body-part labels, an 'L' PNG holding utils.PART_NAMES indices
+    DIR/parts/images/000000.png    body-part labels, an 'L' PNG holding poses.PART_NAMES indices
     DIR/poses.json                 {"images/000000.png": [[x, y, v], ... 17 in COCO17 order]}
     DIR/mannequins.json            the settings, so that a finished set is recognised and reused
 
@@ -16,7 +16,7 @@ orthographically; place it in the frame; draw each body part as polygons, back t
 the picture and into the label map at 4x size; shrink the picture with a box filter and the
 labels by majority vote, so that the two line up pixel for pixel.
 
-Keypoint conventions (the same as utils.draw_skeleton):
+Keypoint conventions (the same as poses.draw_skeleton):
 * x, y are continuous pixel coordinates: pixel (row i, column j) covers x in [j, j + 1) and
   y in [i, i + 1), so its centre is (j + 0.5, i + 0.5). They are rounded to 0.01 px, the
   precision poses.json keeps, and still given when the joint is outside the frame.
@@ -43,8 +43,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import cli
 import utils
-from utils import COCO17, NUM_PART_LABELS, PART_NAMES, UserError
+from poses import COCO17, NUM_PART_LABELS, PART_NAMES, colorize_parts, draw_skeleton
+from utils import UserError
 
 GENERATOR_VERSION = 1  # bump when the pictures change, so old sets on disk are not mistaken for new
 SUPERSAMPLE = 4  # draw at 4x, then shrink: antialiased edges from Pillow's aliased polygons
@@ -616,19 +618,19 @@ def make_readme_figure(path, count=16, image_size=128, seed=0):
                                                       image_size)
         if index % 4 == 0:
             rows.append([])
-        rows[-1] += [utils.draw_skeleton(keypoints, COCO17, image.size, background=image),
-                     utils.colorize_parts(part_map)]
+        rows[-1] += [draw_skeleton(keypoints, COCO17, image.size, background=image),
+                     colorize_parts(part_map)]
     utils.save_image_grid(rows, path)
 
 
 def main(argv=None):
-    parser = utils.ArgumentParser(description="Write the synthetic mannequin dataset.")
-    parser.add_argument("--out", type=utils.output_folder, required=True,
+    parser = cli.ArgumentParser(description="Write the synthetic mannequin dataset.")
+    parser.add_argument("--out", type=cli.output_folder, required=True,
                         help="folder to create")
-    parser.add_argument("--count", type=utils.positive_int, default=4000)
-    parser.add_argument("--image-size", type=utils.positive_int, default=64)
+    parser.add_argument("--count", type=cli.positive_int, default=4000)
+    parser.add_argument("--image-size", type=cli.positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=utils.positive_int, default=None,
+    parser.add_argument("--workers", type=cli.positive_int, default=None,
                         help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.time()

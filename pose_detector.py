@@ -37,7 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import utils
+from runs import Schedule
 
 DEFAULT_MAX_INPUT_SIZE = 64
 DEFAULT_WIDTH = 32
@@ -51,7 +53,7 @@ GROUP_KEYWORDS = (("head", ("nose", "eye", "ear", "neck")),
 
 
 def joint_groups(layout):
-    """{group: joint indices} for a utils.KeypointLayout; joints matching no group are 'other'."""
+    """{group: joint indices} for a poses.KeypointLayout; joints matching no group are 'other'."""
     groups = {name: [] for name, _ in GROUP_KEYWORDS}
     for index, joint in enumerate(layout.joints):
         group = next((name for name, keywords in GROUP_KEYWORDS
@@ -263,18 +265,16 @@ def train_pose_detector(train_set, config, training, device, num_workers=0, prog
         detector = PoseDetector(config).to(device)
     optimizer = torch.optim.AdamW(detector.parameters(), lr=training.lr,
                                   weight_decay=training.weight_decay)
-    sampler = utils.EpochBatchSampler(len(train_set), training.batch_size, training.seed,
-                                      flip=True)
-    loader = utils.make_loader(train_set, sampler, num_workers, device)
-    batches = utils.resume_batches(loader, sampler, 0)
+    sampler = data.EpochBatchSampler(len(train_set), training.batch_size, training.seed,
+                                     flip=True)
+    loader = data.make_loader(train_set, sampler, num_workers, device)
+    batches = data.resume_batches(loader, sampler, 0)
+    schedule = Schedule(training.lr, training.steps, training.warmup_steps, training.min_lr_ratio)
     detector.train()
     bar = tqdm(range(training.steps), desc="pose detector", disable=not progress,
                dynamic_ncols=True)
     for step in bar:
-        lr = utils.scheduled_lr(step, training.lr, training.warmup_steps, training.steps,
-                                training.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        schedule.apply([optimizer], step)
         batch = next(batches)
         images = batch["image"].to(device)  # (B, 3, S, S)
         loss = heatmap_loss(detector(images), batch["keypoints"].to(device), images.shape[-1])

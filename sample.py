@@ -25,29 +25,44 @@ pose, its skeleton first, then the samples. Without --poses it samples for valid
 poses. --complete finds the image's pose by its path relative to poses.json (else the one entry
 of its file name); --pose-key names it where that is ambiguous.
 """
-import argparse
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+import cli
+import data
+import images
 import utils
+from poses import (LAYOUTS, condition_picture, frame_box, read_pose_entries,
+                   check_keypoints_inside, reframe_keypoints, reframe_picture)
+from sampling import add_sampling_args, sampling_options
 from transformer import load_transformer
 
 
+class Row(NamedTuple):
+    """One row of the output grid: a condition to sample for, and the picture it came from."""
+
+    name: str  # the pose's (or class's) name; the output files are named after it
+    keypoints: torch.Tensor = None  # (K, 3) in pixels of the sampled canvas
+    parts: torch.Tensor = None  # (H, W) part labels on the canvas
+    image: torch.Tensor = None  # (3, S, S) in [-1, 1]: the validation or --complete image
+
+
 def parse_args(argv=None):
-    parser = utils.ArgumentParser(description="Sample from a stage-2 transformer.")
+    parser = cli.ArgumentParser(description="Sample from a stage-2 transformer.")
     parser.add_argument("--checkpoint", required=True, help="RUN/transformer_last.pt")
     parser.add_argument("--vqgan-checkpoint", default=None,
                         help="the stage-1 vqgan.pt (default: the one recorded in --checkpoint)")
     parser.add_argument("--poses", default=None, help="poses.json (default: validation poses)")
-    parser.add_argument("--pose-image-size", type=utils.positive_int, nargs=2,
+    parser.add_argument("--pose-image-size", type=cli.positive_int, nargs=2,
                         metavar=("W", "H"), default=None,
                         help="size of the images the poses were given for, when those images "
                              "are not beside poses.json")
-    parser.add_argument("--count", type=utils.positive_int, default=8,
+    parser.add_argument("--count", type=cli.positive_int, default=8,
                         help="how many validation poses to use without --poses")
     parser.add_argument("--complete", default=None, metavar="IMAGE",
                         help="keep the top half of IMAGE and sample the bottom half")
@@ -55,20 +70,18 @@ def parse_args(argv=None):
                         help="with --complete: the entry of --poses (or the validation example) "
                              "that holds IMAGE's pose, when its path relative to poses.json "
                              "(or the dataset) does not tell")
-    parser.add_argument("--out", type=utils.output_folder, default="samples")
-    parser.add_argument("--num-samples", type=utils.positive_int, default=2)
-    parser.add_argument("--grid-size", type=utils.positive_int, nargs=2, metavar=("H", "W"),
+    parser.add_argument("--out", type=cli.output_folder, default="samples")
+    parser.add_argument("--num-samples", type=cli.positive_int, default=2)
+    parser.add_argument("--grid-size", type=cli.positive_int, nargs=2, metavar=("H", "W"),
                         default=None,
                         help="token grid to sample, at least the training grid; larger grids "
                              "use a sliding attention window (default: the training grid)")
     parser.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                         help="the class to sample, for a class-conditioned model")
-    parser.add_argument("--top-k", type=utils.positive_int, default=None)
-    parser.add_argument("--top-p", type=utils.nucleus_mass, default=None)
-    parser.add_argument("--temperature", type=utils.positive_float, default=1.0)
+    add_sampling_args(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=utils.positive_int, default=16)
-    parser.add_argument("--device", type=utils.device_name, default="auto")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=16)
+    parser.add_argument("--device", type=cli.device_name, default="auto")
     args = parser.parse_args(argv)
     if args.pose_key is not None and args.complete is None:
         raise utils.UserError("--pose-key names the pose of the --complete image; give "
@@ -80,9 +93,9 @@ def read_pose_file(path, num_keypoints, default_size):
     """poses.json -> [(name, (K, 3) keypoints, (width, height) of the image they refer to)].
 
     Keys and keypoints obey the rules training applies to a dataset's poses.json
-    (utils.read_pose_entries, utils.check_keypoints_inside).
+    (poses.read_pose_entries, poses.check_keypoints_inside).
     """
-    poses, k = utils.read_pose_entries(path)
+    poses, k = read_pose_entries(path)
     if k != num_keypoints:
         name = next(iter(poses))
         raise utils.UserError(f"{path}: entry {name!r} has {k} keypoints, but the model was "
@@ -92,9 +105,9 @@ def read_pose_file(path, num_keypoints, default_size):
         image_path = os.path.join(os.path.dirname(path), name)
         size = default_size
         if os.path.isfile(image_path):
-            size = utils.open_image(image_path, utils.DEFAULT_MAX_IMAGE_PIXELS).size
-        utils.check_keypoints_inside(keypoints, size, name, path,
-                                     "fix it, set its v to 0, or give --pose-image-size")
+            size = images.open_image(image_path, images.DEFAULT_MAX_IMAGE_PIXELS).size
+        check_keypoints_inside(keypoints, size, name, path,
+                               "fix it, set its v to 0, or give --pose-image-size")
         entries.append((name, keypoints, size))
     return entries
 
@@ -119,13 +132,13 @@ def output_stems(names):
 
 
 def pose_for_image(rows, image_path, base_folder, pose_key):
-    """The row (name, keypoints, parts, image) that holds the pose of the image to complete.
+    """The Row that holds the pose of the image to complete.
 
     --pose-key names it; else the row named by the image's path relative to `base_folder` (the
     folder of poses.json, or the dataset's); else the one row of the image's file name. Several
     rows of that name and none at the path is a UserError listing them; no row gives None.
     """
-    by_name = {row[0]: row for row in rows}
+    by_name = {row.name: row for row in rows}
     if pose_key is not None:
         if pose_key not in by_name:
             listed = ", ".join(list(by_name)[:5]) + (", ..." if len(by_name) > 5 else "")
@@ -146,49 +159,18 @@ def pose_for_image(rows, image_path, base_folder, pose_key):
     return by_name[candidates[0]] if candidates else None
 
 
-def canvas_box(size, canvas, resize_mode):
-    """(x0, y0, width, height): the region of a `size` image that fills a `canvas`, both (w, h).
-
-    The region has the canvas's aspect ratio and is centred; it holds the whole image ('pad') or
-    lies inside it ('crop'). On a square canvas it is utils.square_box, how training squared.
-    """
-    (width, height), (canvas_w, canvas_h) = size, canvas
-    fit = max if resize_mode == "pad" else min
-    ratio = fit(width / canvas_w, height / canvas_h)  # image pixels per canvas pixel
-    box_w, box_h = round(canvas_w * ratio), round(canvas_h * ratio)
-    return (width - box_w) // 2, (height - box_h) // 2, box_w, box_h
-
-
 def to_model_pose(keypoints, size, canvas, resize_mode="pad"):
-    """Keypoints on a (width, height) image -> pixels of the (width, height) sampled image.
-
-    Joints that land outside it become invisible (v = 0), as in utils.transform_keypoints.
-    """
-    x0, y0, box_w, box_h = canvas_box(size, canvas, resize_mode)
-    (canvas_w, canvas_h) = canvas
-    out = keypoints.astype(np.float32).copy()
-    out[:, 0] = (keypoints[:, 0] - x0) * (canvas_w / box_w)
-    out[:, 1] = (keypoints[:, 1] - y0) * (canvas_h / box_h)
-    outside = (out[:, 0] < 0) | (out[:, 0] >= canvas_w) | (out[:, 1] < 0) | (out[:, 1] >= canvas_h)
-    out[outside, 2] = 0
-    return out
+    """Keypoints on a (width, height) image -> pixels of the (width, height) sampled canvas,
+    framed as training framed its images (poses.frame_box); joints off the canvas get v = 0."""
+    return reframe_keypoints(keypoints, frame_box(size, canvas, resize_mode), canvas)
 
 
 def to_canvas_parts(parts, canvas):
     """A square part map (S, S) -> the (width, height) canvas, padded whole like a pose."""
-    x0, y0, box_w, box_h = canvas_box(parts.shape[::-1], canvas, "pad")
-    labels = Image.fromarray(np.asarray(parts, np.uint8)).crop((x0, y0, x0 + box_w, y0 + box_h))
-    return torch.from_numpy(np.asarray(labels.resize(canvas, Image.NEAREST)).astype(np.int64))
-
-
-def validation_conditions(train_args, count):
-    """([(name, keypoints or None, parts or None, image)] of the first validation examples,
-    the dataset folder their names are relative to)."""
-    namespace = argparse.Namespace(**train_args)
-    _, val_set = utils.build_datasets(namespace, progress=False)
-    items = [val_set[i] for i in range(min(count, len(val_set)))]
-    return [(item["path"], item.get("keypoints"), item.get("parts"), item["image"])
-            for item in items], val_set.root
+    labels = Image.fromarray(np.asarray(parts, np.uint8))
+    framed = reframe_picture(labels, frame_box(labels.size, canvas, "pad"), canvas, 0,
+                             Image.NEAREST)
+    return torch.from_numpy(np.asarray(framed).astype(np.int64))
 
 
 def choose_class(args, config):
@@ -206,82 +188,94 @@ def choose_class(args, config):
     return names.index(args.class_name)
 
 
+def rows_to_sample(args, model, checkpoint, canvas, sliding):
+    """(the Rows of the grid, the folder their names are relative to): the poses of --poses,
+    the --class, or the first --count validation examples (fitted whole onto a larger canvas)."""
+    config = model.config
+    if args.poses is not None:
+        if config["condition"] != "keypoints":
+            raise utils.UserError(f"--poses gives keypoints, but this model is conditioned on "
+                                  f"{config['condition']}; leave --poses out")
+        poses = read_pose_file(args.poses, config["num_keypoints"],
+                               tuple(args.pose_image_size or canvas))
+        return [Row(name, torch.from_numpy(to_model_pose(keypoints, size, canvas,
+                                                         checkpoint["resize_mode"])))
+                for name, keypoints, size in poses], os.path.dirname(args.poses)
+    if args.class_name is not None:
+        return [Row(args.class_name)], None
+    _, val_set = data.build_datasets(checkpoint["args"], progress=False)
+    items = [val_set[i] for i in range(min(args.count, len(val_set)))]
+    rows = [Row(item["path"], item.get("keypoints"), item.get("parts"), item["image"])
+            for item in items]
+    if sliding:  # validation conditions are on the training square: pad it to the canvas
+        square = (config["image_size"],) * 2
+        rows = [row._replace(
+            keypoints=None if row.keypoints is None else torch.from_numpy(
+                to_model_pose(row.keypoints.numpy(), square, canvas)),
+            parts=None if row.parts is None else to_canvas_parts(row.parts, canvas))
+            for row in rows]
+    return rows, val_set.root
+
+
+def completion_row(args, model, checkpoint, rows, names_folder):
+    """--complete: the image squared as training squared its images, with its own pose (or
+    part map) from `rows` -> (its Row, the tokens of its top half (1, L / 2))."""
+    condition = model.condition
+    example = images.Example(os.path.basename(args.complete), args.complete)
+    image, _, _ = images.prepare_example(example, model.config["image_size"],
+                                         checkpoint["resize_mode"], images.DEFAULT_MAX_IMAGE_PIXELS)
+    image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
+    matching = (pose_for_image(rows, args.complete, names_folder, args.pose_key)
+                if condition in ("keypoints", "parts") else None)
+    if condition == "keypoints" and matching is None:
+        raise utils.UserError(f"--complete {args.complete}: this model needs the image's pose; "
+                              f"give --poses with an entry for it (its path relative to the "
+                              f"file, e.g. {example.name!r}), or name one with --pose-key")
+    if condition == "parts" and matching is None:
+        raise utils.UserError(f"--complete {args.complete}: this model needs the image's part "
+                              "map, and only validation images have one here; complete one "
+                              "of those")
+    row = (matching or Row(example.name))._replace(image=image)
+    top_half = model.image_tokens(image[None].to(model.gpt.lm_head.weight.device))
+    return row, top_half[:, :model.num_image_tokens // 2]
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
     model, checkpoint = load_transformer(args.checkpoint, device, args.vqgan_checkpoint)
-    model.eval()
-    config, train_args = model.config, checkpoint["args"]
-    image_size, token_grid = config["image_size"], config["token_grid"]
-    resize_mode = checkpoint["resize_mode"]  # how training squared its images: "pad" or "crop"
-    layout = utils.LAYOUTS[checkpoint["layout"]]
+    token_grid, condition = model.token_grid, model.condition
+    layout = LAYOUTS[checkpoint["layout"]]
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                   generator=generator)
-    class_index = choose_class(args, config)
+    options = dict(sampling_options(args), generator=generator)
+    class_index = choose_class(args, model.config)
     grid_h, grid_w = args.grid_size or (token_grid, token_grid)
     if grid_h < token_grid or grid_w < token_grid:
         raise utils.UserError(f"--grid-size {grid_h} {grid_w} is smaller than the model's "
                               f"{token_grid}x{token_grid} token grid")
     sliding = (grid_h, grid_w) != (token_grid, token_grid)
-    pixels_per_token = image_size // token_grid
+    pixels_per_token = model.config["image_size"] // token_grid
     canvas = (grid_w * pixels_per_token, grid_h * pixels_per_token)  # (width, height) sampled
 
-    # What to sample for: (name, keypoints, parts, image or None) per row of the grid.
-    if args.poses is not None:
-        if config["condition"] != "keypoints":
-            raise utils.UserError(f"--poses gives keypoints, but this model is conditioned on "
-                                  f"{config['condition']}; leave --poses out")
-        default_size = tuple(args.pose_image_size or canvas)
-        poses = read_pose_file(args.poses, layout.num_keypoints, default_size)
-        rows = [(name, torch.from_numpy(to_model_pose(kp, size, canvas, resize_mode)),
-                 None, None) for name, kp, size in poses]
-        names_folder = os.path.dirname(args.poses)
-    elif class_index is not None:
-        rows = [(args.class_name, None, None, None)]
-    else:
-        rows, names_folder = validation_conditions(train_args, args.count)
-        if sliding:  # validation conditions are on the training square: pad it to the canvas
-            square = (image_size, image_size)
-            rows = [(name, None if kp is None else
-                     torch.from_numpy(to_model_pose(kp.numpy(), square, canvas)),
-                     None if parts is None else to_canvas_parts(parts, canvas), image)
-                    for name, kp, parts, image in rows]
-
+    rows, names_folder = rows_to_sample(args, model, checkpoint, canvas, sliding)
     prefix = None
     if args.complete is not None:
         if sliding:
             raise utils.UserError("--complete works on the training grid only; leave "
                                   "--grid-size out")
-        example = utils.Example(os.path.basename(args.complete), args.complete)
-        image, _, _ = utils.prepare_example(example, image_size, resize_mode,
-                                            utils.DEFAULT_MAX_IMAGE_PIXELS)
-        image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
-        matching = (pose_for_image(rows, args.complete, names_folder, args.pose_key)
-                    if config["condition"] in ("keypoints", "parts") else None)
-        if config["condition"] == "keypoints" and matching is None:
-            raise utils.UserError(f"--complete {args.complete}: this model needs the image's pose; "
-                                  f"give --poses with an entry for it (its path relative to the "
-                                  f"file, e.g. {example.name!r}), or name one with --pose-key")
-        if config["condition"] == "parts" and matching is None:
-            raise utils.UserError(f"--complete {args.complete}: this model needs the image's part "
-                                  "map, and only validation images have one here; complete one "
-                                  "of those")
-        name, keypoints, parts, _ = matching or (example.name, None, None, None)
-        rows = [(name, keypoints, parts, image)]
-        prefix = model.image_tokens(image[None].to(device))[:, :model.num_image_tokens // 2]
+        row, prefix = completion_row(args, model, checkpoint, rows, names_folder)
+        rows = [row]
 
     os.makedirs(args.out, exist_ok=True)
-    stems = output_stems([row[0] for row in rows])
-    grid, written = [], 0
-    n = args.num_samples
+    stems = output_stems([row.name for row in rows])
+    grid, n = [], args.num_samples
     for start in tqdm(range(0, len(rows), args.batch_size), desc="sampling"):
         chunk = rows[start:start + args.batch_size]
         conditions = dict(  # one per sample: each row's condition repeated n times
-            keypoints=(torch.stack([r[1] for r in chunk]).repeat_interleave(n, dim=0).to(device)
-                       if config["condition"] == "keypoints" else None),
-            part_maps=(torch.stack([r[2] for r in chunk]).repeat_interleave(n, dim=0).to(device)
-                       if config["condition"] == "parts" else None),
+            keypoints=(torch.stack([row.keypoints for row in chunk]).repeat_interleave(n, dim=0)
+                       .to(device) if condition == "keypoints" else None),
+            part_maps=(torch.stack([row.parts for row in chunk]).repeat_interleave(n, dim=0)
+                       .to(device) if condition == "parts" else None),
             labels=(torch.full((len(chunk) * n,), class_index, device=device)
                     if class_index is not None else None),
             batch_size=len(chunk) * n)
@@ -292,21 +286,19 @@ def main(argv=None):
                 cond = model.condition_tokens(**conditions)  # (b * n, P)
                 chunk_prefix = None if prefix is None else prefix.repeat(len(cond), 1)
                 tokens = model.sample(cond, prefix_tokens=chunk_prefix, **options)
-            images = model.decode(tokens).float().cpu()  # (b * n, 3, height, width)
-        for row_index, (name, row_keypoints, row_parts, original) in enumerate(chunk):
-            stem = os.path.join(args.out, stems[start + row_index])
+            pictures = model.decode(tokens).float().cpu()  # (b * n, 3, height, width)
+        for index, row in enumerate(chunk):
+            stem = os.path.join(args.out, stems[start + index])
             os.makedirs(os.path.dirname(stem), exist_ok=True)
-            row = [utils.condition_picture(config["condition"], row_keypoints, row_parts, layout,
-                                           canvas)]
-            if original is not None:
-                row.append(original)
+            cells = [condition_picture(condition, row.keypoints, row.parts, layout, canvas)]
+            cells += [row.image] if row.image is not None else []
             for i in range(n):
-                picture = utils.to_uint8_image(images[row_index * n + i])
+                picture = utils.to_uint8_image(pictures[index * n + i])
                 picture.save(f"{stem}_{i}.png")
-                written += 1
-                row.append(picture)
-            grid.append(row)
+                cells.append(picture)
+            grid.append(cells)
     utils.save_image_grid(grid, os.path.join(args.out, "grid.png"))
+    written = len(rows) * n
     print(f"wrote {written} sample{'s' if written != 1 else ''} and grid.png to {args.out}")
 
 

@@ -27,48 +27,53 @@ the bottom half | two new samples.
 import json
 import math
 import os
-import time
 
 import torch
 from tqdm import tqdm
 
+import cli
+import data
+import runs
 import utils
+from distributed import wrap_ddp
+from plots import plot_curves
+from poses import COCO17, condition_picture
+from training_loop import TrainingLoop
+from sampling import add_sampling_args, sampling_options
 from transformer import PoseTransformer
 from vqgan import load_vqgan
 
 
 def parse_args(argv=None):
-    parser = utils.ArgumentParser(description="Stage 2: train the pose-conditioned GPT.")
+    parser = cli.ArgumentParser(description="Stage 2: train the pose-conditioned GPT.")
     parser.add_argument("--vqgan-checkpoint", default=os.path.join("runs", "vqgan", "vqgan.pt"),
                         help="stage-1 inference checkpoint (vqgan.pt)")
-    utils.add_data_args(parser)
-    utils.add_run_args(parser, default_run_dir=os.path.join("runs", "transformer"),
-                       default_batch_size=16, default_base_lr=6.25e-5, default_max_steps=2000,
-                       default_warmup_steps=100, default_min_lr_ratio=0.1)
-    parser.set_defaults(image_size=None)  # the VQGAN's resolution unless given
+    data.add_data_args(parser)
+    runs.add_run_args(parser)
+    parser.set_defaults(run_dir=os.path.join("runs", "transformer"), batch_size=16,
+                        base_lr=6.25e-5, default_max_steps=2000, warmup_steps=100,
+                        min_lr_ratio=0.1, image_size=None)  # image size: the VQGAN's
     group = parser.add_argument_group("model")
     group.add_argument("--condition", choices=("auto", "keypoints", "parts", "class", "none"),
                        default="auto", help="class: one class token, the image's first folder "
                                             "below --dataset-path (DIR/<class>/...)")
-    group.add_argument("--keypoint-grid", type=utils.positive_int, default=None,
+    group.add_argument("--keypoint-grid", type=cli.positive_int, default=None,
                        help="G of the G x G keypoint grid (default: twice the token grid)")
     # The defaults train on two CPU cores in about 14 minutes (1.5M parameters); for a GPU
     # the paper's stage 2 is far larger (e.g. --n-layer 24 --n-head 16 --n-embd 1024).
-    group.add_argument("--n-layer", type=utils.positive_int, default=6)
-    group.add_argument("--n-head", type=utils.positive_int, default=4)
-    group.add_argument("--n-embd", type=utils.positive_int, default=128,
+    group.add_argument("--n-layer", type=cli.positive_int, default=6)
+    group.add_argument("--n-head", type=cli.positive_int, default=4)
+    group.add_argument("--n-embd", type=cli.positive_int, default=128,
                        help="width of the GPT, a multiple of --n-head")
-    group.add_argument("--dropout", type=utils.unit_fraction, default=0.0)
-    group.add_argument("--pkeep", type=utils.unit_fraction, default=1.0,
+    group.add_argument("--dropout", type=cli.unit_fraction, default=0.0)
+    group.add_argument("--pkeep", type=cli.unit_fraction, default=1.0,
                        help="keep each input image token with this probability (else random)")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--weight-decay", type=utils.non_negative_float, default=0.01)
-    group.add_argument("--grad-clip", type=utils.positive_float, default=1.0)
+    group.add_argument("--weight-decay", type=cli.non_negative_float, default=0.01)
+    group.add_argument("--grad-clip", type=cli.positive_float, default=1.0)
     group = parser.add_argument_group("sample grids")
-    group.add_argument("--grid-examples", type=utils.positive_int, default=6)
-    group.add_argument("--top-k", type=utils.positive_int, default=None)
-    group.add_argument("--top-p", type=utils.nucleus_mass, default=None)
-    group.add_argument("--temperature", type=utils.positive_float, default=1.0)
+    group.add_argument("--grid-examples", type=cli.positive_int, default=6)
+    add_sampling_args(group)
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head:
         raise utils.UserError(f"--n-embd {args.n_embd} must be a multiple of --n-head "
@@ -108,8 +113,7 @@ def encode_split(model, dataset, flips, batch_size, device, num_workers, desc):
 def load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device):
     """Tokens of both splits, from RUN/token_cache/ when this VQGAN and data were seen before."""
     key = {"vqgan_sha256": vqgan_sha256, "flip": args.flip,
-           **{k: getattr(args, k) for k in ("dataset_path", "image_size", "val_fraction",
-                                            "resize_mode", "pose_layout", "coco_annotations")},
+           **{k: getattr(args, k) for k in data.SPLIT_FLAGS},
            "part_labels": train_set.part_labels.to_dict(),
            "encoding_precision": utils.resolve_precision("auto", device),  # VQGAN.image_tokens
            "files": {"train": train_set.fingerprint(), "val": val_set.fingerprint()}}
@@ -135,21 +139,16 @@ def load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
     return cache
 
 
-def condition_tokens(model, split, chunk=1024):
+def condition_prefixes(model, split, chunk=1024):
     """Condition prefixes (N, F, P) for every cached example, computed once before training."""
-    tokens = split["tokens"]
-    N, F = tokens.shape[:2]
-    flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731  (N, F, ...) -> (N*F, ...)
-    keypoints, parts, labels = (flat(split["keypoints"]), flat(split["parts"]),
-                                flat(split.get("labels")))
-    prefixes = []
-    for start in range(0, N * F, chunk):
-        part = slice(start, min(start + chunk, N * F))
-        prefixes.append(model.condition_tokens(
-            keypoints=None if keypoints is None else keypoints[part],
-            part_maps=None if parts is None else parts[part].long(),
-            labels=None if labels is None else labels[part],
-            batch_size=part.stop - part.start).cpu())
+    N, F = split["tokens"].shape[:2]
+    flat = {key: split[cached].flatten(0, 1)  # (N, F, ...) -> (N * F, ...), a batch of items
+            for key, cached in (("keypoints", "keypoints"), ("parts", "parts"), ("label", "labels"))
+            if split.get(cached) is not None}
+    prefixes = [model.condition_tokens({key: value[start:start + chunk]
+                                        for key, value in flat.items()},
+                                       batch_size=min(chunk, N * F - start)).cpu()
+                for start in range(0, N * F, chunk)]
     return torch.cat(prefixes).unflatten(0, (N, F))
 
 
@@ -178,8 +177,7 @@ def save_sample_grid(model, val_set, val_split, prefixes, args, device, path, pr
     tokens = val_split["tokens"][:count, 0].to(device)  # (n, L)
     cond = prefixes[:count].to(device)  # (n, P)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    options = dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                   generator=generator)
+    options = dict(sampling_options(args), generator=generator)
     half = tokens.shape[1] // 2
     with utils.autocast_context(device, precision):
         completion = model.sample(cond, prefix_tokens=tokens[:, :half], **options)
@@ -188,13 +186,13 @@ def save_sample_grid(model, val_set, val_split, prefixes, args, device, path, pr
     model.train()
     reconstruction, completion, first, second = pictures[:count], pictures[count:2 * count], \
         pictures[2 * count:3 * count], pictures[3 * count:]
-    layout = val_set.layout or utils.COCO17
+    layout = val_set.layout or COCO17
     rows = []
     for i in range(count):
         keypoints, parts = (None if val_split[key] is None else val_split[key][i, 0]
                             for key in ("keypoints", "parts"))  # cached, unflipped
-        rows.append([utils.condition_picture(model.condition, keypoints, parts, layout,
-                                             (args.image_size, args.image_size)),
+        rows.append([condition_picture(model.condition, keypoints, parts, layout,
+                                       (args.image_size, args.image_size)),
                      val_set[i]["image"], reconstruction[i], completion[i], first[i], second[i]])
     utils.save_image_grid(rows, path)
 
@@ -212,7 +210,7 @@ def choose_condition(requested, dataset):
 
 
 def main(argv=None):
-    utils.run_training(train, parse_args(argv))
+    runs.run_training(train, parse_args(argv))
 
 
 def train(args, dist, device):
@@ -233,13 +231,13 @@ def train(args, dist, device):
     channels_last = utils.use_channels_last(args.channels_last, device)
     if channels_last:  # the frozen VQGAN's convolutions: encoding the cache, decoding grids
         vqgan.to(memory_format=torch.channels_last)
-    run = utils.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt",
-                             remove_stale=dist.is_main)
+    run = runs.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt",
+                            remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data before the others read it
-        train_set, val_set = utils.build_datasets(args, progress=dist.is_main,
-                                                  class_labels=args.condition == "class")
+        train_set, val_set = data.build_datasets(args, progress=dist.is_main,
+                                                 class_labels=args.condition == "class")
     condition = choose_condition(args.condition, train_set)
-    layout = train_set.layout or utils.COCO17
+    layout = train_set.layout or COCO17
     model = PoseTransformer(vqgan, condition=condition, image_size=args.image_size,
                             num_keypoints=layout.num_keypoints, keypoint_grid=args.keypoint_grid,
                             num_part_labels=train_set.part_labels.num_labels,
@@ -248,71 +246,45 @@ def train(args, dist, device):
     with dist.main_first():  # rank 0 encodes and writes the cache; the others then read it
         cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
     train_tokens, val_tokens = cache["train"]["tokens"], cache["val"]["tokens"][:, 0]
-    train_prefixes = condition_tokens(model, cache["train"])  # (N, F, P)
-    val_prefixes = condition_tokens(model, cache["val"])[:, 0]  # (N_val, P)
+    train_prefixes = condition_prefixes(model, cache["train"])  # (N, F, P)
+    val_prefixes = condition_prefixes(model, cache["val"])[:, 0]  # (N_val, P)
 
-    peak_lr = utils.learning_rate(args, dist.world_size)
-    optimizer = model.gpt.configure_optimizer(args.weight_decay, peak_lr, (0.9, 0.95),
+    sampler = data.EpochBatchSampler(len(train_tokens), args.batch_size, args.seed, args.flip,
+                                     dist.rank, dist.world_size)
+    schedule = runs.Schedule.from_flags(args, sampler.batches_per_epoch, dist.world_size)
+    optimizer = model.gpt.configure_optimizer(args.weight_decay, schedule.peak, (0.9, 0.95),
                                               device.type)
     scaler = utils.grad_scaler(device, precision)
-    sampler = utils.EpochBatchSampler(len(train_tokens), args.batch_size, args.seed, args.flip,
-                                      dist.rank, dist.world_size)
-    total_steps = utils.total_steps(args, sampler.batches_per_epoch)
-    steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
     config = dict(model.config, vqgan_sha256=vqgan_sha256)  # flat: --resume names the field
+    states, flags = dict(model=model, optimizer=optimizer, scaler=scaler), runs.plain_args(args)
     step = 0
     if args.resume:  # every rank loads the same checkpoint
-        checkpoint = run.load_for_resume(args.resume, config, args, dist.world_size)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scaler"):  # absent or empty from a run without fp16
-            scaler.load_state_dict(checkpoint["scaler"])
-        utils.set_rng_state(checkpoint["rng"])
-        step = checkpoint["step"]
-    if not run.steps_left(step, total_steps, args):
+        step = run.resume(args.resume, config, flags, dist.world_size, **states)
+    if not run.steps_left(step, schedule, args.resume):
         return None
-    ddp_model, = utils.wrap_ddp(dist, device, model)
+    ddp_model, = wrap_ddp(dist, device, model)
     forward_model = torch.compile(ddp_model) if args.compile else ddp_model
-    metrics = (utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume
-                                else None) if dist.is_main else None)
-
-    def save_checkpoint():
-        run.save({"kind": "transformer_train", "step": step, "config": config,
-                  "args": utils.plain_args(args), "world_size": dist.world_size,
-                  "model": model.state_dict(),
-                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                  "rng": utils.get_rng_state(),
-                  "vqgan_checkpoint": os.path.abspath(args.vqgan_checkpoint),
-                  "layout": layout.name, "resize_mode": train_set.resize_mode,
-                  "part_labels": train_set.part_labels.to_dict()})
-        records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
-        utils.plot_curves(records, [("bits per image token",
-                                     ["train_bits_per_token", "val_bits_per_token"])],
-                          run.path("loss_curves.png"), title="stage 2")
-
     if dist.is_main:
         grid = model.token_grid
         lr_source = "--lr" if args.lr is not None else (
             f"--base-lr {args.base_lr:g} x batch {args.batch_size} x --grad-accum "
             f"{args.grad_accum} x {dist.world_size} process(es)")
         print(f"stage 2: {condition} conditioning, {model.gpt.num_params() / 1e6:.2f}M "
-              f"parameters, {len(train_tokens)} training images, {total_steps} steps\n"
+              f"parameters, {len(train_tokens)} training images, {schedule.total} steps\n"
               f"  {args.image_size} px images -> {grid}x{grid} tokens of "
               f"{vqgan.config.n_embed} codes; GPT {args.n_layer} layers x {args.n_head} heads x "
-              f"{args.n_embd}, batch {args.batch_size}, lr {peak_lr:.3g} ({lr_source}), "
+              f"{args.n_embd}, batch {args.batch_size}, lr {schedule.peak:.3g} ({lr_source}), "
               f"warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}\n"
               f"  precision {precision}, channels_last {'on' if channels_last else 'off'} (the "
               f"VQGAN's), compile {'on' if args.compile else 'off'}")
-    health, stop = utils.FiniteCheck(), utils.StopRequest()
-    progress = tqdm(total=total_steps, initial=step, desc="stage 2", dynamic_ncols=True,
-                    disable=not dist.is_main)
-    window_start, window_step, window_tokens, loss_sum = time.perf_counter(), step, 0, 0.0
-    batches = utils.resume_batches(sampler, sampler, step * args.grad_accum)
+    window_step, window_tokens, loss_sum = step, 0, 0.0
+    batches = data.resume_batches(sampler, sampler, step * args.grad_accum)
     model.train()
-    stopping = False
-    try:
-        while step < total_steps and not stopping:
-            lr = utils.apply_lr_schedule([optimizer], step, peak_lr, total_steps, args)
+    with TrainingLoop(run, dist, step, schedule.total,
+                      max(1, sampler.batches_per_epoch // args.grad_accum), args.log_every,
+                      args.save_every, args.sample_every, args.resume, "stage 2") as loop:
+        while loop.running():
+            lr = schedule.apply([optimizer], loop.step)
             optimizer.zero_grad(set_to_none=True)
             for micro in range(args.grad_accum):
                 pairs = next(batches)
@@ -326,52 +298,43 @@ def train(args, dist, device):
                         _, loss = forward_model(prefixes, tokens, pkeep=args.pkeep)
                     scaler.scale(loss / args.grad_accum).backward()  # scaled for fp16 only
                 loss_sum = loss_sum + loss.detach() / args.grad_accum
-                health.add(loss)
+                loop.health.add(loss)
                 window_tokens += tokens.numel() * dist.world_size
             scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(model.gpt.parameters(), args.grad_clip)
             scaler.step(optimizer)  # skipped when fp16 gradients overflowed
             scaler.update()
-            step += 1
-            progress.update(1)
 
-            log_step = step % args.log_every == 0 or step == total_steps
-            save_step = step % args.save_every == 0 or step == total_steps
-            stopping = stop.should_stop(dist, log_step)
-            if log_step or save_step or stopping:  # never log or save past a NaN
-                health.check(step, run.path("transformer_last.pt"), dist)
-            if log_step:
-                mean_loss = float(dist.mean(torch.as_tensor(loss_sum))) / (step - window_step)
-                if dist.is_main:
-                    metrics.write({"step": step, "loss": mean_loss,
-                                   "train_bits_per_token": mean_loss / math.log(2), "lr": lr,
-                                   "tokens_per_s": window_tokens
-                                   / (time.perf_counter() - window_start)})
-                    progress.set_postfix(loss=f"{mean_loss:.3f}")
-                window_start, window_step, window_tokens, loss_sum = (time.perf_counter(), step,
-                                                                      0, 0.0)
-            if not dist.is_main:
-                continue
+            due = loop.end_step()
+            if due.log:
+                mean_loss = (float(dist.mean(torch.as_tensor(loss_sum)))
+                             / (loop.step - window_step))
+                loop.log({"loss": mean_loss, "train_bits_per_token": mean_loss / math.log(2),
+                          "lr": lr}, dict(loss=f"{mean_loss:.3f}"), tokens_per_s=window_tokens)
+                window_step, window_tokens, loss_sum = loop.step, 0, 0.0
             # Rank 0 alone validates, samples and saves, with the bare model (no collectives).
-            if step % steps_per_epoch == 0 or step == total_steps:
+            if due.validate:
                 bits = validation_bits(model, val_tokens, val_prefixes, args.batch_size, device,
                                        precision)
-                metrics.write({"step": step, "val_bits_per_token": bits})
-                progress.write(f"step {step}: validation {bits:.3f} bits/token")
-            if step % args.sample_every == 0 or step == total_steps:
+                loop.write({"val_bits_per_token": bits})
+                loop.progress.write(f"step {loop.step}: validation {bits:.3f} bits/token")
+            if due.sample:
                 save_sample_grid(model, val_set, cache["val"], val_prefixes, args, device,
-                                 run.path("samples", f"samples_{step:06d}.png"), precision)
-            if save_step or stopping:
-                save_checkpoint()
-    finally:  # also on errors (NaN, a second Ctrl-C): in-process callers get Ctrl-C back
-        progress.close()
-        stop.restore()
+                                 run.path("samples", f"samples_{loop.step:06d}.png"), precision)
+            if due.save:
+                run.save_state(loop.step, config, flags, dist.world_size, states,
+                               vqgan_checkpoint=os.path.abspath(args.vqgan_checkpoint),
+                               layout=layout.name, resize_mode=train_set.resize_mode,
+                               part_labels=train_set.part_labels.to_dict())
+                plot_curves(loop.records(), [("bits per image token",
+                                              ["train_bits_per_token", "val_bits_per_token"])],
+                            run.path("loss_curves.png"), title="stage 2")
     if dist.is_main:
         run.report_outputs("stage 2", [
             ("transformer_last.pt", "transformer_last.pt (sample.py --checkpoint)"),
             ("metrics.jsonl", "metrics.jsonl"), ("loss_curves.png", "loss_curves.png"),
             ("samples", "samples/")])
-    return step if stopping else None
+    return loop.stopped_at
 
 
 if __name__ == "__main__":

@@ -34,15 +34,20 @@ loss_curves.png and reconstruction grids under samples/.
 """
 import dataclasses
 import os
-import time
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
+import cli
+import data
+import runs
 import utils
 from codebook import CodebookStats
+from distributed import wrap_ddp
 from discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
 from lpips_loss import LPIPSLoss
+from plots import plot_curves
+from training_loop import TrainingLoop
 from vqgan import PRESETS, VQGAN, add_vqgan_args, config_from_args, save_vqgan
 
 
@@ -50,7 +55,7 @@ from vqgan import PRESETS, VQGAN, add_vqgan_args, config_from_args, save_vqgan
 #   small: measured on the mannequins on 2 CPU cores (README, "Results on the embedded default").
 #   paper: taming-transformers' configs/imagenet_vqgan.yaml, the f16 ImageNet VQGAN with 1024
 #          codes at 256 px: base_learning_rate 4.5e-6 (their main.py multiplies it by batch x
-#          GPUs x accumulation, as utils.learning_rate does with --base-lr), batch_size 3 per GPU,
+#          GPUs x accumulation, as runs.learning_rate does with --base-lr), batch_size 3 per GPU,
 #          disc_start 250001, disc_weight 0.8, codebook_weight 1.0, and
 #          VQLPIPSWithDiscriminator's perceptual_weight 1.0 from the first step; a constant
 #          learning rate (no warm-up, no decay). The resolution is the preset's (vqgan.PRESETS).
@@ -70,24 +75,25 @@ def parse_args(argv=None):
     presets = "; ".join(f"{name}: {PRESETS[name].resolution} px, " + ", ".join(
         f"--{key.replace('_', '-')} {value}" for key, value in defaults.items())
         for name, defaults in PRESET_DEFAULTS.items())
-    parser = utils.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Stage 1: train the VQGAN.",
         epilog=f"Preset defaults, each overridden by its flag: {presets}.")
     add_vqgan_args(parser)
-    utils.add_data_args(parser)
-    utils.add_run_args(parser, default_run_dir=os.path.join("runs", "vqgan"),
-                       default_batch_size=None, default_base_lr=None, default_max_steps=1800,
-                       default_warmup_steps=None, default_min_lr_ratio=None)
-    parser.set_defaults(image_size=None)  # the preset's resolution unless given
+    data.add_data_args(parser)
+    runs.add_run_args(parser)
+    # None: the preset's (PRESET_DEFAULTS), and its resolution, unless given
+    parser.set_defaults(run_dir=os.path.join("runs", "vqgan"), default_max_steps=1800,
+                        image_size=None, batch_size=None, base_lr=None, warmup_steps=None,
+                        min_lr_ratio=None)
     group = parser.add_argument_group("loss (defaults: the preset's, see below)")
-    group.add_argument("--perceptual-weight", type=utils.non_negative_float, default=None)
-    group.add_argument("--perceptual-start", type=utils.non_negative_int, default=None,
+    group.add_argument("--perceptual-weight", type=cli.non_negative_float, default=None)
+    group.add_argument("--perceptual-start", type=cli.non_negative_int, default=None,
                        help="optimizer step at which the LPIPS term switches on; before it the "
                             "steps are L1 only and cheaper (LPIPS is a VGG16 forward/backward)")
-    group.add_argument("--codebook-weight", type=utils.non_negative_float, default=None)
-    group.add_argument("--disc-weight", type=utils.non_negative_float, default=None,
+    group.add_argument("--codebook-weight", type=cli.non_negative_float, default=None)
+    group.add_argument("--disc-weight", type=cli.non_negative_float, default=None,
                        help="multiplies the adaptive lambda of the GAN term")
-    group.add_argument("--disc-start", type=utils.non_negative_int, default=None,
+    group.add_argument("--disc-start", type=cli.non_negative_int, default=None,
                        help="optimizer step at which the discriminator and GAN term switch on")
     group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
     group.add_argument("--lpips-weights", default=None,
@@ -101,27 +107,38 @@ def parse_args(argv=None):
     return args
 
 
-def describe_run(args, config, model, precision, channels_last, total_steps, world_size):
+def describe_run(args, config, model, precision, channels_last, schedule, world_size):
     """The resolved configuration, printed when a run starts."""
     grid = model.token_grid_size
+    total = schedule.total
     lines = [
         f"stage 1: preset {args.preset}, {config.resolution} px images -> {grid}x{grid} tokens of "
         f"{config.n_embed} codes, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         "parameters",
         "  architecture: " + ", ".join(f"{field.name} {getattr(config, field.name)}"
                                         for field in dataclasses.fields(config)),
-        f"  lr {utils.learning_rate(args, world_size):.3g} (--base-lr {args.base_lr:g} x batch "
+        f"  lr {schedule.peak:.3g} (--base-lr {args.base_lr:g} x batch "
         f"{args.batch_size} x --grad-accum {args.grad_accum} x {world_size} process(es))"
         if args.lr is None else f"  lr {args.lr:g} (--lr)",
-        f"  {total_steps} steps, warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}; "
+        f"  {total} steps, warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}; "
         f"LPIPS x {args.perceptual_weight:g} from step {args.perceptual_start}, codebook x "
         f"{args.codebook_weight:g}, GAN x {args.disc_weight:g} lambda from step "
-        f"{args.disc_start}" + (" (after this run's last step)" if args.disc_start >= total_steps
+        f"{args.disc_start}" + (" (after this run's last step)" if args.disc_start >= total
                                 else ""),
         f"  precision {precision}, channels_last {'on' if channels_last else 'off'}, compile "
         f"{'on' if args.compile else 'off'}",
     ]
     print("\n".join(lines))
+
+
+@dataclass
+class LossWeights:
+    """The generator loss's weights: L1 + perceptual x LPIPS + codebook x codebook loss +
+    disc x lambda x GAN term (lambda the adaptive weight)."""
+
+    perceptual_weight: float = 1.0
+    codebook_weight: float = 1.0
+    disc_weight: float = 0.8
 
 
 def adaptive_lambda(last_input, last_conv, grad_rec, grad_gan, disc_weight, average=None):
@@ -149,9 +166,10 @@ def adaptive_lambda(last_input, last_conv, grad_rec, grad_gan, disc_weight, aver
     return weight.clamp(0.0, 1e4).detach() * disc_weight
 
 
-def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=1.0,
+def generator_backward(model, lpips, discriminator, images, weights, gan_on, scale=1.0,
                        average=None, last_conv=None, perceptual_on=True, precision="auto"):
-    """Forward the VQGAN, back-propagate its whole loss (times `scale`); return loss terms.
+    """Forward the VQGAN, back-propagate its whole loss (LossWeights `weights`, times `scale`);
+    return loss terms.
 
     The discriminator's parameters receive no gradient here: D is only differentiated with
     respect to its input. `model` may be wrapped (DDP, torch.compile); then `last_conv` names
@@ -167,7 +185,7 @@ def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=
         rec_loss = l1 = (images - x_hat_leaf).abs().mean()
         if perceptual_on:
             perceptual = lpips(images, x_hat_leaf)
-            rec_loss = l1 + args.perceptual_weight * perceptual
+            rec_loss = l1 + weights.perceptual_weight * perceptual
     grad_x_hat, = torch.autograd.grad(rec_loss * scale, x_hat_leaf)  # (B, 3, H, W), scaled
     terms = {"rec_loss": l1.detach(), "codebook": codebook_loss.detach()}
     if perceptual_on:
@@ -178,10 +196,10 @@ def generator_backward(model, lpips, discriminator, images, args, gan_on, scale=
         grad_gan, = torch.autograd.grad(generator_loss * scale, x_hat_leaf)
         last_conv = model.decoder.conv_out if last_conv is None else last_conv
         lam = adaptive_lambda(last_input, last_conv, grad_x_hat / scale, grad_gan / scale,
-                              args.disc_weight, average)
+                              weights.disc_weight, average)
         grad_x_hat = grad_x_hat + lam * grad_gan
         terms.update(generator=generator_loss.detach(), disc_lambda=lam)
-    torch.autograd.backward([x_hat, codebook_loss * args.codebook_weight * scale],
+    torch.autograd.backward([x_hat, codebook_loss * weights.codebook_weight * scale],
                             [grad_x_hat.to(x_hat.dtype), None])
     return x_hat.detach(), indices, terms
 
@@ -226,24 +244,25 @@ def save_reconstructions(model, images, path, precision="auto"):
 
 
 def main(argv=None):
-    utils.run_training(train, parse_args(argv))
+    runs.run_training(train, parse_args(argv))
 
 
 def train(args, dist, device):
     """Train to --max-steps; returns the step at which Ctrl-C stopped it, else None."""
     utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     config = config_from_args(args)
-    run = utils.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt",
-                             remove_stale=dist.is_main)
+    run = runs.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt",
+                            remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data / fetches LPIPS weights first
-        train_set, val_set = utils.build_datasets(args, progress=dist.is_main)
+        train_set, val_set = data.build_datasets(args, progress=dist.is_main)
         lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
-    sampler = utils.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip,
-                                      dist.rank, dist.world_size)
-    loader = utils.make_loader(train_set, sampler, args.num_workers, device)
+    sampler = data.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip,
+                                     dist.rank, dist.world_size)
+    loader = data.make_loader(train_set, sampler, args.num_workers, device)
     # its own generator: drawing a loader's seed must not move the global RNG (exact resume)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size,
                                              generator=torch.Generator())
+    schedule = runs.Schedule.from_flags(args, sampler.batches_per_epoch, dist.world_size)
 
     model = VQGAN(config).to(device)
     discriminator = NLayerDiscriminator().to(device)  # its BatchNorm sees the global batch
@@ -252,73 +271,44 @@ def train(args, dist, device):
     if channels_last:
         for module in (model, discriminator, lpips):
             module.to(memory_format=torch.channels_last)
-    peak_lr = utils.learning_rate(args, dist.world_size)
     fused = device.type == "cuda"
-    opt_g = torch.optim.Adam(model.parameters(), lr=peak_lr, betas=(0.5, 0.9), fused=fused)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=peak_lr, betas=(0.5, 0.9),
+    opt_g = torch.optim.Adam(model.parameters(), lr=schedule.peak, betas=(0.5, 0.9), fused=fused)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=schedule.peak, betas=(0.5, 0.9),
                              fused=fused)
     scaler = utils.grad_scaler(device, precision)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
+    weights = LossWeights(args.perceptual_weight, args.codebook_weight, args.disc_weight)
 
+    states = dict(model=model, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
+                  scaler=scaler)
+    flags = runs.plain_args(args)
     step = 0
     if args.resume:  # every rank loads the same checkpoint
-        checkpoint = run.load_for_resume(args.resume, dataclasses.asdict(config), args,
-                                         dist.world_size)
-        model.load_state_dict(checkpoint["model"])
-        discriminator.load_state_dict(checkpoint["discriminator"])
-        opt_g.load_state_dict(checkpoint["opt_g"])
-        opt_d.load_state_dict(checkpoint["opt_d"])
-        if checkpoint["scaler"]:  # empty from a run without fp16
-            scaler.load_state_dict(checkpoint["scaler"])
-        utils.set_rng_state(checkpoint["rng"])
-        step = checkpoint["step"]
+        step = run.resume(args.resume, dataclasses.asdict(config), flags, dist.world_size,
+                          **states)
     # DDP all-reduces gradients in backward. The generator loss differentiates D with respect
     # to its input only, through the bare module; D's own step goes through its DDP wrapper.
-    ddp_model, ddp_discriminator = utils.wrap_ddp(dist, device, model, discriminator)
+    ddp_model, ddp_discriminator = wrap_ddp(dist, device, model, discriminator)
     forward_model = torch.compile(ddp_model) if args.compile else ddp_model
     average = dist.mean if dist.enabled else None
-    metrics = (utils.MetricsLog(run.path("metrics.jsonl"), resume_step=step if args.resume
-                                else None) if dist.is_main else None)
     fixed_images = next(iter(val_loader))["image"][:8].to(device)
-
-    def save_checkpoint():
-        run.save({"kind": "vqgan_train", "step": step, "config": dataclasses.asdict(config),
-                  "args": utils.plain_args(args), "world_size": dist.world_size,
-                  "model": model.state_dict(),
-                  "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(),
-                  "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
-                  "rng": utils.get_rng_state(), "part_labels": train_set.part_labels.to_dict()})
-        save_vqgan(model, run.path("vqgan.pt"))
-        records = utils.read_jsonl(metrics.path) if os.path.exists(metrics.path) else []
-        utils.plot_curves(records, [("losses",
-                                     ["rec_loss", "val_l1", "perceptual", "codebook", "generator",
-                                      "discriminator"]),
-                                    ("validation PSNR (dB)", ["val_psnr"])],
-                          run.path("loss_curves.png"), title="stage 1")
-
-    total_steps = utils.total_steps(args, sampler.batches_per_epoch)
-    if not run.steps_left(step, total_steps, args):
+    if not run.steps_left(step, schedule, args.resume):
         return None
-    steps_per_epoch = max(1, sampler.batches_per_epoch // args.grad_accum)
     if dist.is_main:
-        describe_run(args, config, model, precision, channels_last, total_steps,
-                     dist.world_size)
+        describe_run(args, config, model, precision, channels_last, schedule, dist.world_size)
     code_stats = CodebookStats(config.n_embed)
-    health = utils.FiniteCheck()
-    stop = utils.StopRequest()
-    progress = tqdm(total=total_steps, initial=step, desc="stage 1", dynamic_ncols=True,
-                    disable=not dist.is_main)
     # the window since the last log line: sums of each loss term over its steps, and how many
     # steps had the term (the GAN and LPIPS terms start within a window)
-    window_start, window_images, window_sums, window_steps = time.perf_counter(), 0, {}, {}
+    window_images, window_sums, window_steps = 0, {}, {}
     model.train()
     discriminator.train()
-    batches = utils.resume_batches(loader, sampler, step * args.grad_accum)
-    stopping = False
-    try:
-        while step < total_steps and not stopping:
-            gan_on = step >= args.disc_start
-            lr = utils.apply_lr_schedule([opt_g, opt_d], step, peak_lr, total_steps, args)
+    batches = data.resume_batches(loader, sampler, step * args.grad_accum)
+    with TrainingLoop(run, dist, step, schedule.total,
+                      max(1, sampler.batches_per_epoch // args.grad_accum), args.log_every,
+                      args.save_every, args.sample_every, args.resume, "stage 1") as loop:
+        while loop.running():
+            gan_on = loop.step >= args.disc_start
+            lr = schedule.apply([opt_g, opt_d], loop.step)
             opt_g.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
             sums = {}
@@ -333,8 +323,8 @@ def train(args, dist, device):
                 with dist.no_sync(ddp_model, ddp_discriminator,
                                   last=micro == args.grad_accum - 1):
                     x_hat, indices, terms = generator_backward(
-                        forward_model, lpips, discriminator, images, args, gan_on, scale,
-                        average, model.decoder.conv_out, step >= args.perceptual_start,
+                        forward_model, lpips, discriminator, images, weights, gan_on, scale,
+                        average, model.decoder.conv_out, loop.step >= args.perceptual_start,
                         precision)
                     if gan_on:
                         terms["discriminator"] = discriminator_backward(
@@ -348,55 +338,46 @@ def train(args, dist, device):
                 # under fp16 an infinite lambda is a scaled gradient that overflowed, and the
                 # scaler skips that step itself
                 if key != "disc_lambda" or not scaler.is_enabled():
-                    health.add(value)
+                    loop.health.add(value)
                 window_sums[key] = window_sums.get(key, 0) + value
                 window_steps[key] = window_steps.get(key, 0) + 1
             scaler.step(opt_g)
             if gan_on:
                 scaler.step(opt_d)
             scaler.update()
-            step += 1
-            progress.update(1)
 
-            log_step = step % args.log_every == 0 or step == total_steps
-            save_step = step % args.save_every == 0 or step == total_steps
-            stopping = stop.should_stop(dist, log_step)
-            if log_step or save_step or stopping:  # never log or save past a NaN
-                health.check(step, run.path("vqgan_last.pt"), dist)
-            if log_step:  # window means of the loss terms, like usage and perplexity
+            due = loop.end_step()
+            if due.log:  # window means of the loss terms, like usage and perplexity
                 means = {key: float(dist.mean(value)) / window_steps[key]
                          for key, value in window_sums.items()}
                 code_stats.counts = dist.sum(code_stats.counts)  # usage of every rank's codes
-                if dist.is_main:
-                    elapsed = time.perf_counter() - window_start
-                    usage, perplexity = code_stats.usage, code_stats.perplexity
-                    metrics.write({"step": step, **means, "usage": usage,
-                                   "perplexity": perplexity, "lr": lr,
-                                   "images_per_s": window_images / elapsed})
-                    progress.set_postfix(l1=f"{means['rec_loss']:.4f}", usage=f"{usage:.2f}")
+                usage, perplexity = code_stats.usage, code_stats.perplexity
+                loop.log({**means, "usage": usage, "perplexity": perplexity, "lr": lr},
+                         dict(l1=f"{means['rec_loss']:.4f}", usage=f"{usage:.2f}"),
+                         images_per_s=window_images)
                 code_stats.reset()
-                window_start, window_images, window_sums, window_steps = (time.perf_counter(), 0,
-                                                                          {}, {})
-            if not dist.is_main:
-                continue
+                window_images, window_sums, window_steps = 0, {}, {}
             # Rank 0 alone validates, draws and saves, with the bare model (no collectives).
-            if step % steps_per_epoch == 0 or step == total_steps:
-                metrics.write({"step": step, **validate(model, val_loader, device, precision)})
-            if step % args.sample_every == 0 or step == total_steps:
-                save_reconstructions(model, fixed_images,
-                                     run.path("samples", f"reconstructions_{step:06d}.png"),
-                                     precision)
-            if save_step or stopping:
-                save_checkpoint()
-    finally:  # also on errors (NaN, a second Ctrl-C): in-process callers get Ctrl-C back
-        progress.close()
-        stop.restore()
+            if due.validate:
+                loop.write(validate(model, val_loader, device, precision))
+            if due.sample:
+                save_reconstructions(model, fixed_images, run.path(
+                    "samples", f"reconstructions_{loop.step:06d}.png"), precision)
+            if due.save:
+                run.save_state(loop.step, dataclasses.asdict(config), flags, dist.world_size,
+                               states, part_labels=train_set.part_labels.to_dict())
+                save_vqgan(model, run.path("vqgan.pt"))
+                plot_curves(loop.records(), [("losses", ["rec_loss", "val_l1", "perceptual",
+                                                         "codebook", "generator",
+                                                         "discriminator"]),
+                                             ("validation PSNR (dB)", ["val_psnr"])],
+                            run.path("loss_curves.png"), title="stage 1")
     if dist.is_main:
         run.report_outputs("stage 1", [
             ("vqgan.pt", "vqgan.pt (for stage 2)"), ("vqgan_last.pt", "vqgan_last.pt (--resume)"),
             ("metrics.jsonl", "metrics.jsonl"), ("loss_curves.png", "loss_curves.png"),
             ("samples", "samples/")])
-    return step if stopping else None
+    return loop.stopped_at
 
 
 if __name__ == "__main__":

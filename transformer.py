@@ -38,43 +38,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mingpt import GPT, GPTConfig
-from utils import NUM_PART_LABELS, UserError, file_sha256, load_checkpoint, require_file
+from poses import NUM_PART_LABELS
+from sampling import sample_next
+from utils import UserError, file_sha256, load_checkpoint, require_file
 from vqgan import load_vqgan
 
 CONDITION_MODES = ("keypoints", "parts", "class", "none")
-
-
-def filter_logits(logits, top_k=None, top_p=None, temperature=1.0):
-    """logits (B, V) -> logits / temperature with the filtered-out entries set to -inf.
-
-    top_k keeps the k largest; top_p then keeps the smallest set of most likely tokens whose
-    probabilities add up to at least top_p. The most likely token is always kept.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus), got {top_p}")
-    logits = logits / temperature
-    if top_k is not None:
-        top = logits.topk(min(top_k, logits.size(-1)), dim=-1).indices  # (B, k)
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the more likely ones before it already reach top_p
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next(logits, generator=None, top_k=None, top_p=None, temperature=1.0):
-    """logits (B, V) -> sampled ids (B, 1), repeatable with a `generator` on the logits' device."""
-    probs = filter_logits(logits, top_k, top_p, temperature).float().softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 def fourier_features(x, y, num_frequencies):
@@ -131,7 +100,7 @@ class PoseTransformer(nn.Module):
     or nothing.
 
     `config` is a plain dict holding every argument, so `from_config(vqgan, config)` rebuilds the
-    model for a checkpoint's state_dict.
+    model for a checkpoint's state_dict; the hyperparameters are read from it.
     """
 
     def __init__(self, vqgan, condition="keypoints", image_size=256, num_keypoints=17,
@@ -154,12 +123,6 @@ class PoseTransformer(nn.Module):
                            dropout=dropout, bias=bias)
         if condition == "class":  # only then: configs of the other modes stay as they were
             self.config["class_names"] = list(class_names)
-        self.condition = condition
-        self.class_names = class_names
-        self.image_size = image_size
-        self.keypoint_grid = keypoint_grid
-        self.n_embed = vqgan.config.n_embed
-        self.token_grid = token_grid
         self.num_image_tokens = token_grid * token_grid
         # condition tokens per sample (P) and condition ids in the vocabulary
         self.num_condition_tokens, num_condition_ids = {
@@ -168,7 +131,6 @@ class PoseTransformer(nn.Module):
             "class": (1, len(class_names or ())),
             "none": (1, 1),
         }[condition]
-        self.num_part_labels = num_part_labels
         vocab_size = self.n_embed + num_condition_ids
         by_id, by_position = location_features(condition, token_grid, keypoint_grid, vocab_size,
                                                self.n_embed, self.num_condition_tokens)
@@ -199,15 +161,32 @@ class PoseTransformer(nn.Module):
                                 "it was trained with")
         return cls(vqgan, **config)
 
+    # the hyperparameters, read from the config
+    condition = property(lambda self: self.config["condition"])
+    n_embed = property(lambda self: self.config["n_embed"])
+    token_grid = property(lambda self: self.config["token_grid"])
+    keypoint_grid = property(lambda self: self.config["keypoint_grid"])
+    class_names = property(lambda self: self.config.get("class_names"))
+
     def _apply(self, fn, *args, **kwargs):
         self.vqgan._apply(fn, *args, **kwargs)  # .to() / .cuda() / .half() move the VQGAN too
         return super()._apply(fn, *args, **kwargs)
 
     # ---- condition and image tokens ------------------------------------------------------------
 
-    def condition_tokens(self, keypoints=None, part_maps=None, batch_size=None, labels=None):
-        """Keypoints (B, K, 3), part maps (B, H, W), class labels (B,) or a batch size -> condition
-        tokens (B, P)."""
+    def condition_tokens(self, batch=None, *, keypoints=None, part_maps=None, labels=None,
+                         batch_size=None):
+        """Condition tokens (B, P) of a batch as PoseImageDataset's items batch up (a dict with
+        "keypoints" (B, K, 3), "parts" (B, H, W) or "label" (B,) by the condition), or of the
+        conditions given one by one; the start token of condition 'none' needs only the batch
+        size (of `batch`: its first tensor's)."""
+        if batch is not None:
+            device = self.gpt.lm_head.weight.device
+            keypoints, part_maps, labels = (None if batch.get(key) is None else
+                                            batch[key].to(device) for key in
+                                            ("keypoints", "parts", "label"))
+            part_maps = None if part_maps is None else part_maps.long()
+            batch_size = batch_size or len(next(v for v in batch.values() if torch.is_tensor(v)))
         if self.condition == "keypoints":
             if keypoints is None:
                 raise UserError("this transformer is conditioned on keypoints, but none were given")
@@ -233,11 +212,11 @@ class PoseTransformer(nn.Module):
         if keypoints.size(1) != self.config["num_keypoints"]:
             raise UserError(f"got {keypoints.size(1)} keypoints per pose, but this transformer "
                             f"was trained with {self.config['num_keypoints']}")
-        G = self.keypoint_grid
+        G, size = self.keypoint_grid, self.config["image_size"]
         x, y, v = keypoints.nan_to_num(-1.0).unbind(dim=-1)  # (B, K) each; NaN -> outside
-        visible = (v > 0) & (x >= 0) & (x < self.image_size) & (y >= 0) & (y < self.image_size)
-        col = (x * G / self.image_size).floor().long().clamp(0, G - 1)
-        row = (y * G / self.image_size).floor().long().clamp(0, G - 1)
+        visible = (v > 0) & (x >= 0) & (x < size) & (y >= 0) & (y < size)
+        col = (x * G / size).floor().long().clamp(0, G - 1)
+        row = (y * G / size).floor().long().clamp(0, G - 1)
         return torch.where(visible, row * G + col, G * G)
 
     def _majority_parts(self, part_maps):
@@ -246,12 +225,13 @@ class PoseTransformer(nn.Module):
         h = self.token_grid
         if H % h or W % h:
             raise UserError(f"part maps of {H}x{W} do not split into the {h}x{h} token grid")
-        if part_maps.min() < 0 or part_maps.max() >= self.num_part_labels:
-            raise UserError(f"part labels must lie in [0, {self.num_part_labels}), got "
+        num_labels = self.config["num_part_labels"]
+        if part_maps.min() < 0 or part_maps.max() >= num_labels:
+            raise UserError(f"part labels must lie in [0, {num_labels}), got "
                             f"[{part_maps.min().item()}, {part_maps.max().item()}]")
         cells = part_maps.reshape(B, h, H // h, h, W // h)
         counts = torch.stack([(cells == label).sum(dim=(2, 4))
-                              for label in range(self.num_part_labels)], dim=-1)  # (B, h, h, L)
+                              for label in range(num_labels)], dim=-1)  # (B, h, h, L)
         return counts.argmax(dim=-1).flatten(1)  # argmax returns the first maximum: lower label
 
     @torch.no_grad()
@@ -335,7 +315,7 @@ class PoseTransformer(nn.Module):
         """
         h = w = self.token_grid
         if keypoints is not None:
-            f = self.image_size / self.token_grid  # pixels per token
+            f = self.config["image_size"] / self.token_grid  # pixels per token
             keypoints = keypoints.clone()
             keypoints[..., 0] -= left * f
             keypoints[..., 1] -= top * f

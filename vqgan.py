@@ -11,7 +11,6 @@ tokens back into pictures with VQGAN.decode_indices.
 import argparse
 import dataclasses
 import pickle
-import re
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +19,9 @@ import torch.nn as nn
 from codebook import Codebook
 from decoder import Decoder
 from encoder import Encoder
-from utils import (ArgumentParser, UserError, atomic_save, autocast_context, load_checkpoint,
-                   non_negative_float, non_negative_int, output_file, positive_int, require_file,
-                   run_cli, unit_fraction)
+from cli import (ArgumentParser, non_negative_float, non_negative_int, output_file, positive_int,
+                 unit_fraction)
+from utils import UserError, atomic_save, autocast_context, load_checkpoint, require_file, run_cli
 
 
 @dataclass
@@ -214,89 +213,29 @@ def load_vqgan(path, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 
 
-def _yaml_scalar(text):
-    """A YAML scalar or flow list: '16' -> 16, '0.0' -> 0.0, 'False' -> False, '[1,2]' -> [1, 2]."""
-    if text.startswith("[") and text.endswith("]"):
-        return [_yaml_scalar(part.strip()) for part in text[1:-1].split(",") if part.strip()]
-    if text == "{}":
-        return {}
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("null", "~"):
-        return None
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_simple_yaml(text, name="the YAML file"):
-    """The YAML subset of the released configs: nested mappings by indentation, scalars, flow
-    lists ([1, 1, 2]) and block lists of scalars (- 1). Anything else is a UserError."""
-    lines = []  # (indent, text, line number)
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split(" #")[0].rstrip()
-        if line.strip() and not line.lstrip().startswith("#") and line.strip() != "---":
-            lines.append((len(line) - len(line.lstrip()), line.strip(), number))
-
-    def unsupported(number):
-        return UserError(f"{name}, line {number}: YAML beyond the simple subset this reader "
-                         "knows; pip install pyyaml to read it")
-
-    def block(i, indent):
-        """The mapping or list whose lines start at lines[i] with this indent -> (value, next i)."""
-        if lines[i][1].startswith("- ") or lines[i][1] == "-":
-            items = []
-            while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("-"):
-                item = lines[i][1][1:].strip()
-                if not item or ": " in item or item.endswith(":"):
-                    raise unsupported(lines[i][2])
-                items.append(_yaml_scalar(item))
-                i += 1
-            return items, i
-        mapping = {}
-        while i < len(lines) and lines[i][0] == indent:
-            _, text, number = lines[i]
-            key, colon, rest = text.partition(":")
-            if not colon or (rest and not rest.startswith(" ")):
-                raise unsupported(number)
-            i += 1
-            if rest.strip():
-                mapping[key.strip()] = _yaml_scalar(rest.strip())
-            elif i < len(lines) and (lines[i][0] > indent or (
-                    lines[i][0] == indent and lines[i][1].startswith("-"))):  # nested block
-                mapping[key.strip()], i = block(i, lines[i][0])
-            else:
-                mapping[key.strip()] = None
-        if i < len(lines) and lines[i][0] > indent:
-            raise unsupported(lines[i][2])
-        return mapping, i
-
-    if not lines:
-        return {}
-    value, end = block(0, lines[0][0])
-    if end < len(lines):
-        raise unsupported(lines[end][2])
-    return value
+def parse_yaml(text, name="the YAML file"):
+    """A released config's text -> its mappings, lists and scalars, read by PyYAML (safe_load:
+    plain data only); malformed YAML is a UserError naming the line."""
+    try:
+        import yaml
+    except ImportError:  # a requirement, but only this converter needs it
+        raise UserError("converting a released config needs PyYAML: pip install pyyaml") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{name}{where}: not YAML that pyyaml can read "
+                        f"({getattr(error, 'problem', None) or error})") from None
 
 
 def read_yaml(path):
-    """PyYAML when it is installed, else parse_simple_yaml."""
+    """The YAML config file at `path` (parse_yaml)."""
     try:
         with open(path) as f:
-            text = f.read()
+            return parse_yaml(f.read(), path)
     except OSError as error:
         raise UserError(f"cannot read the config {path}: {error.strerror}") from None
-    try:
-        import yaml
-    except ImportError:
-        return parse_simple_yaml(text, path)
-    return yaml.safe_load(text)
 
 
 RELEASED_DDCONFIG = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels",
@@ -328,6 +267,15 @@ def config_from_released(data, name="the config"):
                        restart_dead_codes=False)
 
 
+def pickled_objects(path):
+    """The Python classes and functions a torch.save file pickles beyond plain tensors (what
+    weights_only=True refuses), as module.name; [] when there are none or it is no such file."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip file torch.save wrote
+        return []
+
+
 def read_released_state_dict(path, trust_pickle=False):
     """The weights of a Lightning .ckpt (its "state_dict") or of a bare state dict.
 
@@ -337,21 +285,19 @@ def read_released_state_dict(path, trust_pickle=False):
     require_file(path, "checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as error:
-        message = str(error)
-        if (trust_pickle or "Weights only load failed" not in message
-                or "Unsupported operand" in message):  # not a pickle torch.save wrote
-            raise UserError(f"cannot read checkpoint {path}: not a PyTorch or Lightning "
-                            "checkpoint, or a damaged one") from None
-        found = re.search(r"(?:GLOBAL|class) ([\w.]+)", message)
-        raise UserError(f"{path} holds pickled Python objects beyond tensors"
-                        f"{f' ({found.group(1)})' if found else ''}, which weights_only=True "
-                        "refuses to load; if you trust where the file came from, re-run with "
-                        "--trust-pickle, which executes code from the file") from None
     except ModuleNotFoundError as error:  # --trust-pickle: the pickled classes' module is missing
         raise UserError(f"{path} pickles objects of the module {error.name}, which is not "
                         "installed here (pip install pytorch-lightning, for Lightning's "
                         "callbacks)") from None
+    except pickle.UnpicklingError:  # pickled Python objects, or not a torch.save file at all
+        unsafe = [] if trust_pickle else pickled_objects(path)
+        if unsafe:
+            raise UserError(f"{path} holds pickled Python objects beyond tensors "
+                            f"({', '.join(unsafe[:3])}), which weights_only=True refuses to "
+                            "load; if you trust where the file came from, re-run with "
+                            "--trust-pickle, which executes code from the file") from None
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch or Lightning "
+                        "checkpoint, or a damaged one") from None
     except Exception as error:  # a corrupt or truncated file
         raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''})") from None

@@ -19,6 +19,7 @@ import pytest
 import bench
 import evaluate
 import mannequins
+import runs
 import sample
 import training_transformer
 import training_vqgan
@@ -32,7 +33,6 @@ COMMANDS = {  # command line -> (main, the words before the flags)
     "evaluate.py": (evaluate.main, ["--vqgan-checkpoint", "run/vqgan.pt"]),
     "bench.py": (bench.main, ["vqgan"]),
     "mannequins.py": (mannequins.main, []),
-    "utils.py": (utils.main, ["synthetic"]),
     "vqgan.py": (vqgan.main, ["convert", "--ckpt", "last.ckpt", "--config", "model.yaml"]),
 }
 TRAINERS = ("training_vqgan.py", "training_transformer.py")
@@ -118,12 +118,12 @@ CASES = [
     (["bench.py"], ["--threads", "0"], "--threads must be >= 1, got 0"),
     (["bench.py"], ["--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["bench.py"], ["--tokens", "-256"], "--tokens must be >= 1, got -256"),
-    (["mannequins.py", "utils.py"], ["--count", "0"], "--count must be >= 1, got 0"),
-    (["mannequins.py", "utils.py"], ["--image-size", "0"], "--image-size must be >= 1, got 0"),
-    (["mannequins.py", "utils.py"], ["--workers", "0"], "--workers must be >= 1, got 0"),
-    (["mannequins.py", "utils.py"], ["--out", "A_FILE"], "--out must be a folder you can write "
-                                                         "to, but A_FILE is a file; choose "
-                                                         "another one"),
+    (["mannequins.py"], ["--count", "0"], "--count must be >= 1, got 0"),
+    (["mannequins.py"], ["--image-size", "0"], "--image-size must be >= 1, got 0"),
+    (["mannequins.py"], ["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["mannequins.py"], ["--out", "A_FILE"], "--out must be a folder you can write "
+                                              "to, but A_FILE is a file; choose "
+                                              "another one"),
     (["vqgan.py"], ["--out", "A_FOLDER"], "--out must be a file you can write, but A_FOLDER is "
                                           "a folder; choose another path"),
 ]
@@ -189,7 +189,7 @@ def paths():
 
 @pytest.fixture
 def nothing_runs(monkeypatch):
-    for owner, name in ((utils, "run_training"), (utils, "pick_device"),
+    for owner, name in ((runs, "run_training"), (utils, "pick_device"),
                         (mannequins, "write_dataset"), (vqgan, "read_yaml")):
         monkeypatch.setattr(owner, name, ran_past_parsing)
 
@@ -215,7 +215,7 @@ def test_every_command_refuses_each_bad_value_with_one_line_and_status_2(
 def test_a_run_directory_that_cannot_be_written_stops_a_run_before_any_work(
         paths, vqgan_path, monkeypatch):
     """What the command line cannot see (here: its check skipped) the run finds first."""
-    monkeypatch.setattr(utils, "output_folder", lambda text: text)
+    monkeypatch.setattr(runs, "output_folder", lambda text: text)
     vqgan_copy = os.path.join(paths["A_FOLDER"], "vqgan.pt")  # readable by 'nobody'
     shutil.copy(vqgan_path, vqgan_copy)
     os.chmod(vqgan_copy, 0o644)
@@ -242,7 +242,7 @@ def all_actions(parser):
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_no_flag_takes_a_bare_int_or_float(command, monkeypatch):
-    """Each number flag names what it accepts (a type from utils), so that a new flag cannot
+    """Each number flag names what it accepts (a type from cli), so that a new flag cannot
     bring back a traceback for 0, a negative number or nan."""
     parsers = []
 

@@ -1,4 +1,4 @@
-"""The data layer in utils.py: reading folders and COCO files, squaring, flips, splits, batches.
+"""The data layer (data.py, images.py, poses.py): reading folders and COCO files, squaring, flips, splits, batches.
 
 Every test builds its own tiny dataset in tmp_path, so the expected numbers can be worked out
 by hand from the files it writes.
@@ -18,14 +18,18 @@ import pytest
 import torch
 from PIL import Image
 
-import utils
-from utils import (COCO17, OPENPOSE18, EpochBatchSampler, PoseImageDataset, UserError,
-                   flip_example, is_validation, open_image, square_box, stable_hash,
-                   transform_keypoints)
+import data
+import images
+from data import EpochBatchSampler, PoseImageDataset, is_validation, make_loader
+from images import open_image
+from poses import (COCO17, DENSEPOSE_PARTS, MANNEQUIN_PARTS, NUM_PART_LABELS, OPENPOSE18,
+                   PART_NAMES, colorize_parts, flip_example, frame_box, reframe_keypoints,
+                   resolve_part_labelling)
+from utils import UserError, stable_hash
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEFT_LOWER_ARM, RIGHT_LOWER_ARM = utils.PART_NAMES.index("left_lower_arm"), \
-    utils.PART_NAMES.index("right_lower_arm")
+LEFT_LOWER_ARM, RIGHT_LOWER_ARM = PART_NAMES.index("left_lower_arm"), \
+    PART_NAMES.index("right_lower_arm")
 needs_mannequins = pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "mannequins.py")),
                                       reason="mannequins.py is not written yet")
 
@@ -103,7 +107,7 @@ def test_flipping_twice_gives_back_image_keypoints_and_parts():
     image = noise_image(6, 8)
     keypoints = np.concatenate([rng.uniform(0, 8, (17, 2)), rng.integers(0, 3, (17, 1))], 1)
     keypoints = keypoints.astype(np.float32)
-    parts = rng.integers(0, utils.NUM_PART_LABELS, (6, 8)).astype(np.uint8)
+    parts = rng.integers(0, NUM_PART_LABELS, (6, 8)).astype(np.uint8)
     once = flip_example(image, keypoints, parts, COCO17)
     twice = flip_example(*once, COCO17)
     assert not np.array_equal(once[0], image)
@@ -182,20 +186,20 @@ def test_mannequin_joints_sit_on_their_own_body_parts_before_and_after_a_flip(tm
 
 
 def test_square_box_pads_a_tall_image_and_centre_crops_a_wide_one():
-    assert square_box(40, 80, "pad") == (-20, 0, 80)
-    assert square_box(80, 40, "crop") == (20, 0, 40)
+    assert frame_box((40, 80), (64, 64), "pad") == (-20, 0, 80, 80)
+    assert frame_box((80, 40), (64, 64), "crop") == (20, 0, 40, 40)
 
 
 def test_pad_moves_keypoints_right_by_the_padding_then_scales_them():
     # 40 wide x 80 tall, padded 20 px each side to 80 x 80, resized to 64: scale 0.8.
-    out = transform_keypoints(np.array([[10, 20, 2]], np.float32), (-20, 0, 80), 64)
+    out = reframe_keypoints(np.array([[10, 20, 2]], np.float32), (-20, 0, 80, 80), (64, 64))
     np.testing.assert_allclose(out, [[(10 + 20) * 0.8, 20 * 0.8, 2]])  # (24, 16)
 
 
 def test_crop_moves_keypoints_and_hides_those_outside_the_square():
     # 80 wide x 40 tall, centre square x in [20, 60), resized to 64: scale 1.6.
     keypoints = np.array([[30, 10, 2], [5, 10, 2], [61, 10, 1]], np.float32)
-    out = transform_keypoints(keypoints, (20, 0, 40), 64)
+    out = reframe_keypoints(keypoints, (20, 0, 40, 40), (64, 64))
     np.testing.assert_allclose(out[0], [16, 16, 2])  # (30 - 20, 10) * 1.6
     assert out[1, 2] == 0 and out[2, 2] == 0  # cropped away: not visible any more
 
@@ -269,7 +273,7 @@ def test_every_image_mode_loads_as_rgb_with_the_right_values(tmp_path, mode):
     path = save(str(tmp_path / file_name), make())
     if mode == "I;16":
         assert Image.open(path).mode == "I;16"  # really a 16-bit file
-    image = open_image(path, utils.DEFAULT_MAX_IMAGE_PIXELS)
+    image = open_image(path, images.DEFAULT_MAX_IMAGE_PIXELS)
     assert image.mode == "RGB"
     assert [tuple(p) for p in np.asarray(image)[0]] == expected
 
@@ -277,7 +281,7 @@ def test_every_image_mode_loads_as_rgb_with_the_right_values(tmp_path, mode):
 def test_cmyk_jpeg_loads_as_rgb(tmp_path):
     path = save(str(tmp_path / "cmyk.jpg"), Image.new("CMYK", (16, 16), (0, 255, 255, 0)),
                 quality=95)  # no cyan or black, full magenta and yellow: red
-    image = open_image(path, utils.DEFAULT_MAX_IMAGE_PIXELS)
+    image = open_image(path, images.DEFAULT_MAX_IMAGE_PIXELS)
     assert image.mode == "RGB"
     np.testing.assert_allclose(np.asarray(image)[8, 8], (255, 0, 0), atol=8)
 
@@ -288,7 +292,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: display rotated 90 degrees clockwise
     path = save(str(tmp_path / "phone.jpg"), pixels, exif=exif, quality=95)
-    image = open_image(path, utils.DEFAULT_MAX_IMAGE_PIXELS)
+    image = open_image(path, images.DEFAULT_MAX_IMAGE_PIXELS)
     assert image.size == (10, 20)  # width, height: portrait now
     shown = np.asarray(image).astype(int)
     np.testing.assert_allclose(shown[2, 5], (255, 0, 0), atol=8)  # red on top
@@ -305,7 +309,7 @@ def test_images_are_found_in_subfolders_with_any_extension_case(tmp_path):
                       ("d.bmp", "BMP"), ("parts/a.png", "PNG")]:
         save(str(tmp_path / name), noise_image(4, 4), format=fmt)
     (tmp_path / "notes.txt").write_text("not an image")
-    assert utils.find_images(str(tmp_path)) == ["a.PNG", "d.bmp", "sub/b.Jpeg",
+    assert images.find_images(str(tmp_path)) == ["a.PNG", "d.bmp", "sub/b.Jpeg",
                                                 "sub/deeper/c.webp"]
 
 
@@ -417,7 +421,7 @@ def test_images_without_a_pose_are_reported_once_for_both_splits(tmp_path, capsy
     args = SimpleNamespace(dataset_path=str(tmp_path), image_size=4, val_fraction=0.7,
                            resize_mode="auto", pose_layout="auto", coco_annotations=None,
                            strict=False, max_image_pixels=10**6)
-    utils.build_datasets(args, progress=False)
+    data.build_datasets(args, progress=False)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "no entry in" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: 5 image(s) have no entry")
 
@@ -493,7 +497,7 @@ def test_huge_image_is_called_too_large_not_unreadable(tmp_path):
     # 15000 x 15000 is past PIL's own hard limit; our limit, and its message, must win.
     (tmp_path / "bomb.png").write_bytes(png_header_only(15000, 15000))
     with pytest.raises(UserError, match="bomb.png is 15000x15000 .* over the limit"):
-        open_image(str(tmp_path / "bomb.png"), utils.DEFAULT_MAX_IMAGE_PIXELS)
+        open_image(str(tmp_path / "bomb.png"), images.DEFAULT_MAX_IMAGE_PIXELS)
 
 
 GOOD = coco_keypoints(nose=(1, 1)).tolist()
@@ -566,14 +570,14 @@ def test_missing_part_map_is_named_when_parts_folder_exists(tmp_path):
         dataset(tmp_path)
 
 
-def run_utils(*args):
-    return subprocess.run([sys.executable, "utils.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+def run_mannequins(*args):
+    return subprocess.run([sys.executable, "mannequins.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("args", [[], ["bogus"]], ids=["no command", "unknown command"])
 def test_command_line_mistakes_print_one_error_line(args):
-    result = run_utils(*args)
+    result = run_mannequins(*args)
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
@@ -581,7 +585,7 @@ def test_command_line_mistakes_print_one_error_line(args):
 
 @needs_mannequins
 def test_synthetic_command_without_its_arguments_prints_an_error_not_a_traceback():
-    result = run_utils("synthetic")  # --out is required
+    result = run_mannequins()  # --out is required
     assert result.returncode != 0
     assert "error:" in result.stderr and "--out" in result.stderr
     assert "Traceback" not in result.stderr
@@ -668,17 +672,17 @@ def test_densepose_flip_reads_every_left_part_as_its_right_one_and_the_other_way
     image = noise_image(3, 25)
     parts = np.zeros((3, 25), np.uint8)
     parts[1] = np.arange(25)  # every label once, label j in column j
-    _, _, flipped = flip_example(image, None, parts, COCO17, utils.DENSEPOSE_PARTS)
+    _, _, flipped = flip_example(image, None, parts, COCO17, DENSEPOSE_PARTS)
     for label in range(25):
         assert flipped[1, 24 - label] == densepose_mirror(label), DENSEPOSE_NAMES.get(label)
     assert flipped[1, 24 - 15] == 16  # left upper arm inside -> right upper arm inside
     # the mannequin table would have left DensePose's limbs alone or swapped torso and hands
-    _, _, wrong = flip_example(image, None, parts, COCO17, utils.MANNEQUIN_PARTS)
+    _, _, wrong = flip_example(image, None, parts, COCO17, MANNEQUIN_PARTS)
     assert wrong[1, 24 - 15] == 15 and wrong[1, 24 - 3] == 4 and wrong[1, 24 - 23] == 23
 
 
 def test_each_densepose_label_is_drawn_in_its_own_colour_and_only_the_background_white():
-    picture = np.asarray(utils.colorize_parts(np.arange(25)[None]))[0]  # (25, 3)
+    picture = np.asarray(colorize_parts(np.arange(25)[None]))[0]  # (25, 3)
     assert len({tuple(colour) for colour in picture}) == 25
     assert [tuple(colour) == (255, 255, 255) for colour in picture] == [True] + [False] * 24
 
@@ -695,7 +699,7 @@ def densepose_folder(root, label=15, count=1):
 
 def test_a_densepose_dataset_flips_a_left_upper_arm_pixel_into_a_right_upper_arm_one(tmp_path):
     densepose_folder(tmp_path)
-    data = dataset(tmp_path, image_size=8, part_labels=utils.DENSEPOSE_PARTS)
+    data = dataset(tmp_path, image_size=8, part_labels=DENSEPOSE_PARTS)
     assert data.resize_mode == "pad"  # 8 x 6 padded to 8 x 8: one row above, one below
     assert data[0]["parts"][3, 1] == 15
     flipped = data[(0, True)]["parts"]
@@ -707,8 +711,8 @@ def test_build_datasets_takes_the_labelling_from_the_part_labels_flag(tmp_path):
     args = argparse.Namespace(dataset_path=str(tmp_path), image_size=8, val_fraction=0.5,
                               resize_mode="auto", pose_layout="auto", coco_annotations=None,
                               strict=False, max_image_pixels=10**6, part_labels="densepose")
-    train_set, val_set = utils.build_datasets(args, progress=False)
-    assert train_set.part_labels is val_set.part_labels is utils.DENSEPOSE_PARTS
+    train_set, val_set = data.build_datasets(args, progress=False)
+    assert train_set.part_labels is val_set.part_labels is DENSEPOSE_PARTS
 
 
 def test_a_label_the_labelling_does_not_know_is_named_with_its_file_when_the_set_is_built(
@@ -722,7 +726,7 @@ def test_a_label_the_labelling_does_not_know_is_named_with_its_file_when_the_set
 def test_your_own_labelling_from_a_json_file(tmp_path):
     path = tmp_path / "labels.json"
     path.write_text(json.dumps({"num_labels": 6, "flip_pairs": [[1, 4], [2, 3]]}))
-    labelling = utils.resolve_part_labelling(str(path))
+    labelling = resolve_part_labelling(str(path))
     assert (labelling.num_labels, labelling.flip_pairs) == (6, ((1, 4), (2, 3)))
     assert labelling.flip_lookup()[:6].tolist() == [0, 4, 3, 2, 1, 5]
     assert labelling.to_dict() == {"name": str(path), "num_labels": 6,
@@ -746,13 +750,13 @@ def test_a_wrong_labelling_file_is_one_error_naming_it(tmp_path, content, messag
     path = tmp_path / "labels.json"
     path.write_text(json.dumps(content))
     with pytest.raises(UserError, match=re.escape(str(path)) + ".*" + message):
-        utils.resolve_part_labelling(str(path))
+        resolve_part_labelling(str(path))
 
 
 def test_an_unknown_labelling_name_lists_the_choices():
     with pytest.raises(UserError, match=r"--part-labels coco: use one of mannequin, densepose, "
                                         r"or a \.json file"):
-        utils.resolve_part_labelling("coco")
+        resolve_part_labelling("coco")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,7 +772,7 @@ def posed_folder(root, count=4, size=(20, 12)):
     for i in range(count):
         save(str(root / f"p{i}.png"), noise_image(height, width, seed=i))
         save(str(root / "parts" / f"p{i}.png"),
-             rng.integers(0, utils.NUM_PART_LABELS, (height, width)).astype(np.uint8))
+             rng.integers(0, NUM_PART_LABELS, (height, width)).astype(np.uint8))
         poses[f"p{i}.png"] = coco_keypoints(nose=(i + 0.5, 3), left_hip=(10, 7))
     write_poses(root, poses)
 
@@ -800,7 +804,7 @@ def test_loader_collates_items_into_batches(tmp_path):
     posed_folder(tmp_path, count=6)
     data = dataset(tmp_path, image_size=16)
     sampler = EpochBatchSampler(len(data), 3, seed=0, flip=True)
-    loader = utils.make_loader(data, sampler, num_workers=0, device=torch.device("cpu"))
+    loader = make_loader(data, sampler, num_workers=0, device=torch.device("cpu"))
     seen = list(loader)
     assert len(seen) == 2
     batch = seen[0]

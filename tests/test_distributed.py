@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import distributed
 import training_transformer
 import utils
 from discriminator import GlobalBatchNorm2d
@@ -121,7 +122,7 @@ def two_process_worker(rank, folder):
             seen[name] = {"y": y.detach(), "x_grad": x.grad, "weight_grad": norm.weight.grad,
                           "bias_grad": norm.bias.grad, "buffers": dict(norm.named_buffers())}
 
-        dist = utils.Distributed(rank=rank, local_rank=rank, world_size=2)
+        dist = distributed.Distributed(rank=rank, local_rank=rank, world_size=2)
         linear = nn.Linear(3, 1, bias=False)
         linear.load_state_dict(inputs["linear"])
         ddp = nn.parallel.DistributedDataParallel(linear)

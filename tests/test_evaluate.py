@@ -13,8 +13,12 @@ import torch
 from PIL import Image, ImageDraw
 
 import evaluate
+import image_metrics
 import mannequins
+import plots
+import pose_scores
 import utils
+from data import PoseImageDataset
 from transformer import PoseTransformer, load_transformer
 from vqgan import VQGAN, VQGANConfig, save_vqgan
 
@@ -64,19 +68,19 @@ def test_ssim_matches_a_naive_loop_over_windows():
     x = torch.rand(2, 3, 13, 15, generator=generator)
     y = (x + 0.2 * torch.randn(2, 3, 13, 15, generator=generator)).clamp(0, 1)
     expected = [naive_ssim(x[b].double().numpy(), y[b].double().numpy()) for b in range(2)]
-    assert evaluate.ssim(x, y).tolist() == pytest.approx(expected, rel=1e-5)
+    assert image_metrics.ssim(x, y).tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_ssim_of_identical_images_is_one():
     x = torch.rand(3, 3, 16, 16)
-    assert torch.allclose(evaluate.ssim(x, x), torch.ones(3))
+    assert torch.allclose(image_metrics.ssim(x, x), torch.ones(3))
 
 
 def test_ssim_of_two_constant_images_has_the_closed_form():
     # no variance: SSIM reduces to the luminance term (2ab + C1) / (a^2 + b^2 + C1)
     a, b, c1 = 0.3, 0.6, 0.01**2
     x, y = torch.full((1, 3, 12, 12), a), torch.full((1, 3, 12, 12), b)
-    assert evaluate.ssim(x, y).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1),
+    assert image_metrics.ssim(x, y).item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1),
                                                        rel=1e-5)
 
 
@@ -85,7 +89,7 @@ def test_ssim_decreases_as_noise_grows():
     x = torch.rand(1, 3, 4, 4, generator=generator)
     x = torch.nn.functional.interpolate(x, size=32, mode="bilinear")  # a smooth picture
     noise = torch.randn(x.shape, generator=generator)
-    scores = [evaluate.ssim(x, (x + sigma * noise).clamp(0, 1)).item()
+    scores = [image_metrics.ssim(x, (x + sigma * noise).clamp(0, 1)).item()
               for sigma in (0.0, 0.02, 0.05, 0.1, 0.3)]
     assert scores[0] == pytest.approx(1.0)
     assert all(later < earlier for earlier, later in zip(scores, scores[1:]))
@@ -103,7 +107,7 @@ LAB_REFERENCES = {(255, 0, 0): (53.2408, 80.0925, 67.2032),
 
 def test_srgb_to_lab_matches_published_values():
     rgb = torch.tensor(list(LAB_REFERENCES), dtype=torch.float64).T[None, :, :, None] / 255
-    lab = evaluate.srgb_to_lab(rgb)[0, :, :, 0].T  # (7, 3)
+    lab = image_metrics.srgb_to_lab(rgb)[0, :, :, 0].T  # (7, 3)
     assert torch.allclose(lab, torch.tensor(list(LAB_REFERENCES.values()), dtype=torch.float64),
                           atol=2e-3)
 
@@ -117,23 +121,23 @@ def test_region_metrics_separate_the_figure_from_the_backdrop():
     y = x.clone()
     y[0, :, 2:4, 2:6] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
     y[0, :, 0, 0] += 0.1  # one backdrop pixel slightly lighter
-    out = evaluate.region_metrics(x, y, figure)
+    out = image_metrics.region_metrics(x, y, figure)
     red, green = np.array(LAB_REFERENCES[255, 0, 0]), np.array(LAB_REFERENCES[0, 255, 0])
     assert out["figure_delta_e"].item() == pytest.approx(np.linalg.norm(red - green), rel=1e-4)
     assert out["figure_psnr_db"].item() == pytest.approx(10 * math.log10(1 / (2 / 3)), rel=1e-4)
     assert out["backdrop_psnr_db"].item() == pytest.approx(10 * math.log10(56 / 0.01), rel=1e-4)
-    grey_plus = evaluate.srgb_to_lab(torch.full((1, 3, 1, 1), 128 / 255 + 0.1))
-    grey = evaluate.srgb_to_lab(torch.full((1, 3, 1, 1), 128 / 255))
+    grey_plus = image_metrics.srgb_to_lab(torch.full((1, 3, 1, 1), 128 / 255 + 0.1))
+    grey = image_metrics.srgb_to_lab(torch.full((1, 3, 1, 1), 128 / 255))
     assert out["backdrop_delta_e"].item() == pytest.approx(
         (grey_plus - grey).norm().item() / 56, rel=1e-4)
     # a picture with no figure pixels has no figure numbers (NaN), not zeros
-    empty = evaluate.region_metrics(x, x, torch.zeros_like(figure))
+    empty = image_metrics.region_metrics(x, x, torch.zeros_like(figure))
     assert math.isnan(empty["figure_delta_e"].item()) and empty["backdrop_delta_e"].item() == 0
 
 
 def test_codebook_summary_of_uniform_use_of_4_of_8_codes():
     counts = torch.tensor([5, 0, 5, 0, 5, 0, 5, 0])
-    summary = evaluate.codebook_summary(counts)
+    summary = image_metrics.codebook_summary(counts)
     assert summary["usage"] == 0.5 and summary["codes_used"] == 4 and summary["n_embed"] == 8
     assert summary["perplexity"] == pytest.approx(4.0)
 
@@ -147,7 +151,7 @@ def test_iou_of_hand_worked_masks():
     a[0:2, 0:2] = True  # 4 pixels
     b[1:3, 1:3] = True  # 4 pixels, 1 shared: IoU 1 / 7
     empty = torch.zeros(4, 4, dtype=torch.bool)
-    batch = evaluate.iou(torch.stack([a, a, a, empty]), torch.stack([b, a, empty, empty]))
+    batch = pose_scores.iou(torch.stack([a, a, a, empty]), torch.stack([b, a, empty, empty]))
     assert batch.tolist() == pytest.approx([1 / 7, 1.0, 0.0, 1.0])
 
 
@@ -157,34 +161,34 @@ def test_silhouette_of_a_rectangle_on_a_plain_background():
     image = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 255
     expected = torch.zeros(16, 20, dtype=torch.bool)
     expected[3:10, 5:13] = True
-    assert torch.equal(evaluate.silhouette(image), expected)
+    assert torch.equal(pose_scores.silhouette(image), expected)
     faint = Image.new("RGB", (20, 16), (240, 235, 230))
     ImageDraw.Draw(faint).rectangle([5, 3, 12, 9], fill=(230, 225, 220))  # distance 0.068 < 0.2
     faint = torch.from_numpy(np.asarray(faint).copy()).permute(2, 0, 1).float() / 255
-    assert not evaluate.silhouette(faint).any()
-    assert torch.equal(evaluate.silhouette(faint, threshold=0.05), expected)
+    assert not pose_scores.silhouette(faint).any()
+    assert torch.equal(pose_scores.silhouette(faint, threshold=0.05), expected)
     # a figure cut by the frame covers a third of the border: the median still finds the backdrop
     cut = Image.new("RGB", (20, 16), (240, 235, 230))
     ImageDraw.Draw(cut).rectangle([0, 3, 12, 15], fill=(40, 90, 200))
     cut = torch.from_numpy(np.asarray(cut).copy()).permute(2, 0, 1).float() / 255
     expected = torch.zeros(16, 20, dtype=torch.bool)
     expected[3:, :13] = True
-    assert torch.equal(evaluate.silhouette(cut), expected)
+    assert torch.equal(pose_scores.silhouette(cut), expected)
 
 
 def test_derangement_moves_every_index_and_depends_only_on_the_seed():
     for n in (2, 3, 10):
-        partner = evaluate.derangement(n, torch.Generator().manual_seed(n))
+        partner = pose_scores.derangement(n, torch.Generator().manual_seed(n))
         assert sorted(partner.tolist()) == list(range(n))
         assert (partner != torch.arange(n)).all()
-        assert torch.equal(partner, evaluate.derangement(n, torch.Generator().manual_seed(n)))
+        assert torch.equal(partner, pose_scores.derangement(n, torch.Generator().manual_seed(n)))
 
 
 def test_histogram_draws_one_bar_per_used_code_tallest_first(tmp_path):
     path = tmp_path / "codes.png"
-    evaluate.save_code_histogram(torch.tensor([0, 5, 0, 10, 0, 0, 1, 0]), str(path))
+    plots.save_code_histogram(torch.tensor([0, 5, 0, 10, 0, 0, 1, 0]), str(path))
     image = np.asarray(Image.open(path).convert("RGB"))
-    bar = np.all(image == evaluate.BAR_COLOUR, axis=-1)  # (H, W)
+    bar = np.all(image == plots.BAR_COLOUR, axis=-1)  # (H, W)
     columns = bar.any(axis=0)
     starts = np.flatnonzero(columns & ~np.r_[False, columns[:-1]])
     assert len(starts) == 3  # three used codes, drawn next to each other
@@ -206,7 +210,7 @@ def dataset_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def val_set(dataset_dir):
-    return utils.PoseImageDataset(str(dataset_dir), image_size=32, split="val",
+    return PoseImageDataset(str(dataset_dir), image_size=32, split="val",
                                   val_fraction=float(VAL_FRACTION), progress=False)
 
 
@@ -225,8 +229,8 @@ class RedrawingModel:
     def eval(self):
         return self
 
-    def condition_tokens(self, keypoints=None, part_maps=None, batch_size=None, labels=None):
-        return part_maps.flatten(1)
+    def condition_tokens(self, batch):
+        return batch["parts"].flatten(1)
 
     def _index(self, rows, table):
         return torch.tensor([next(i for i, known in enumerate(table) if torch.equal(row, known))
@@ -245,14 +249,14 @@ class RedrawingModel:
 def test_silhouettes_of_real_mannequins_match_their_part_maps(val_set):
     images = torch.stack([val_set[i]["image"] for i in range(len(val_set))])
     truth = torch.stack([val_set[i]["parts"] for i in range(len(val_set))]) > 0
-    scores = evaluate.iou(evaluate.silhouette(utils.denormalize(images)), truth)
+    scores = pose_scores.iou(pose_scores.silhouette(utils.denormalize(images)), truth)
     assert scores.min() > 0.65 and scores.mean() > 0.75  # edges only: see the module docstring
 
 
 def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_floor(val_set):
-    poses = evaluate.generate_pose_samples(RedrawingModel(val_set), val_set, num_poses=8,
+    poses = pose_scores.generate_pose_samples(RedrawingModel(val_set), val_set, num_poses=8,
                                            batch_size=3, device=torch.device("cpu"))
-    result = evaluate.evaluate_pose_fidelity(poses)
+    result = pose_scores.evaluate_pose_fidelity(poses)
     assert result["num_poses"] == 8
     assert result["sample_iou"] == result["ceiling_iou"] == result["real_iou"]
     assert result["sample_over_ceiling"] == 1.0
@@ -262,9 +266,9 @@ def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_fl
 
 def test_pose_samples_are_skipped_without_a_pose_or_two_poses(val_set):
     unconditional = SimpleNamespace(condition="none")
-    assert "no pose" in evaluate.pose_sampling_skip_reason(unconditional, 4, val_set)
-    assert "at least 2" in evaluate.pose_sampling_skip_reason(RedrawingModel(val_set), 1, val_set)
-    assert evaluate.pose_sampling_skip_reason(RedrawingModel(val_set), 4, val_set) is None
+    assert "no pose" in pose_scores.pose_sampling_skip_reason(unconditional, 4, val_set)
+    assert "at least 2" in pose_scores.pose_sampling_skip_reason(RedrawingModel(val_set), 1, val_set)
+    assert pose_scores.pose_sampling_skip_reason(RedrawingModel(val_set), 4, val_set) is None
 
 
 # ---- the script end to end ------------------------------------------------------------------
@@ -327,7 +331,7 @@ def test_json_has_the_documented_keys_in_sane_ranges(report, val_set):
     assert 0 < transformer["bits_per_token"] < 10  # log2(32) = 5 for a uniform guess
     assert transformer["bits_per_image"] == pytest.approx(256 * transformer["bits_per_token"])
     pose = results["pose_fidelity"]
-    assert pose["num_poses"] == 4 and pose["threshold"] == evaluate.SILHOUETTE_THRESHOLD
+    assert pose["num_poses"] == 4 and pose["threshold"] == pose_scores.SILHOUETTE_THRESHOLD
     for key in ("sample_iou", "ceiling_iou", "floor_iou", "real_iou"):
         assert 0 <= pose[key] <= 1
     assert pose["real_iou"] > 0.7

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import mannequins
-from utils import COCO17, PART_NAMES, UserError
+from poses import COCO17, PART_NAMES
+from utils import UserError
 
 SIZE = 64
 JOINT = {name: index for index, name in enumerate(COCO17.joints)}

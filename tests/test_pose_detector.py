@@ -14,8 +14,11 @@ import torch
 
 import evaluate
 import pose_detector
+import pose_scores
 import utils
+from data import PoseImageDataset
 from pose_detector import PoseDetectorConfig, decode_heatmaps, heatmap_targets, pck_hits
+from poses import COCO17, OPENPOSE18
 
 # ---- PCK and pose sizes by hand -------------------------------------------------------------
 
@@ -50,12 +53,12 @@ def test_pck_of_a_hand_built_case():
 
 
 def test_joint_groups_cover_every_joint_of_both_layouts_once():
-    coco = pose_detector.joint_groups(utils.COCO17)
+    coco = pose_detector.joint_groups(COCO17)
     assert coco == {"head": [0, 1, 2, 3, 4], "arms": [5, 6, 7, 8, 9, 10],
                     "legs": [11, 12, 13, 14, 15, 16]}
-    openpose = pose_detector.joint_groups(utils.OPENPOSE18)
+    openpose = pose_detector.joint_groups(OPENPOSE18)
     assert sorted(i for indices in openpose.values() for i in indices) == list(range(18))
-    assert utils.OPENPOSE18.joints.index("neck") in openpose["head"]
+    assert OPENPOSE18.joints.index("neck") in openpose["head"]
 
 
 # ---- heatmaps -------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def trained(setup):
 
 @pytest.fixture(scope="module")
 def val_set(setup):
-    return utils.PoseImageDataset(str(setup.data), image_size=32, split="val",
+    return PoseImageDataset(str(setup.data), image_size=32, split="val",
                                   val_fraction=float(VAL_FRACTION), progress=False)
 
 
@@ -164,12 +167,12 @@ def test_perfect_samples_score_the_ceiling_and_far_above_the_floor(trained, val_
     checkpoint = pose_detector.read_pose_detector(trained["pose_accuracy"]["detector"])
     detector = pose_detector.detector_from_checkpoint(checkpoint, "cpu")
     real = torch.stack([val_set[i]["image"] for i in range(len(val_set))])
-    poses = evaluate.PoseSamples(
+    poses = pose_scores.PoseSamples(
         condition="keypoints", samples=real, reconstructions=real, real=real,
         keypoints=torch.stack([val_set[i]["keypoints"] for i in range(len(val_set))]),
-        parts=None, partner=evaluate.derangement(len(real), torch.Generator().manual_seed(0)),
+        parts=None, partner=pose_scores.derangement(len(real), torch.Generator().manual_seed(0)),
         sampling={})
-    accuracy = evaluate.evaluate_pose_accuracy(detector, poses, utils.COCO17, 0.1, 16, "cpu")
+    accuracy = pose_scores.evaluate_pose_accuracy(detector, poses, COCO17, 0.1, 16, "cpu")
     assert accuracy["samples"] == accuracy["ceiling"] == trained["pose_accuracy"]["ceiling"]
     assert accuracy["sample_over_ceiling"] == 1.0
     assert accuracy["floor"]["all"] < 0.25 * accuracy["ceiling"]["all"]
@@ -205,7 +208,7 @@ def test_pck_works_on_data_without_part_maps(setup, tmp_path):
 def test_without_a_detector_the_pck_is_skipped_with_the_flag_to_train_one(setup, tmp_path):
     args = evaluate.parse_args(evaluate_argv(setup, tmp_path / "x.json", "--pose-detector",
                                              str(tmp_path / "none.pt")))
-    train_set = utils.PoseImageDataset(str(setup.data), image_size=32, split="train",
+    train_set = PoseImageDataset(str(setup.data), image_size=32, split="train",
                                        val_fraction=float(VAL_FRACTION), progress=False)
     detector, path, reason = evaluate.find_pose_detector(args, train_set, "cpu")
     assert detector is None and path is None and "--train-pose-detector" in reason

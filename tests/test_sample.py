@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import sample
+from data import PoseImageDataset
 from transformer import PoseTransformer
-import utils
 from utils import UserError
 from vqgan import load_vqgan
 
@@ -107,7 +107,7 @@ def test_validation_poses_give_one_file_per_pose_and_sample_and_a_grid(checkpoin
                                                                       tmp_path):
     out = tmp_path / "out"
     run(checkpoint, out, "--count", "2", "--num-samples", "2")
-    val_set = utils.PoseImageDataset(str(data), SIZE, "val", 0.2, progress=False)
+    val_set = PoseImageDataset(str(data), SIZE, "val", 0.2, progress=False)
     stems = [os.path.splitext(e.name)[0] for e in val_set.examples[:2]]  # images/000123
     assert files_below(out) == sorted(
         [f"{stem}_{i}.png" for stem in stems for i in range(2)] + ["grid.png"])

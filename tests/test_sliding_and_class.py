@@ -16,7 +16,8 @@ from PIL import Image
 
 import mannequins
 import sample
-import utils
+from data import PoseImageDataset
+from poses import frame_box, reframe_keypoints
 from transformer import PoseTransformer, load_transformer, sliding_window
 from utils import UserError
 from vqgan import VQGAN, VQGANConfig, save_vqgan
@@ -155,7 +156,8 @@ def test_pose_maps_onto_a_non_square_canvas_like_training_squared_images():
     for size in [(63, 40), (31, 80), (50, 50)]:
         keypoints = np.concatenate([rng.uniform(0, 1, (17, 2)) * size, np.full((17, 1), 2)], 1)
         for mode in ("pad", "crop"):
-            expected = utils.transform_keypoints(keypoints, utils.square_box(*size, mode), 32)
+            expected = reframe_keypoints(  # how data.py squares a training image
+                keypoints, frame_box(size, (32, 32), mode), (32, 32))
             assert np.array_equal(sample.to_model_pose(keypoints, size, (32, 32), mode),
                                   expected)
 
@@ -242,23 +244,23 @@ def class_root(mannequin_root, tmp_path_factory):
 
 
 def test_class_folders_give_sorted_class_names_and_labels(class_root, tmp_path):
-    dataset = utils.PoseImageDataset(str(class_root), SIZE, "all", progress=False,
+    dataset = PoseImageDataset(str(class_root), SIZE, "all", progress=False,
                                      class_labels=True)
     assert dataset.class_names == ["inverted", "plain"]
     for index in (0, 1, len(dataset) - 1):
         item = dataset[index]
         assert item["label"].item() == dataset.class_names.index(item["path"].split("/")[0])
-    assert "label" not in utils.PoseImageDataset(str(class_root), SIZE, "all",
+    assert "label" not in PoseImageDataset(str(class_root), SIZE, "all",
                                                  progress=False)[0]
 
     Image.new("RGB", (SIZE, SIZE)).save(tmp_path / "loose.png")
     with pytest.raises(UserError, match="directly in it"):
-        utils.PoseImageDataset(str(tmp_path), SIZE, "all", progress=False, class_labels=True)
+        PoseImageDataset(str(tmp_path), SIZE, "all", progress=False, class_labels=True)
     one_class = tmp_path / "one"
     (one_class / "cats").mkdir(parents=True)
     Image.new("RGB", (SIZE, SIZE)).save(one_class / "cats" / "a.png")
     with pytest.raises(UserError, match="at least two class folders"):
-        utils.PoseImageDataset(str(one_class), SIZE, "all", progress=False, class_labels=True)
+        PoseImageDataset(str(one_class), SIZE, "all", progress=False, class_labels=True)
 
 
 def test_class_token_is_one_id_per_class_after_the_codes():

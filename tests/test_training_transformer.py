@@ -19,10 +19,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import mingpt
+import runs
 import training_transformer
 import utils
+from data import PoseImageDataset
+from poses import COCO17, DENSEPOSE_PARTS, PART_NAMES, colorize_parts, draw_skeleton
+from runs import scheduled_lr
 from transformer import load_transformer
-from utils import COCO17, UserError, scheduled_lr
+from utils import UserError
 from vqgan import VQGAN, load_vqgan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +47,8 @@ def train_args(data, vqgan_path, run_dir, *extra):
 
 def datasets(data):
     common = dict(root=str(data), image_size=SIZE, val_fraction=0.2, progress=False)
-    return (utils.PoseImageDataset(split="train", **common),
-            utils.PoseImageDataset(split="val", **common))
+    return (PoseImageDataset(split="train", **common),
+            PoseImageDataset(split="val", **common))
 
 
 def read_cache(run_dir):
@@ -204,7 +208,7 @@ def edit_part_map(folder):
     """Relabel one part map's torso as head; returns its name."""
     path = folder / "parts" / "images" / "000003.png"
     labels = np.asarray(Image.open(path)).copy()
-    labels[labels == utils.PART_NAMES.index("torso")] = utils.PART_NAMES.index("head")
+    labels[labels == PART_NAMES.index("torso")] = PART_NAMES.index("head")
     Image.fromarray(labels).save(path)
     return "images/000003.png"
 
@@ -252,7 +256,7 @@ def test_token_cache_is_rebuilt_whenever_a_pose_part_map_or_image_changes_and_on
     name = edit_image(small_copy)
     training_transformer.main(args)
     assert encodes, "new pixels must rebuild the cache"
-    everything = utils.PoseImageDataset(str(small_copy), image_size=SIZE, split="all",
+    everything = PoseImageDataset(str(small_copy), image_size=SIZE, split="all",
                                         progress=False)
     item = everything[[e.name for e in everything.examples].index(name)]
     with torch.no_grad():  # the new pixels were read and encoded
@@ -331,7 +335,7 @@ def test_condition_prefixes_of_flipped_examples_come_from_mirrored_keypoints_wit
     mirrored[..., 0] = SIZE - mirrored[..., 0]
     swapped = mirrored[:, other_side]
 
-    prefixes = training_transformer.condition_tokens(model, cache["train"])  # (N, 2, 17)
+    prefixes = training_transformer.condition_prefixes(model, cache["train"])  # (N, 2, 17)
     assert torch.equal(prefixes[:, 0], model.condition_tokens(keypoints=keypoints))
     assert torch.equal(prefixes[:, 1], model.condition_tokens(keypoints=swapped))
     assert not torch.equal(prefixes[:, 1], model.condition_tokens(keypoints=mirrored))
@@ -377,7 +381,7 @@ def test_densepose_part_maps_train_with_their_labelling_and_flip_left_into_right
                                          "densepose"))
     checkpoint = last_checkpoint(run_dir)
     assert checkpoint["config"]["num_part_labels"] == 25
-    assert checkpoint["part_labels"] == utils.DENSEPOSE_PARTS.to_dict()
+    assert checkpoint["part_labels"] == DENSEPOSE_PARTS.to_dict()
     parts = read_cache(run_dir)["train"]["parts"].long()  # (N, 2, S, S): as is, flipped
     assert {15, 23} <= set(parts[:, 0].unique().tolist())  # left upper arm, right head
     mirror = torch.tensor([DENSEPOSE_MIRROR[label] for label in range(25)])
@@ -459,7 +463,7 @@ def resumed(data, vqgan_path, tmp_path_factory):
             os.kill(os.getpid(), signal.SIGINT)
         return scheduled_lr(step, *rest)
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stop:
-        patch.setattr(utils, "scheduled_lr", ctrl_c_during_step_4)
+        patch.setattr(runs, "scheduled_lr", ctrl_c_during_step_4)
         utils.run_cli(lambda: training_transformer.main(args))
     stopped_at = last_checkpoint(split)["step"]
     training_transformer.main(args + ["--resume"])
@@ -575,7 +579,7 @@ def test_sample_grid_rows_are_pose_original_reconstruction_completion_and_two_sa
         reconstructions = seen["vqgan"].decode_indices(tokens[:examples].view(-1, 16, 16))
     for row in range(examples):
         item = val_set[row]
-        skeleton = utils.draw_skeleton(item["keypoints"], COCO17, (SIZE, SIZE))
+        skeleton = draw_skeleton(item["keypoints"], COCO17, (SIZE, SIZE))
         assert np.array_equal(cell(grid, row, 0), np.asarray(skeleton))
         assert np.array_equal(cell(grid, row, 1), np.asarray(utils.to_uint8_image(item["image"])))
         reconstruction = utils.to_uint8_image(reconstructions[row])
@@ -595,7 +599,7 @@ def test_part_map_and_unconditional_models_train_and_draw_their_condition(
     assert losses and all(math.isfinite(loss) for loss in losses)
     grid = Image.open(os.path.join(run_dir, "samples", "samples_000002.png"))
     _, val_set = datasets(data)
-    expected = (utils.colorize_parts(val_set[0]["parts"]) if condition == "parts"
+    expected = (colorize_parts(val_set[0]["parts"]) if condition == "parts"
                 else Image.new("RGB", (SIZE, SIZE), "white"))
     assert np.array_equal(cell(grid, 0, 0), np.asarray(expected))
 

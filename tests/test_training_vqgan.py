@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import plots
+import runs
 import training_vqgan
 import utils
 from codebook import Codebook
@@ -110,7 +112,8 @@ def assert_identical(a, b, where="checkpoint"):
 # One step: the generator loss and the discriminator loss
 # ----------------------------------------------------------------------------------------------
 
-LOSS_WEIGHTS = SimpleNamespace(perceptual_weight=0.7, codebook_weight=1.3, disc_weight=0.8)
+LOSS_WEIGHTS = training_vqgan.LossWeights(perceptual_weight=0.7, codebook_weight=1.3,
+                                           disc_weight=0.8)
 
 
 def reference_generator_backward(model, lpips, discriminator, images, args):
@@ -270,7 +273,7 @@ def test_each_preset_brings_its_own_resolution_and_hyperparameters_unless_a_flag
             paper.codebook_weight, paper.perceptual_weight, paper.perceptual_start,
             paper.warmup_steps, paper.min_lr_ratio) == (3, 4.5e-6, 250001, 0.8, 1.0, 1.0, 0, 0,
                                                         1.0)
-    assert utils.learning_rate(paper, world_size=2) == pytest.approx(4.5e-6 * 3 * 2)
+    assert runs.learning_rate(paper, world_size=2) == pytest.approx(4.5e-6 * 3 * 2)
     small = training_vqgan.parse_args([])
     assert (small.image_size, small.batch_size, small.base_lr, small.disc_start,
             small.perceptual_start, small.min_lr_ratio) == (64, 8, 5e-5, 10000, 800, 0.1)
@@ -605,7 +608,7 @@ def test_the_temporary_file_of_a_killed_checkpoint_write_is_removed_at_the_next_
     left = [name for name in os.listdir(tmp_path) if name != "vqgan_last.pt"]
     assert len(left) == 1 and left[0].startswith(".tmp-")  # what the kill leaves
 
-    utils.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt")
+    runs.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt")
     assert os.listdir(tmp_path) == ["vqgan_last.pt"]
     assert "removed 1 temporary file(s)" in capsys.readouterr().out
     assert utils.load_checkpoint(str(tmp_path / "vqgan_last.pt"), "vqgan_train")["step"] == 1
@@ -841,7 +844,7 @@ def test_command_line_prints_one_error_line_for_a_wrong_resume_file(dataset, fin
 
 
 def plotted_figures(monkeypatch):
-    """The matplotlib figures that utils.plot_curves saves, in order."""
+    """The matplotlib figures that plots.plot_curves saves, in order."""
     from matplotlib.figure import Figure
     figures, real_savefig = [], Figure.savefig
 
@@ -865,11 +868,11 @@ def test_curves_read_well_for_a_single_point_and_for_thirty_thousand_steps(tmp_p
                                                                            monkeypatch):
     figures = plotted_figures(monkeypatch)
     panels = [("losses", ["rec_loss"]), ("validation PSNR (dB)", ["val_psnr"])]
-    utils.plot_curves([{"step": 30, "rec_loss": 0.3}, {"step": 30, "val_psnr": 18.0}], panels,
+    plots.plot_curves([{"step": 30, "rec_loss": 0.3}, {"step": 30, "val_psnr": 18.0}], panels,
                       tmp_path / "short.png")
     long_run = ([{"step": s, "rec_loss": 0.5 * 0.9997**s} for s in range(50, 30001, 50)]
                 + [{"step": s, "val_psnr": 15 + s / 3000} for s in range(2000, 30001, 2000)])
-    utils.plot_curves(long_run, panels, tmp_path / "long.png")
+    plots.plot_curves(long_run, panels, tmp_path / "long.png")
 
     (short_losses, short_psnr), (long_losses, long_psnr) = [f.axes for f in figures]
     for axes, key, value in ((short_losses, "rec_loss", 0.3), (short_psnr, "val_psnr", 18.0)):

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transformer import (PoseTransformer, filter_logits, fourier_features, location_features,
-                         sample_next)
+from sampling import filter_logits, sample_next
+from transformer import PoseTransformer, fourier_features, location_features
 from utils import UserError
 
 N_EMBED = 16

@@ -1,0 +1,296 @@
+"""Training runs: the run flags, the learning-rate schedule, the run directory and resuming,
+and `run_training`, which runs a trainer inside the process group and turns its stops and
+write failures into one line (the steps themselves: training_loop.py).
+
+Both trainers (training_vqgan.py, training_transformer.py) run inside `run_training` and
+share the rest: `Schedule` says how long and how fast, `RunDirectory` holds the checkpoint,
+writes it atomically and checks a --resume against it.
+"""
+import argparse
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from cli import device_name, non_negative_int, output_folder, positive_float, positive_int, \
+    unit_fraction
+from data import SPLIT_FLAGS
+from distributed import setup_distributed
+from utils import PRECISIONS, Interrupted, UserError, atomic_save, load_checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# Run flags and the learning-rate schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def add_run_args(parser):
+    """Flags both trainers share: where the run lives, how long, how fast, on what device. Each
+    trainer sets its own defaults of --run-dir, --batch-size, --base-lr, --warmup-steps and
+    --min-lr-ratio, and of default_max_steps (the length without --max-steps or --epochs), with
+    parser.set_defaults."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--run-dir", type=output_folder)
+    group.add_argument("--resume", nargs="?", const="last", default=None,
+                       help="continue a run: alone, from RUN_DIR's last checkpoint; or a path")
+    group.add_argument("--device", type=device_name, default="auto",
+                       help="auto, cpu, cuda, cuda:1, mps")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--batch-size", type=positive_int)
+    group.add_argument("--grad-accum", type=positive_int, default=1,
+                       help="micro-batches per optimizer step")
+    group.add_argument("--lr", type=positive_float, default=None,
+                       help="learning rate; default: --base-lr x effective batch size")
+    group.add_argument("--base-lr", type=positive_float)
+    group.add_argument("--warmup-steps", type=non_negative_int,
+                       help="linear learning-rate warm-up over this many steps")
+    group.add_argument("--min-lr-ratio", type=unit_fraction,
+                       help="after the warm-up the learning rate follows a cosine down to this "
+                            "fraction of its peak at the last step; 1 keeps it constant")
+    group.add_argument("--max-steps", type=positive_int, default=None,
+                       help="total optimizer steps of the run, a resumed run continuing to it "
+                            "(default: the trainer's own, printed when it starts, or --epochs "
+                            "when given)")
+    group.add_argument("--epochs", type=positive_int, default=None,
+                       help="total epochs, when --max-steps is not given")
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="autocast dtype: auto is bf16 on GPUs with native bf16 (compute "
+                            "capability 8.0+), fp16 with a GradScaler on older GPUs, fp32 on "
+                            "the CPU")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory format for the convolutions (default: on with CUDA)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--log-every", type=positive_int, default=50)
+    group.add_argument("--save-every", type=positive_int, default=500)
+    group.add_argument("--sample-every", type=positive_int, default=500)
+    return group
+
+
+# Flags that decide which batches a run sees: a resumed run must keep them.
+DATA_ORDER_FLAGS = SPLIT_FLAGS + ("flip", "seed", "batch_size", "grad_accum")
+
+
+def plain_args(args):
+    """argparse namespace -> dict of plain values (loads with weights_only=True)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def learning_rate(flags, world_size=1):
+    """The peak learning rate the run flags give: --lr, else --base-lr x the global batch."""
+    return flags.lr if flags.lr is not None else (
+        flags.base_lr * flags.batch_size * flags.grad_accum * world_size)
+
+
+def scheduled_lr(step, peak, warmup, total, min_ratio):
+    """Linear warm-up to `peak`, then a cosine down to min_ratio * peak at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class Schedule:
+    """How long a run trains and how fast: `total` optimizer steps, the learning rate warming up
+    linearly to `peak` over `warmup_steps`, then a cosine down to min_lr_ratio x peak."""
+
+    peak: float
+    total: int
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+    length: str = ""  # how the flags set `total`, for messages: '--max-steps 5', '12 steps'
+
+    @classmethod
+    def from_flags(cls, flags, batches_per_epoch, world_size=1):
+        """The schedule of add_run_args' flags: --max-steps, else --epochs worth of optimizer
+        steps, else the trainer's default_max_steps."""
+        if flags.max_steps is not None:
+            total = flags.max_steps
+        elif flags.epochs is not None:
+            total = flags.epochs * batches_per_epoch // flags.grad_accum
+            if total == 0 and not flags.resume:
+                raise UserError(f"--epochs {flags.epochs} makes no optimizer step of --grad-accum "
+                                f"{flags.grad_accum} micro-batches; raise --epochs or lower "
+                                "--grad-accum")
+        else:
+            total = flags.default_max_steps
+        length = (f"--max-steps {flags.max_steps}" if flags.max_steps is not None
+                  else f"{total} steps")
+        return cls(learning_rate(flags, world_size), total, flags.warmup_steps,
+                   flags.min_lr_ratio, length)
+
+    def apply(self, optimizers, step):
+        """Set every optimizer's learning rate to the schedule's at `step`; returns it."""
+        lr = scheduled_lr(step, self.peak, self.warmup_steps, self.total, self.min_lr_ratio)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        return lr
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory: checkpoints, resume, metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def get_rng_state():
+    """RNG states as tensors and plain values, so they load with torch.load(weights_only=True)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunDirectory:
+    """A run's folder: its training checkpoint (atomic), and checks before resuming it.
+
+    Opened when a run starts: the folder must take a file (checked by writing one, so that a
+    read-only or full folder stops the run before any training), and `remove_stale` (rank 0)
+    deletes the temporary files (.tmp-*.pt, see atomic_save) that a write killed midway left.
+    """
+
+    def __init__(self, root, kind, last_name, remove_stale=True):
+        self.root, self.kind, self.last_name = root, kind, last_name
+        try:
+            os.makedirs(root, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+        except OSError as error:
+            raise UserError(f"cannot write into the run directory {root} ({error.strerror}); "
+                            "choose another --run-dir, or fix its permissions or free space"
+                            ) from None
+        if remove_stale:
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self):
+        stale = [os.path.join(folder, name) for folder, _, names in os.walk(self.root)
+                 for name in names if name.startswith(".tmp-") and name.endswith(".pt")]
+        if stale:
+            size = sum(os.path.getsize(path) for path in stale)
+            for path in stale:
+                os.remove(path)
+            print(f"removed {len(stale)} temporary file(s) ({size / 1e6:.3g} MB) that an "
+                  f"interrupted write left in {self.root}")
+
+    def path(self, *parts):
+        path = os.path.join(self.root, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def save(self, checkpoint):
+        path = self.path(self.last_name)
+        try:
+            atomic_save(checkpoint, path)
+        except OSError as error:  # e.g. disk full: a write to a file handle names no file
+            error.filename = error.filename or path
+            raise
+
+    def resume_path(self, resume):
+        """The checkpoint --resume names: alone ("last"), this folder's training checkpoint."""
+        return self.path(self.last_name) if resume == "last" else resume
+
+    def steps_left(self, step, schedule, resume):
+        """Whether the loop has a step to take. A resumed run already at the end of `schedule`
+        says so in one line (False); one past its end is a UserError."""
+        if step < schedule.total:
+            return True
+        checkpoint = self.resume_path(resume)
+        if step == schedule.total:
+            print(f"nothing to train: {checkpoint} is already at step {step}, the end of this "
+                  f"run ({schedule.length}); pass a larger --max-steps to train on")
+            return False
+        raise UserError(f"{checkpoint} is already at step {step}, past the end of this run "
+                        f"({schedule.length}); pass --max-steps above {step} to train on, or a "
+                        "new --run-dir to start over")
+
+    def report_outputs(self, stage, described):
+        """Print the run's outputs that exist; `described` is [(file name, description)]."""
+        present = [text for name, text in described
+                   if os.path.exists(os.path.join(self.root, name))]
+        print(f"{stage} outputs in {self.root}: {', '.join(present)}")
+
+    def resume(self, resume, config, flags, world_size, **states):
+        """Load the checkpoint --resume names into `states` (name -> model, optimizer or
+        GradScaler, each from the checkpoint's entry of that name) and the RNG -> its step.
+
+        Refuses a checkpoint of another stage, model (config), data order (`flags`, the run's
+        plain_args) or process count.
+        """
+        path = self.resume_path(resume)
+        if resume == "last" and not os.path.exists(path):
+            raise UserError(f"--resume: no checkpoint {path} yet; start without --resume")
+        checkpoint = load_checkpoint(path, self.kind)
+        if checkpoint["config"] != config:
+            changed = sorted(k for k in set(config) | set(checkpoint["config"])
+                             if config.get(k) != checkpoint["config"].get(k))
+            raise UserError(f"--resume: {path} holds a model with another architecture "
+                            f"(differs in: {', '.join(changed)}); use the flags it was trained "
+                            "with, or a new --run-dir")
+        saved = checkpoint["args"]
+        changed = [k for k in DATA_ORDER_FLAGS if saved.get(k) != flags.get(k)]
+        if changed:
+            details = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}" for k in changed)
+            raise UserError(f"--resume: {path} was trained with other data settings ({details}); "
+                            "an exact resume needs the same ones")
+        # the global batch (and so the data order and default lr) depends on the process count
+        saved_world_size = checkpoint.get("world_size", 1)
+        if saved_world_size != world_size:
+            raise UserError(f"--resume: {path} was trained by {saved_world_size} process(es), "
+                            f"this run has {world_size}; an exact resume needs the same number "
+                            f"(torchrun --nproc_per_node {saved_world_size})")
+        for name, state in states.items():
+            if name != "scaler" or checkpoint.get(name):  # no or empty scaler: a run without fp16
+                state.load_state_dict(checkpoint[name])
+        set_rng_state(checkpoint["rng"])
+        return checkpoint["step"]
+
+    def save_state(self, step, config, flags, world_size, states, **extra):
+        """Write the training checkpoint atomically: `states` (name -> anything with a
+        state_dict) and the RNG, for resume(); `extra` plain values for sample.py and others."""
+        self.save({"kind": self.kind, "step": step, "config": config, "args": flags,
+                   "world_size": world_size, "rng": get_rng_state(),
+                   **{name: state.state_dict() for name, state in states.items()}, **extra})
+
+def run_training(train, args):
+    """train(args, dist, device) inside the process group when torchrun started us.
+
+    train returns the step at which Ctrl-C stopped it (after saving), or None. A stopped run
+    raises Interrupted once every rank has left the loop, so that the command exits with 130.
+    An OSError while writing the run's files (disk full, permissions) becomes one line.
+    """
+    dist, device = setup_distributed(args.device)
+    try:
+        stopped_at = train(args, dist, device)
+        dist.barrier()  # no rank leaves the group while rank 0 still writes its last files
+    except OSError as error:
+        raise write_failure(error, args.run_dir) from None
+    finally:
+        dist.close()
+    if stopped_at is not None:
+        raise Interrupted(f"stopped at step {stopped_at}; continue with the same command plus "
+                          "--resume" if dist.is_main else "")
+
+
+def write_failure(error, run_dir):
+    """The UserError for an OSError while a run writes: the file, why, and what is intact."""
+    if error.filename and not os.path.abspath(error.filename).startswith(
+            os.path.abspath(run_dir) + os.sep):  # not one of the run's files
+        return UserError(f"{error.filename}: {error.strerror or error}")
+    checkpoints = (sorted(name for name in os.listdir(run_dir) if name.endswith("_last.pt"))
+                   if os.path.isdir(run_dir) else [])
+    kept = (f"the last good checkpoint {os.path.join(run_dir, checkpoints[0])} is intact: "
+            "free space (or fix the permissions) and continue with --resume" if checkpoints
+            else "no checkpoint was written yet: free space (or fix the permissions) and rerun")
+    return UserError(f"cannot write {error.filename or 'into ' + run_dir} "
+                     f"({error.strerror or error}); {kept}")
+

@@ -1,0 +1,52 @@
+"""Sampling one token at a time: the top-k / top-p / temperature filters over the GPT's logits,
+and the flags that set them in every script that samples (training grids, sample.py,
+evaluate.py). PoseTransformer.sample and sample_grid draw each image token with sample_next.
+"""
+import torch
+
+from cli import nucleus_mass, positive_float, positive_int
+
+
+def add_sampling_args(parser):
+    """--top-k, --top-p and --temperature (filter_logits) for every script that samples."""
+    parser.add_argument("--top-k", type=positive_int, default=None)
+    parser.add_argument("--top-p", type=nucleus_mass, default=None)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+
+
+def sampling_options(args):
+    """The sampling flags of add_sampling_args as PoseTransformer.sample's keywords."""
+    return dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+
+
+def filter_logits(logits, top_k=None, top_p=None, temperature=1.0):
+    """logits (B, V) -> logits / temperature with the filtered-out entries set to -inf.
+
+    top_k keeps the k largest; top_p then keeps the smallest set of most likely tokens whose
+    probabilities add up to at least top_p. The most likely token is always kept.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus), got {top_p}")
+    logits = logits / temperature
+    if top_k is not None:
+        top = logits.topk(min(top_k, logits.size(-1)), dim=-1).indices  # (B, k)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the more likely ones before it already reach top_p
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits, generator=None, top_k=None, top_p=None, temperature=1.0):
+    """logits (B, V) -> sampled ids (B, 1), repeatable with a `generator` on the logits' device."""
+    probs = filter_logits(logits, top_k, top_p, temperature).float().softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
