@@ -1,4 +1,5 @@
-"""The data layer (data.py, images.py, poses.py): reading folders and COCO files, squaring, flips, splits, batches.
+"""The data layer (data.py, images.py, poses.py): reading folders and COCO files, squaring,
+flips, splits, batches.
 
 Every test builds its own tiny dataset in tmp_path, so the expected numbers can be worked out
 by hand from the files it writes.

@@ -267,7 +267,8 @@ def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_fl
 def test_pose_samples_are_skipped_without_a_pose_or_two_poses(val_set):
     unconditional = SimpleNamespace(condition="none")
     assert "no pose" in pose_scores.pose_sampling_skip_reason(unconditional, 4, val_set)
-    assert "at least 2" in pose_scores.pose_sampling_skip_reason(RedrawingModel(val_set), 1, val_set)
+    assert "at least 2" in pose_scores.pose_sampling_skip_reason(RedrawingModel(val_set), 1,
+                                                                 val_set)
     assert pose_scores.pose_sampling_skip_reason(RedrawingModel(val_set), 4, val_set) is None
 
 
