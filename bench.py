@@ -12,8 +12,9 @@ With --compile, `vqgan` and `transformer` time each step eager and torch.compile
 side: through a compiled model, autograd.grad to the last layer runs the whole compiled backward,
 which the graph split avoids. --preset sets the VQGAN, its resolution (unless --image-size) and
 its loss weights; --precision and --channels-last are the trainers' flags.
-`sample` times generation of --tokens tokens with the KV cache and, for comparison, by re-running
-the whole sequence for every new token (what samplers without a cache do).
+`sample` times generation of --tokens tokens with the KV cache (on the CPU also with int8 Linear
+layers, mingpt.int8_for_cpu) and, as the baseline, by re-running the whole sequence for every new
+token (what samplers without a cache do, e.g. dome272/VQGAN-pytorch's), all in one run.
 `transformer` times stage-2 optimizer steps on random tokens (training reads cached tokens, so
 this is the whole step). Random weights: speed does not depend on training.
 """
@@ -133,42 +134,56 @@ def random_prefix_model(args, device):
 
 @torch.no_grad()
 def bench_sample(args, device):
+    from mingpt import int8_for_cpu
     from sampling import sample_next
     model, cond = random_prefix_model(args, device)
     generator = torch.Generator(device=device)
     P = cond.shape[1]
 
-    def cached():
+    def cached(gpt):  # the prompt once, then one token per step through the KV cache
         generator.manual_seed(0)
-        cache = model.new_kv_cache(args.batch_size)
-        logits = model(cond, cache)[:, -1]
+        cache = gpt.new_kv_cache(args.batch_size)
+        logits = gpt(cond, cache)[:, -1]
         tokens = []
         for i in range(args.tokens):
             tokens.append(sample_next(logits, generator, top_k=100))
             if i + 1 < args.tokens:
-                logits = model(tokens[-1], cache, start_pos=P + i)[:, -1]
+                logits = gpt(tokens[-1], cache, start_pos=P + i)[:, -1]
         return torch.cat(tokens, 1)
 
-    def recompute():  # the whole sequence again for each new token
+    def recompute(gpt):  # the whole sequence again for each new token, as samplers without a cache
         generator.manual_seed(0)
         sequence = cond
         for _ in range(args.tokens):
-            logits = model(sequence)[:, -1]
+            logits = gpt(sequence)[:, -1]
             sequence = torch.cat([sequence, sample_next(logits, generator, top_k=100)], 1)
         return sequence[:, P:]
 
+    runs = [("KV cache", cached, model), ("full recompute", recompute, model)]
+    if device.type == "cpu":
+        runs.insert(1, ("KV cache, int8", cached, int8_for_cpu(model)))
     print(f"sampling {args.tokens} tokens, GPT {args.n_layer} layers x {args.n_head} heads x "
           f"{args.n_embd} wide ({model.num_params() / 1e6:.1f}M params), batch {args.batch_size}, "
-          f"device {device_name(device)}")
+          f"device {device_name(device)}, {torch.get_num_threads()} threads")
     with utils.autocast_context(device, args.precision):
-        same = torch.equal(cached(), recompute())
-        results = {}
-        for name, run in (("KV cache", cached), ("full recompute", recompute)):
-            seconds = timed(run, args.warmup, args.repeats, device)
-            results[name] = args.batch_size * args.tokens / seconds
-            print(f"  {name:<16} {seconds:8.2f} s  {results[name]:9.1f} tokens/s")
-    print(f"  speed-up {results['KV cache'] / results['full recompute']:.1f}x; identical tokens: "
-          f"{same}")
+        speeds, tokens = {}, {}
+        for name, run, gpt in runs:
+            def call():  # keeps the tokens of the last timed call
+                tokens[name] = run(gpt)
+            speeds[name] = args.batch_size * args.tokens / timed(call, args.warmup, args.repeats,
+                                                                 device)
+        for name, _, _ in runs:
+            print(f"  {name:<16} {args.batch_size * args.tokens / speeds[name]:8.2f} s "
+                  f"{speeds[name]:9.1f} tokens/s  "
+                  f"{speeds[name] / speeds['full recompute']:5.1f}x the full recompute")
+        print(f"  KV cache and full recompute sample identical tokens: "
+              f"{torch.equal(tokens['KV cache'], tokens['full recompute'])}")
+        if "KV cache, int8" in speeds:
+            exact, quantized = model(cond), runs[1][2](cond)  # logits over the prompt
+            error = (quantized - exact).abs().mean() / exact.std()
+            same = (tokens["KV cache, int8"] == tokens["KV cache"]).float().mean()
+            print(f"  int8: logits off by {100 * error:.1f} % of their spread; "
+                  f"{100 * same:.0f} % of the sampled tokens equal float32's")
 
 
 def bench_transformer(args, device):

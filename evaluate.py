@@ -144,7 +144,7 @@ def parse_args(argv=None):
     group.add_argument("--num-pose-samples", type=cli.positive_int, default=64)
     group.add_argument("--silhouette-threshold", type=cli.positive_float,
                        default=SILHOUETTE_THRESHOLD)
-    add_sampling_args(group)
+    add_sampling_args(group, int8=True)
     add_pose_accuracy_args(parser)
     args = parser.parse_args(argv)
     check_pose_accuracy_args(args)
@@ -275,7 +275,8 @@ def print_table(results):
             print(f"{section.replace('_', ' ')}: skipped ({results[section]['skipped']})")
     transformer = results["transformer"]
     if "skipped" not in transformer:
-        print(f"transformer ({transformer['condition']} condition)")
+        print(f"transformer ({transformer['condition']} condition"
+              f"{', int8 Linear layers' if transformer['int8'] else ''})")
         row("bits / token", transformer["bits_per_token"])
         row("bits / image", transformer["bits_per_image"], "{:.1f}")
     pose = results["pose_fidelity"]
@@ -312,6 +313,8 @@ def main(argv=None):
     if args.transformer_checkpoint:  # loads and checks the VQGAN too: it must be the very file
         model, checkpoint = load_transformer(args.transformer_checkpoint, device,
                                              args.vqgan_checkpoint)
+        if args.int8:  # bits per token and the pose samples then measure the int8 GPT
+            model.int8_for_cpu()
         vqgan = model.vqgan
     else:
         vqgan = load_vqgan(args.vqgan_checkpoint, device)
@@ -351,6 +354,7 @@ def main(argv=None):
     else:
         transformer = evaluate_transformer(model, dataset, tokens, args.batch_size, device,
                                            args.num_workers)
+        transformer["int8"] = args.int8
         pose, accuracy = evaluate_poses(model, dataset, detector, no_detector, args, device)
         if "skipped" not in accuracy:
             accuracy["detector"] = detector_path

@@ -157,8 +157,9 @@ class GPT(nn.Module):
         Under autocast the keys come out of a Linear in the autocast dtype; a cache in that dtype
         avoids casting the whole cache back at every step.
         """
-        device = self.lm_head.weight.device
-        dtype = self.lm_head.weight.dtype
+        # the token table: never quantized, so it still says where and in what the model computes
+        device = self.transformer.wte.weight.device
+        dtype = self.transformer.wte.weight.dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
         return KVCache(self.config, batch_size, device, dtype)
@@ -203,3 +204,22 @@ class GPT(nn.Module):
         # the fused CUDA kernel does the whole update in one launch
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
                                  fused=device_type == "cuda")
+
+
+def int8_for_cpu(gpt):
+    """A copy of `gpt` whose Linear layers compute in int8 on the CPU, for sampling.
+
+    One new token at a small batch multiplies a few rows by every weight matrix, so the step is
+    bound by reading weights; int8 weights (per output channel) are a quarter of float32's, and
+    the activations are quantized on the fly per batch (dynamic quantization). The logits move
+    by about 1 % of their spread, so sampled sequences part from float32's after some tokens
+    (bench.py sample prints both; evaluate.py --int8 the bits per token). PyTorch's eager int8
+    kernels (torch.ao.quantization, which warns that it is deprecated in favour of torchao,
+    whose CPU kernels need torch.compile and ran slower eager) are the fast path here.
+    """
+    import warnings
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        return quantize_dynamic(gpt, {nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8, inplace=False)

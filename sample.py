@@ -78,7 +78,7 @@ def parse_args(argv=None):
                              "use a sliding attention window (default: the training grid)")
     parser.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                         help="the class to sample, for a class-conditioned model")
-    add_sampling_args(parser)
+    add_sampling_args(parser, int8=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=cli.positive_int, default=16)
     parser.add_argument("--device", type=cli.device_name, default="auto")
@@ -236,7 +236,7 @@ def completion_row(args, model, checkpoint, rows, names_folder):
                               "map, and only validation images have one here; complete one "
                               "of those")
     row = (matching or Row(example.name))._replace(image=image)
-    top_half = model.image_tokens(image[None].to(model.gpt.lm_head.weight.device))
+    top_half = model.image_tokens(image[None].to(model.device))
     return row, top_half[:, :model.num_image_tokens // 2]
 
 
@@ -244,6 +244,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
     model, checkpoint = load_transformer(args.checkpoint, device, args.vqgan_checkpoint)
+    if args.int8:
+        model.int8_for_cpu()
     token_grid, condition = model.token_grid, model.condition
     layout = LAYOUTS[checkpoint["layout"]]
     generator = torch.Generator(device=device).manual_seed(args.seed)

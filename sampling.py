@@ -7,11 +7,16 @@ import torch
 from cli import nucleus_mass, positive_float, positive_int
 
 
-def add_sampling_args(parser):
-    """--top-k, --top-p and --temperature (filter_logits) for every script that samples."""
+def add_sampling_args(parser, int8=False):
+    """--top-k, --top-p and --temperature (filter_logits) for every script that samples; with
+    `int8`, --int8 too (PoseTransformer.int8_for_cpu), for the scripts that load a model."""
     parser.add_argument("--top-k", type=positive_int, default=None)
     parser.add_argument("--top-p", type=nucleus_mass, default=None)
     parser.add_argument("--temperature", type=positive_float, default=1.0)
+    if int8:
+        parser.add_argument("--int8", action="store_true",
+                            help="CPU: the GPT's Linear layers in int8, faster from about 256 "
+                                 "wide (bench.py sample); logits move by about 1 %%")
 
 
 def sampling_options(args):

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mingpt import GPT, GPTConfig
+from mingpt import GPT, GPTConfig, int8_for_cpu
 from poses import NUM_PART_LABELS
 from sampling import sample_next
 from utils import UserError, file_sha256, load_checkpoint, require_file
@@ -167,6 +167,8 @@ class PoseTransformer(nn.Module):
     token_grid = property(lambda self: self.config["token_grid"])
     keypoint_grid = property(lambda self: self.config["keypoint_grid"])
     class_names = property(lambda self: self.config.get("class_names"))
+    # where the model computes: the token table's device (an int8 GPT has no Linear weights)
+    device = property(lambda self: self.gpt.transformer.wte.weight.device)
 
     def _apply(self, fn, *args, **kwargs):
         self.vqgan._apply(fn, *args, **kwargs)  # .to() / .cuda() / .half() move the VQGAN too
@@ -181,7 +183,7 @@ class PoseTransformer(nn.Module):
         conditions given one by one; the start token of condition 'none' needs only the batch
         size (of `batch`: its first tensor's)."""
         if batch is not None:
-            device = self.gpt.lm_head.weight.device
+            device = self.device
             keypoints, part_maps, labels = (None if batch.get(key) is None else
                                             batch[key].to(device) for key in
                                             ("keypoints", "parts", "label"))
@@ -205,7 +207,7 @@ class PoseTransformer(nn.Module):
         if batch_size is None:
             raise ValueError("an unconditional transformer needs batch_size for its start tokens")
         return torch.full((batch_size, 1), self.n_embed, dtype=torch.long,
-                          device=self.gpt.lm_head.weight.device)
+                          device=self.device)
 
     def _keypoint_cells(self, keypoints):
         """(B, K, 3) x, y, v in pixels -> (B, K) cell row * G + col, or G * G when not visible."""
@@ -252,6 +254,14 @@ class PoseTransformer(nn.Module):
         return self.vqgan.decode_indices(tokens)
 
     # ---- training and sampling -----------------------------------------------------------------
+
+    def int8_for_cpu(self):
+        """Sample with int8 Linear layers in the GPT (mingpt.int8_for_cpu); CPU only."""
+        if self.device.type != "cpu":
+            raise UserError(f"--int8 is a CPU path and the model is on {self.device}; leave it "
+                            "out (on a GPU, bf16 autocast is the fast path)")
+        self.gpt = int8_for_cpu(self.gpt)
+        return self
 
     def gpt_forward(self, idx, kv_cache=None, start_pos=0):
         """The GPT on sequence ids (B, T) at positions [start_pos, start_pos + T), with their
@@ -353,7 +363,7 @@ class PoseTransformer(nn.Module):
         P = self.num_condition_tokens
         B = self.window_condition(0, 0, **conditions).size(0)
         tokens = torch.zeros(B, grid_h, grid_w, dtype=torch.long,
-                             device=self.gpt.lm_head.weight.device)
+                             device=self.device)
         last, kv_cache = None, None  # (top, left, k) of the token sampled last; its cache
         for i in range(grid_h):
             for j in range(grid_w):

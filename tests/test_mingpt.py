@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mingpt import GPT, GPTConfig
+from mingpt import GPT, GPTConfig, int8_for_cpu
 
 
 def tiny_gpt(**overrides):
@@ -30,6 +30,32 @@ def test_kv_cache_chunks_match_full_recompute():
         for start, end in zip(bounds[:-1], bounds[1:]):
             chunk = model(idx[:, start:end], kv_cache, start_pos=start)
             torch.testing.assert_close(chunk, full[:, start:end], atol=1e-5, rtol=0)
+
+
+def test_int8_copy_stores_int8_weights_and_keeps_the_logits_within_a_few_percent():
+    model = tiny_gpt(n_embd=64)
+    idx = torch.randint(0, 50, (2, 24))
+    with torch.no_grad():
+        exact = model(idx)
+        quantized = int8_for_cpu(model)
+        approximate = quantized(idx)
+        # the copy's Linear layers hold int8 weights; the float model is left as it was
+        linears = [m for m in quantized.modules() if type(m).__name__ == "Linear"
+                   and m.__module__.startswith("torch.ao.nn.quantized")]
+        assert len(linears) == 2 * 4 + 1  # four per block, and the head
+        assert all(m.weight().dtype == torch.qint8 for m in linears)
+        assert isinstance(model.lm_head, nn.Linear) and torch.equal(model(idx), exact)
+        error = (approximate - exact).abs().mean() / exact.std()
+        assert 0 < error < 0.05
+        # it samples through the KV cache like the float model: the prompt once, then a token
+        kv_cache = quantized.new_kv_cache(batch_size=2)
+        assert kv_cache.k.dtype == torch.float32
+        first = quantized(idx[:, :23], kv_cache)[:, -1]
+        last = quantized(idx[:, 23:], kv_cache, start_pos=23)[:, -1]
+        # (activations are quantized per call, so a chunk's logits differ a little from the
+        # whole sequence's)
+        assert (first - exact[:, 22]).abs().mean() < 0.05 * exact.std()
+        assert (last - exact[:, 23]).abs().mean() < 0.05 * exact.std()
 
 
 def test_changing_a_later_token_leaves_earlier_logits_unchanged():

@@ -159,6 +159,22 @@ def test_pose_file_follows_a_run_trained_on_centre_crops(train, data, vqgan_path
     assert torch.equal(call["cond"], call["model"].condition_tokens(keypoints=expected))
 
 
+def test_int8_samples_with_int8_linear_layers_and_tokens_near_the_float_ones(checkpoint,
+                                                                          pose_file, tmp_path,
+                                                                          sampled):
+    for name, extra in (("float", []), ("int8", ["--int8"])):
+        run(checkpoint, tmp_path / name, "--poses", pose_file, "--pose-image-size", "100", "50",
+            *extra)
+    exact, quantized = sampled
+    head = quantized["model"].gpt.lm_head
+    assert isinstance(exact["model"].gpt.lm_head, torch.nn.Linear)
+    assert head.__module__.startswith("torch.ao.nn.quantized") and head.weight().dtype == torch.qint8
+    assert sorted(png_bytes(tmp_path / "float")) == sorted(png_bytes(tmp_path / "int8"))
+    # same seed: most tokens agree (int8 logits move by about 1 %), and they are codes
+    assert (exact["tokens"] == quantized["tokens"]).float().mean() > 0.5
+    assert 0 <= quantized["tokens"].min() and quantized["tokens"].max() < exact["model"].n_embed
+
+
 def test_same_seed_repeats_the_same_files_and_another_seed_does_not(checkpoint, pose_file,
                                                                     tmp_path):
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):

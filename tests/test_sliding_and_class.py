@@ -156,10 +156,19 @@ def test_pose_maps_onto_a_non_square_canvas_like_training_squared_images():
     for size in [(63, 40), (31, 80), (50, 50)]:
         keypoints = np.concatenate([rng.uniform(0, 1, (17, 2)) * size, np.full((17, 1), 2)], 1)
         for mode in ("pad", "crop"):
-            expected = reframe_keypoints(  # how data.py squares a training image
-                keypoints, frame_box(size, (32, 32), mode), (32, 32))
-            assert np.array_equal(sample.to_model_pose(keypoints, size, (32, 32), mode),
-                                  expected)
+            # training keeps the centred square of side max (pad) or min (crop) of the image's
+            # width and height, at integer pixels, and scales it to 32 px
+            side = max(size) if mode == "pad" else min(size)
+            origin = np.array([(size[0] - side) // 2, (size[1] - side) // 2])
+            expected = keypoints.copy()
+            expected[:, :2] = (keypoints[:, :2] - origin) * (32 / side)
+            outside = ((expected[:, :2] < 0) | (expected[:, :2] >= 32)).any(1)
+            expected[outside, 2] = 0
+            assert sample.to_model_pose(keypoints, size, (32, 32), mode) == pytest.approx(
+                expected, abs=1e-4)
+            assert np.array_equal(  # and it is what data.py does to a training image's pose
+                sample.to_model_pose(keypoints, size, (32, 32), mode),
+                reframe_keypoints(keypoints, frame_box(size, (32, 32), mode), (32, 32)))
 
 
 def test_square_part_map_is_padded_whole_onto_a_wide_canvas():
