@@ -178,6 +178,8 @@ CHECKPOINT_KINDS = {
     "vqgan_train": "a stage-1 training checkpoint (vqgan_last.pt)",
     "transformer_train": "a stage-2 training checkpoint (transformer_last.pt)",
     "pose_detector": "a keypoint detector for PCK (pose_detector.pt)",
+    "superres": "a stage-3 super-resolution checkpoint (superres.pt)",
+    "superres_train": "a stage-3 training checkpoint (superres_last.pt)",
 }
 
 
