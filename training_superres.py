@@ -29,10 +29,8 @@ import dataclasses
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import cli
@@ -43,7 +41,7 @@ from discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
 from image_metrics import ssim
 from lpips_loss import LPIPSLoss
 from plots import plot_curves
-from poses import frame_box
+from images import require_resolution
 from superres import (SCALES, SuperResConfig, SuperResolution, add_superres_args, bicubic,
                       downscale, save_superres)
 from training_loop import TrainingLoop
@@ -55,14 +53,15 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser(description="Stage 3: train the super-resolution generator.")
     parser.add_argument("--vqgan-checkpoint", default=os.path.join("runs", "vqgan", "vqgan.pt"),
                         help="stage-1 inference checkpoint (vqgan.pt) whose pictures to enlarge")
-    parser.add_argument("--scale", type=int, choices=SCALES, default=2,
+    parser.add_argument("--scale", type=cli.positive_int, choices=SCALES, default=2,
                         help="output side / the VQGAN's resolution")
     add_superres_args(parser)
     data.add_data_args(parser)
     runs.add_run_args(parser)
-    # ESRGAN's lr 2e-4 at batch 16, cosine to a tenth; measured on 2 CPU cores (README)
+    # lr 1e-3 at batch 16 (5x ESRGAN's 2e-4: a CPU budget is a few hundred steps), cosine to a
+    # tenth; 300 steps are about 10 minutes on 2 CPU cores (README)
     parser.set_defaults(run_dir=os.path.join("runs", "superres"), batch_size=16,
-                        base_lr=1.25e-5, default_max_steps=700, warmup_steps=0,
+                        base_lr=6.25e-5, default_max_steps=300, warmup_steps=0,
                         min_lr_ratio=0.1, image_size=None)  # image size: --scale x the VQGAN's
     group = parser.add_argument_group("loss")
     group.add_argument("--crop-size", type=cli.non_negative_int, default=64,
@@ -71,8 +70,10 @@ def parse_args(argv=None):
     group.add_argument("--perceptual-weight", type=cli.non_negative_float, default=1.0)
     group.add_argument("--disc-weight", type=cli.non_negative_float, default=0.05,
                        help="weight of the generator's GAN term (fixed, not adaptive)")
-    group.add_argument("--disc-start", type=cli.non_negative_int, default=400,
-                       help="optimizer step at which the discriminator and GAN term switch on")
+    group.add_argument("--disc-start", type=cli.non_negative_int, default=1000,
+                       help="optimizer step at which the discriminator and GAN term switch on "
+                            "(default: after the default run's 300 steps, as in stage 1's small "
+                            "preset; --disc-start 200 runs it)")
     group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
     group.add_argument("--lpips-weights", default=None,
                        help="path of the VGG16 ImageNet weights for LPIPS (see lpips_loss.py)")
@@ -86,11 +87,9 @@ def check_sizes(args, vqgan_resolution):
     if args.image_size is None:
         args.image_size = expected
     elif args.image_size != expected:
-        raise utils.UserError(
-            f"--image-size {args.image_size} is not --scale {args.scale} x the VQGAN's "
-            f"{vqgan_resolution} px; pass --image-size {expected}, or --scale "
-            f"{args.image_size // vqgan_resolution if args.image_size % vqgan_resolution == 0 else 'N'}"
-            " with a VQGAN of the matching size")
+        raise utils.UserError(f"--image-size {args.image_size} is not --scale {args.scale} x the "
+                              f"VQGAN's {vqgan_resolution} px; pass --image-size {expected}, or "
+                              "another --scale or VQGAN")
     crop = args.crop_size or args.image_size
     if crop > args.image_size or crop % args.scale or crop // args.scale < 8:
         raise utils.UserError(f"--crop-size {args.crop_size} must be a multiple of --scale "
@@ -98,35 +97,7 @@ def check_sizes(args, vqgan_resolution):
                               f"{args.image_size} (0: whole pictures)")
 
 
-def check_resolution(dataset, size):
-    """Every picture must hold at least `size` pixels across the square training keeps of it:
-    an enlarged small picture is no high-resolution original to learn from."""
-    for example in dataset.examples:
-        if example.box is not None:  # a COCO person's square
-            side, where = example.box[2], f"the square around {example.name}"
-        else:
-            with Image.open(example.image_path) as image:  # reads the header only
-                width, height = image.size
-            side = frame_box((width, height), (size, size), dataset.resize_mode)[2]
-            where = f"{example.image_path} ({width}x{height})"
-        if side < size:
-            raise utils.UserError(f"{where} gives a {side} px square, smaller than the "
-                                  f"{size} px output: super-resolution learns from originals "
-                                  f"of at least the output size; remove such images or lower "
-                                  "--scale")
-
-
 # ---- the pairs -----------------------------------------------------------------------------
-
-
-def to_uint8(images):
-    """(B, 3, H, W) in [-1, 1] -> uint8 pixels, as a saved picture holds them."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def to_model(pixels):
-    """uint8 pixels -> float in [-1, 1]."""
-    return pixels.float().div(127.5).sub(1.0)
 
 
 @torch.no_grad()
@@ -147,9 +118,9 @@ def make_pairs(dataset, vqgan=None, scale=2, batch_size=16, desc="pairs"):
     high, low, keypoints = [], [], []
     for batch in tqdm(data.unflipped_batches(dataset, batch_size), desc=desc, leave=False,
                       disable=vqgan is None):
-        high.append(to_uint8(batch["image"]))
+        high.append(utils.to_uint8(batch["image"]))
         if vqgan is not None:
-            low.append(to_uint8(vqgan_reconstruction(vqgan, batch["image"].to(device),
+            low.append(utils.to_uint8(vqgan_reconstruction(vqgan, batch["image"].to(device),
                                                      scale)).cpu())
         if "keypoints" in batch:
             keypoints.append(batch["keypoints"])
@@ -206,8 +177,8 @@ def training_batch(pairs, items, crop, scale, device):
                            left // scale:(left + crop) // scale]
         lows.append(low.flip(-1) if flip else low)
         highs.append(high.flip(-1) if flip else high)
-    return (to_model(torch.stack(lows)).to(device, non_blocking=True),
-            to_model(torch.stack(highs)).to(device, non_blocking=True))
+    return (utils.from_uint8(torch.stack(lows)).to(device, non_blocking=True),
+            utils.from_uint8(torch.stack(highs)).to(device, non_blocking=True))
 
 
 # ---- scores and pictures -------------------------------------------------------------------
@@ -216,15 +187,16 @@ def training_batch(pairs, items, crop, scale, device):
 @torch.no_grad()
 def score_upscalers(model, pairs, scale, batch_size, device, lpips=None, with_ssim=False,
                     perfect_vqgan=False):
-    """Mean PSNR (and SSIM, LPIPS) against the originals of: "ours", SR(reconstruction);
-    "bicubic", bicubic(reconstruction); with perfect_vqgan also "bicubic_of_original",
+    """Mean PSNR (and SSIM, LPIPS) against the originals of: "ours", SR(reconstruction) (with a
+    model); "bicubic", bicubic(reconstruction); with perfect_vqgan also "bicubic_of_original",
     bicubic(downscaled original), what a VQGAN that lost nothing would give bicubic."""
     sums, count = {}, len(pairs["high"])
-    model.eval()
     for start in range(0, count, batch_size):
-        high = to_model(pairs["high"][start:start + batch_size]).to(device)
-        low = to_model(pairs["low"][start:start + batch_size]).to(device)
-        outputs = {"ours": model(low), "bicubic": bicubic(low, scale)}
+        high = utils.from_uint8(pairs["high"][start:start + batch_size]).to(device)
+        low = utils.from_uint8(pairs["low"][start:start + batch_size]).to(device)
+        outputs = {"bicubic": bicubic(low, scale)}
+        if model is not None:
+            outputs["ours"] = model.eval()(low)
         if perfect_vqgan:
             outputs["bicubic_of_original"] = bicubic(downscale(high, scale), scale)
         for name, output in outputs.items():
@@ -238,7 +210,8 @@ def score_upscalers(model, pairs, scale, batch_size, device, lpips=None, with_ss
             for metric, values in scores.items():
                 key = f"{name}_{metric}"
                 sums[key] = sums.get(key, 0.0) + values.sum().item()
-    model.train()
+    if model is not None:
+        model.train()
     return {key: value / count for key, value in sums.items()}
 
 
@@ -260,7 +233,7 @@ def evaluate_superres(superres, vqgan, flags, split, batch_size, device, lpips=N
     train_set, val_set = data.build_datasets({**flags, "image_size": config.out_size},
                                              progress=False)
     dataset = val_set if split == "val" else train_set
-    check_resolution(dataset, config.out_size)
+    require_resolution(dataset.examples, config.out_size, dataset.resize_mode)
     pairs = make_pairs(dataset, vqgan, config.scale, batch_size, "super-resolution pairs")
     scores = score_upscalers(superres, pairs, config.scale, batch_size, device, lpips,
                              with_ssim=True, perfect_vqgan=True)
@@ -272,9 +245,9 @@ def evaluate_superres(superres, vqgan, flags, split, batch_size, device, lpips=N
 def save_comparison_grid(model, pairs, scale, path, count):
     """One row per validation picture: input (nearest-upscaled) | bicubic | ours | original."""
     model.eval()
-    low = to_model(pairs["low"][:count]).to(next(model.parameters()).device)
+    low = utils.from_uint8(pairs["low"][:count]).to(next(model.parameters()).device)
     columns = [F.interpolate(low, scale_factor=scale, mode="nearest"), bicubic(low, scale),
-               model(low), to_model(pairs["high"][:count])]
+               model(low), utils.from_uint8(pairs["high"][:count])]
     model.train()
     utils.save_image_grid([[column[i].float().clamp(-1, 1).cpu() for column in columns]
                            for i in range(len(low))], path)
@@ -301,7 +274,7 @@ def train(args, dist, device):
     run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt")
     train_set, val_set = data.build_datasets(args)
     for dataset in (train_set, val_set):
-        check_resolution(dataset, args.image_size)
+        require_resolution(dataset.examples, args.image_size, dataset.resize_mode)
     lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
     pairs = load_pairs(run, vqgan, train_set, val_set, args, vqgan_sha256, device)
     del vqgan  # frozen and done: the pairs hold what it made
@@ -334,7 +307,7 @@ def train(args, dist, device):
           f"  {schedule.total} steps, lr {schedule.peak:.3g} with a cosine to "
           f"{args.min_lr_ratio:g} of it; L1 + {args.perceptual_weight:g} x LPIPS, "
           f"GAN x {args.disc_weight:g} from step {args.disc_start}; precision {precision}")
-    bicubic_scores = score_upscalers(model, pairs["val"], args.scale, args.batch_size, device)
+    bicubic_scores = score_upscalers(None, pairs["val"], args.scale, args.batch_size, device)
     window_images, window_sums, window_steps = 0, {}, {}
     batches = data.resume_batches(sampler, sampler, step)
     with TrainingLoop(run, dist, step, schedule.total, sampler.batches_per_epoch,

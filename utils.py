@@ -225,6 +225,16 @@ def denormalize(images):
     return ((images.detach().float() + 1) / 2).clamp(0, 1)
 
 
+def to_uint8(images):
+    """Tensors in [-1, 1] -> uint8 pixels, as a saved picture holds them (clamped, rounded)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(pixels):
+    """uint8 pixels -> float tensors in [-1, 1], as data.py makes them."""
+    return pixels.float().div(127.5).sub(1.0)
+
+
 def psnr(x, y, max_db=100.0):
     """Peak signal-to-noise ratio per image in dB, for images (B, C, H, W) in [0, 1] -> (B,)."""
     mse = (x.float() - y.float()).pow(2).flatten(1).mean(dim=1)
