@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import sample
 import superres
 import training_superres
 import training_vqgan
 import utils
 from discriminator import NLayerDiscriminator, hinge_d_loss
-from lpips_loss import LPIPSLoss
 from superres import SuperResConfig, SuperResolution, bicubic, load_superres, save_superres
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +36,6 @@ TINY = dict(nf=8, nb=1, gc=4)
 @pytest.fixture(scope="module")
 def data64(mannequin_set):
     return mannequin_set(40, 64)
-
-
-@pytest.fixture(scope="module")
-def lpips():
-    if not LPIPS_WEIGHTS.is_file():
-        pytest.skip(f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
-    return LPIPSLoss(weights_path=str(LPIPS_WEIGHTS))
 
 
 @pytest.fixture
@@ -206,7 +199,7 @@ def test_sample_superres_writes_both_sizes_and_enlarges_with_the_model(
         assert Image.open(path).size == (32, 32) and big.size == (64, 64)
         # the enlargement is the model's of the sample (up to the small file's rounding)
         pixels = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
-        expected = superres.enlarge(model, training_superres.to_model(pixels)[None])[0]
+        expected = superres.enlarge(model, utils.from_uint8(pixels)[None])[0]
         difference = np.abs(np.asarray(big, np.int32)
                             - np.asarray(utils.to_uint8_image(expected), np.int32))
         assert difference.mean() < 1.5 and np.abs(np.asarray(big, np.int32) - np.asarray(
@@ -265,3 +258,21 @@ def test_images_smaller_than_the_output_are_one_line_naming_the_file(mannequin_s
     assert len(errors) == 1
     assert re.search(r"000000\.png \(32x32\) gives a 32 px square, smaller than the 64 px output",
                      errors[0])
+
+
+# ---- evaluate.py --superres ----------------------------------------------------------------
+
+
+def test_evaluate_superres_scores_an_untrained_generator_exactly_as_bicubic(data64, vqgan_path,
+                                                                           tmp_path, capsys):
+    path = str(tmp_path / "superres.pt")
+    save_superres(SuperResolution(SuperResConfig(in_size=32, **TINY)), path)
+    results = evaluate.main(["--vqgan-checkpoint", vqgan_path, "--dataset-path", str(data64),
+                             "--val-fraction", "0.2", "--no-lpips", "--num-workers", "0",
+                             "--device", "cpu", "--superres", path])["superres"]
+    assert results["num_images"] == 9 and results["image_size"] == 64
+    assert results["ours_psnr_db"] == pytest.approx(results["bicubic_psnr_db"], abs=1e-4)
+    # an untrained VQGAN loses nearly everything; bicubic of the downscaled original does not
+    assert results["bicubic_of_original_psnr_db"] > results["bicubic_psnr_db"] + 5
+    assert 0 < results["bicubic_ssim"] < results["bicubic_of_original_ssim"] <= 1
+    assert "bicubic(downscaled original)" in capsys.readouterr().out
