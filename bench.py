@@ -4,6 +4,7 @@
     python bench.py vqgan --compile          # small preset, eager and compiled side by side
     python bench.py sample --n-layer 8 --n-head 8 --n-embd 512 --batch-size 4 --tokens 256
     python bench.py transformer --n-layer 6 --n-head 8 --n-embd 256 --batch-size 32
+    python bench.py superres --batch-size 16       # the stage-3 generator's forward, x2 of 64 px
 
 `vqgan` times a full training step (generator with LPIPS and the adaptive GAN weight, then the
 discriminator) as training_vqgan.py runs it, and beside it the usual formulation that calls
@@ -16,7 +17,9 @@ its loss weights; --precision and --channels-last are the trainers' flags.
 layers, mingpt.int8_for_cpu) and, as the baseline, by re-running the whole sequence for every new
 token (what samplers without a cache do, e.g. dome272/VQGAN-pytorch's), all in one run.
 `transformer` times stage-2 optimizer steps on random tokens (training reads cached tokens, so
-this is the whole step). Random weights: speed does not depend on training.
+this is the whole step). `superres` times the stage-3 generator's forward (inference, as
+sample.py enlarges) at its default size, or the --sr-* flags'. Random weights: speed does not
+depend on training.
 """
 import argparse
 import dataclasses
@@ -27,6 +30,7 @@ import torch
 
 import cli
 import utils
+from superres import add_superres_args
 from vqgan import PRESETS
 
 
@@ -214,13 +218,32 @@ def bench_transformer(args, device):
     print(f"  memory: {peak_memory(device)}")
 
 
+@torch.no_grad()
+def bench_superres(args, device):
+    from superres import SuperResConfig, SuperResolution
+    config = SuperResConfig(scale=args.scale, nf=args.sr_nf, nb=args.sr_nb, gc=args.sr_gc,
+                            in_size=args.image_size or 64)
+    model = SuperResolution(config).to(device).eval()
+    images = torch.rand(args.batch_size, 3, config.in_size, config.in_size, device=device) * 2 - 1
+    precision = utils.resolve_precision(args.precision, device)
+    print(f"super-resolution x{config.scale}, {config.in_size} -> {config.out_size} px, RRDB nf "
+          f"{config.nf} x {config.nb} blocks, gc {config.gc} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), batch "
+          f"{args.batch_size}, device {device_name(device)}, precision {precision}, "
+          f"{torch.get_num_threads()} thread(s)")
+    with utils.autocast_context(device, precision):
+        seconds = timed(lambda: model(images), args.warmup, args.repeats, device)
+    print(f"  forward {seconds:.3f} s per batch, {args.batch_size / seconds:.1f} images/s")
+    print(f"  memory: {peak_memory(device)}")
+
+
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def main(argv=None):
     parser = cli.ArgumentParser(description="Speed benchmarks.")
-    parser.add_argument("what", choices=("vqgan", "sample", "transformer"))
+    parser.add_argument("what", choices=("vqgan", "sample", "transformer", "superres"))
     parser.add_argument("--device", type=cli.device_name, default="auto")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="CPU threads (torch)")
@@ -236,7 +259,8 @@ def main(argv=None):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
                         help="vqgan: VQGAN preset (its loss weights too)")
     parser.add_argument("--image-size", type=cli.positive_int, default=None,
-                        help="vqgan: image side (default: the preset's resolution)")
+                        help="vqgan: image side (default: the preset's resolution); superres: "
+                             "the input side (default 64)")
     parser.add_argument("--lpips-weights", default=None, help="vqgan: VGG16 weights for LPIPS")
     parser.add_argument("--n-layer", type=cli.positive_int, default=8)
     parser.add_argument("--n-head", type=cli.positive_int, default=8)
@@ -245,6 +269,9 @@ def main(argv=None):
                         help="codebook size (vocabulary)")
     parser.add_argument("--tokens", type=cli.positive_int, default=256,
                         help="image tokens per sequence")
+    parser.add_argument("--scale", type=cli.positive_int, choices=(2, 4), default=2,
+                        help="superres: x2 or x4")
+    add_superres_args(parser)
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head:
         raise utils.UserError(f"--n-embd {args.n_embd} must be a multiple of --n-head "
@@ -252,8 +279,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = utils.pick_device(args.device)
-    {"vqgan": bench_vqgan, "sample": bench_sample, "transformer": bench_transformer}[args.what](
-        args, device)
+    {"vqgan": bench_vqgan, "sample": bench_sample, "transformer": bench_transformer,
+     "superres": bench_superres}[args.what](args, device)
 
 
 if __name__ == "__main__":

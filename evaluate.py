@@ -52,6 +52,8 @@ from plots import save_code_histogram
 from pose_scores import (SILHOUETTE_THRESHOLD, evaluate_pose_accuracy, evaluate_pose_fidelity,
                          generate_pose_samples, pose_sampling_skip_reason)
 from sampling import add_sampling_args, sampling_options
+from superres import load_superres
+from training_superres import evaluate_superres
 from transformer import load_transformer
 from vqgan import load_vqgan
 
@@ -127,6 +129,9 @@ def parse_args(argv=None):
                         help="stage-2 transformer_last.pt trained on that VQGAN (optional)")
     data.add_data_args(parser)
     parser.set_defaults(image_size=None)  # the VQGAN's resolution unless given
+    parser.add_argument("--superres", default=None, metavar="CHECKPOINT",
+                        help="a stage-3 superres.pt trained behind this VQGAN: score it and "
+                             "bicubic upscaling at its output size")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument("--json", type=cli.output_file, default=None,
                         help="write the results to this JSON file")
@@ -270,7 +275,18 @@ def print_table(results):
     row("perplexity", codes["perplexity"], "{:.1f}")
     if codes["histogram"]:
         print(f"  {'histogram':<34}{codes['histogram']}")
-    for section in ("transformer", "pose_fidelity", "pose_accuracy"):
+    superres = results["superres"]
+    if "skipped" not in superres:
+        print(f"super-resolution x{superres['scale']} ({superres['num_images']} images at "
+              f"{superres['image_size']} px, against the originals)")
+        print(f"  {'':<34}{'PSNR dB':>8}{'SSIM':>8}{'LPIPS':>8}")
+        for name, key in (("ours: SR(reconstruction)", "ours"),
+                          ("bicubic(reconstruction)", "bicubic"),
+                          ("bicubic(downscaled original)", "bicubic_of_original")):
+            print(f"  {name:<34}{superres[key + '_psnr_db']:8.2f}{superres[key + '_ssim']:8.4f}"
+                  + (f"{superres[key + '_lpips_alex']:8.4f}" if key + "_lpips_alex" in superres
+                     else "     n/a"))
+    for section in ("transformer", "pose_fidelity", "pose_accuracy", "superres"):
         if "skipped" in results[section]:
             print(f"{section.replace('_', ' ')}: skipped ({results[section]['skipped']})")
     transformer = results["transformer"]
@@ -358,12 +374,19 @@ def main(argv=None):
         pose, accuracy = evaluate_poses(model, dataset, detector, no_detector, args, device)
         if "skipped" not in accuracy:
             accuracy["detector"] = detector_path
+    superres = {"skipped": "no --superres"}
+    if args.superres:
+        sr_model, trained_sha256 = load_superres(args.superres, device)
+        superres = evaluate_superres(sr_model, vqgan, vars(args), args.split, args.batch_size,
+                                     device, lpips, utils.file_sha256(args.vqgan_checkpoint),
+                                     trained_sha256)
     results = {"vqgan_checkpoint": args.vqgan_checkpoint,
                "transformer_checkpoint": args.transformer_checkpoint,
                "dataset_path": dataset.root, "split": args.split, "num_images": len(dataset),
                "image_size": args.image_size, "seed": args.seed,
                "reconstruction": reconstruction, "codebook": codes,
-               "transformer": transformer, "pose_fidelity": pose, "pose_accuracy": accuracy}
+               "transformer": transformer, "pose_fidelity": pose, "pose_accuracy": accuracy,
+               "superres": superres}
     print_table(results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

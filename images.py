@@ -1,5 +1,6 @@
-"""Image files: reading any picture as RGB, part maps, finding the images of a folder, and
-turning one example into the training square (`prepare_example`).
+"""Image files: reading any picture as RGB, part maps, finding the images of a folder,
+turning one example into the training square (`prepare_example`), and checking that the
+squares are large enough (`require_resolution`, stage 3).
 
 The first step of the pipeline: data.py lists a dataset's examples and calls prepare_example
 for each; sample.py reads the image it completes the same way. Keypoints and part maps are
@@ -144,3 +145,20 @@ def prepare_example(example, size, resize_mode, max_pixels, part_labels=MANNEQUI
         labels = Image.fromarray(labels.astype(np.uint8))
         parts = np.asarray(reframe_picture(labels, box, square, 0, Image.NEAREST))
     return image_array, keypoints, parts
+
+
+def require_resolution(examples, size, resize_mode):
+    """UserError unless every example's square (the one prepare_example keeps) holds at least
+    `size` pixels across: stage 3 learns from high-resolution originals, not enlarged ones."""
+    for example in examples:
+        if example.box is not None:  # a COCO person's square
+            side, where = example.box[2], f"the square around {example.name}"
+        else:
+            with Image.open(example.image_path) as image:  # reads the header only
+                width, height = image.size
+            side = frame_box((width, height), (size, size), resize_mode)[2]
+            where = f"{example.image_path} ({width}x{height})"
+        if side < size:
+            raise UserError(f"{where} gives a {side} px square, smaller than the {size} px "
+                            "output: super-resolution learns from originals of at least the "
+                            "output size; remove such images or lower --scale")

@@ -7,6 +7,7 @@ share the rest: `Schedule` says how long and how fast, `RunDirectory` holds the 
 writes it atomically and checks a --resume against it.
 """
 import argparse
+import json
 import math
 import os
 import random
@@ -19,7 +20,7 @@ from cli import device_name, non_negative_int, output_folder, positive_float, po
     unit_fraction
 from data import SPLIT_FLAGS
 from distributed import setup_distributed
-from utils import PRECISIONS, Interrupted, UserError, atomic_save, load_checkpoint
+from utils import PRECISIONS, Interrupted, UserError, atomic_save, load_checkpoint, stable_hash
 
 # ----------------------------------------------------------------------------------------------
 # Run flags and the learning-rate schedule
@@ -212,6 +213,27 @@ class RunDirectory:
         raise UserError(f"{checkpoint} is already at step {step}, past the end of this run "
                         f"({schedule.length}); pass --max-steps above {step} to train on, or a "
                         "new --run-dir to start over")
+
+    def cached(self, folder, prefix, key, names, build):
+        """What the frozen VQGAN made of both splits (stage 2's tokens, stage 3's pairs), from
+        RUN/folder/ when this very `key` was seen before, else build() -> {"train", "val"},
+        saved atomically.
+
+        `key` holds everything the contents depend on: "vqgan_sha256", the settings, and
+        "files" (the datasets' fingerprints). The file is named by the VQGAN and the settings,
+        so that a cache of edited files is replaced, not kept beside it; `names` ({split: the
+        examples' names}) must match the cached splits' "paths" too.
+        """
+        settings = stable_hash(json.dumps({k: v for k, v in key.items() if k != "files"},
+                                          sort_keys=True))
+        path = self.path(folder, f"{prefix}-{key['vqgan_sha256'][:12]}-{settings:08x}.pt")
+        if os.path.exists(path):  # still valid only if the folder holds the same, unedited files
+            cache = torch.load(path, map_location="cpu", weights_only=True)
+            if cache.get("key") == key and all(cache[s]["paths"] == names[s] for s in names):
+                return cache
+        cache = {"key": key, **build()}
+        atomic_save(cache, path)
+        return cache
 
     def report_outputs(self, stage, described):
         """Print the run's outputs that exist; `described` is [(file name, description)]."""

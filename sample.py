@@ -6,6 +6,7 @@
     python sample.py --checkpoint RUN/transformer_last.pt --complete photo.png --poses poses.json
     python sample.py --checkpoint RUN/transformer_last.pt --grid-size 32 16 --poses poses.json
     python sample.py --checkpoint RUN/transformer_last.pt --class NAME    # a class model
+    python sample.py --checkpoint RUN/transformer_last.pt --superres runs/superres/superres.pt
 
 Poses use the dataset's poses.json format: {"name.png": [[x, y, v], ...]} with K keypoints in
 the pixel coordinates of an image. That image is the file `name.png` next to poses.json when it
@@ -24,6 +25,10 @@ DIR/x_person7_0.png), so that every pose has files of its own, and DIR/grid.png:
 pose, its skeleton first, then the samples. Without --poses it samples for validation-set
 poses. --complete finds the image's pose by its path relative to poses.json (else the one entry
 of its file name); --pose-key names it where that is ambiguous.
+
+--superres CHECKPOINT (stage 3, training_superres.py) enlarges every sample and completion:
+DIR/<pose>_<i>_x<scale>.png beside each DIR/<pose>_<i>.png, and the grid's rows show the
+samples at both sizes.
 """
 import os
 from typing import NamedTuple
@@ -40,6 +45,7 @@ import utils
 from poses import (LAYOUTS, condition_picture, frame_box, read_pose_entries,
                    check_keypoints_inside, reframe_keypoints, reframe_picture)
 from sampling import add_sampling_args, sampling_options
+from superres import enlarge, load_superres
 from transformer import load_transformer
 
 
@@ -79,6 +85,8 @@ def parse_args(argv=None):
     parser.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                         help="the class to sample, for a class-conditioned model")
     add_sampling_args(parser, int8=True)
+    parser.add_argument("--superres", default=None, metavar="CHECKPOINT",
+                        help="a stage-3 superres.pt: also write every sample enlarged by it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=cli.positive_int, default=16)
     parser.add_argument("--device", type=cli.device_name, default="auto")
@@ -240,6 +248,20 @@ def completion_row(args, model, checkpoint, rows, names_folder):
     return row, top_half[:, :model.num_image_tokens // 2]
 
 
+def load_matching_superres(path, model, checkpoint_path, device):
+    """--superres: the stage-3 generator, which must have learned to enlarge pictures of the
+    transformer's image size (else None without the flag)."""
+    if path is None:
+        return None
+    superres, _ = load_superres(path, device)
+    size = model.config["image_size"]
+    if superres.config.in_size != size:
+        raise utils.UserError(f"--superres {path} enlarges {superres.config.in_size} px pictures "
+                              f"x{superres.config.scale}, but {checkpoint_path} samples {size} px "
+                              "ones; pass a super-resolution model trained behind its VQGAN")
+    return superres
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
@@ -259,6 +281,7 @@ def main(argv=None):
     pixels_per_token = model.config["image_size"] // token_grid
     canvas = (grid_w * pixels_per_token, grid_h * pixels_per_token)  # (width, height) sampled
 
+    superres = load_matching_superres(args.superres, model, args.checkpoint, device)
     rows, names_folder = rows_to_sample(args, model, checkpoint, canvas, sliding)
     prefix = None
     if args.complete is not None:
@@ -289,6 +312,7 @@ def main(argv=None):
                 chunk_prefix = None if prefix is None else prefix.repeat(len(cond), 1)
                 tokens = model.sample(cond, prefix_tokens=chunk_prefix, **options)
             pictures = model.decode(tokens).float().cpu()  # (b * n, 3, height, width)
+        enlarged = None if superres is None else enlarge(superres, pictures, args.batch_size)
         for index, row in enumerate(chunk):
             stem = os.path.join(args.out, stems[start + index])
             os.makedirs(os.path.dirname(stem), exist_ok=True)
@@ -298,10 +322,16 @@ def main(argv=None):
                 picture = utils.to_uint8_image(pictures[index * n + i])
                 picture.save(f"{stem}_{i}.png")
                 cells.append(picture)
+            for i in range(n if enlarged is not None else 0):  # then the same, enlarged
+                picture = utils.to_uint8_image(enlarged[index * n + i])
+                picture.save(f"{stem}_{i}_x{superres.config.scale}.png")
+                cells.append(picture)
             grid.append(cells)
     utils.save_image_grid(grid, os.path.join(args.out, "grid.png"))
     written = len(rows) * n
-    print(f"wrote {written} sample{'s' if written != 1 else ''} and grid.png to {args.out}")
+    print(f"wrote {written} sample{'s' if written != 1 else ''}"
+          + (f", each also enlarged x{superres.config.scale}," if superres else "")
+          + f" and grid.png to {args.out}")
 
 
 if __name__ == "__main__":

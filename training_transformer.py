@@ -24,7 +24,6 @@ config). Outputs in --run-dir (default runs/transformer): transformer_last.pt (a
 samples/ with one row per validation example: pose | original | reconstruction | completion of
 the bottom half | two new samples.
 """
-import json
 import math
 import os
 
@@ -119,24 +118,14 @@ def load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
            "files": {"train": train_set.fingerprint(), "val": val_set.fingerprint()}}
     if train_set.class_names:  # only then: caches of runs without classes keep their names
         key["class_names"] = train_set.class_names
-    # named by the settings, so that a cache of edited files is replaced, not kept beside it
-    name = utils.stable_hash(json.dumps({k: v for k, v in key.items() if k != "files"},
-                                        sort_keys=True))
-    path = run.path("token_cache", f"tokens-{vqgan_sha256[:12]}-{name:08x}.pt")
     names = {"train": [e.name for e in train_set.examples],
              "val": [e.name for e in val_set.examples]}
-    if os.path.exists(path):  # still valid only if the folder holds the same, unedited files
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-        if cache.get("key") == key and all(cache[s]["paths"] == names[s] for s in names):
-            return cache
     flips = (False, True) if args.flip else (False,)
-    cache = {"key": key,
-             "train": encode_split(model, train_set, flips, args.batch_size, device,
-                                   args.num_workers, "encoding train split"),
-             "val": encode_split(model, val_set, (False,), args.batch_size, device,
-                                 args.num_workers, "encoding val split")}
-    utils.atomic_save(cache, path)
-    return cache
+    return run.cached("token_cache", "tokens", key, names, lambda: {
+        "train": encode_split(model, train_set, flips, args.batch_size, device, args.num_workers,
+                              "encoding train split"),
+        "val": encode_split(model, val_set, (False,), args.batch_size, device, args.num_workers,
+                            "encoding val split")})
 
 
 def condition_prefixes(model, split, chunk=1024):

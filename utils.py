@@ -178,6 +178,8 @@ CHECKPOINT_KINDS = {
     "vqgan_train": "a stage-1 training checkpoint (vqgan_last.pt)",
     "transformer_train": "a stage-2 training checkpoint (transformer_last.pt)",
     "pose_detector": "a keypoint detector for PCK (pose_detector.pt)",
+    "superres": "a stage-3 super-resolution checkpoint (superres.pt)",
+    "superres_train": "a stage-3 training checkpoint (superres_last.pt)",
 }
 
 
@@ -221,6 +223,16 @@ def read_jsonl(path):
 def denormalize(images):
     """[-1, 1] model space -> [0, 1] picture space, clamped."""
     return ((images.detach().float() + 1) / 2).clamp(0, 1)
+
+
+def to_uint8(images):
+    """Tensors in [-1, 1] -> uint8 pixels, as a saved picture holds them (clamped, rounded)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(pixels):
+    """uint8 pixels -> float tensors in [-1, 1], as data.py makes them."""
+    return pixels.float().div(127.5).sub(1.0)
 
 
 def psnr(x, y, max_db=100.0):

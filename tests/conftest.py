@@ -1,5 +1,5 @@
 """Fixtures shared by the test files: one torch thread, synthetic mannequin sets made once, a tiny
-VQGAN, and tiny stage-2 runs."""
+VQGAN, tiny stage-2 runs, and one frozen LPIPS."""
 from pathlib import Path
 
 import pytest
@@ -64,3 +64,14 @@ def train_tiny_transformer():
             "--device", "cpu", *flags])
         return str(Path(run_dir) / "transformer_last.pt")
     return train
+
+
+@pytest.fixture(scope="session")
+def lpips():
+    """The VGG16 LPIPS of the trainers, built once (the weights: /work/shared/weights or the
+    repository's ../shared/weights); skips the test where they are missing."""
+    from lpips_loss import LPIPSLoss
+    weights = Path(__file__).resolve().parents[2] / "shared" / "weights" / "vgg16_features.pth"
+    if not weights.is_file():
+        pytest.skip(f"LPIPS backbone weights missing: {weights}")
+    return LPIPSLoss(weights_path=str(weights))

@@ -21,6 +21,7 @@ import evaluate
 import mannequins
 import runs
 import sample
+import training_superres
 import training_transformer
 import training_vqgan
 import utils
@@ -29,13 +30,14 @@ import vqgan
 COMMANDS = {  # command line -> (main, the words before the flags)
     "training_vqgan.py": (training_vqgan.main, []),
     "training_transformer.py": (training_transformer.main, []),
+    "training_superres.py": (training_superres.main, []),
     "sample.py": (sample.main, ["--checkpoint", "run/transformer_last.pt"]),
     "evaluate.py": (evaluate.main, ["--vqgan-checkpoint", "run/vqgan.pt"]),
     "bench.py": (bench.main, ["vqgan"]),
     "mannequins.py": (mannequins.main, []),
     "vqgan.py": (vqgan.main, ["convert", "--ckpt", "last.ckpt", "--config", "model.yaml"]),
 }
-TRAINERS = ("training_vqgan.py", "training_transformer.py")
+TRAINERS = ("training_vqgan.py", "training_transformer.py", "training_superres.py")
 WITH_DEVICE = TRAINERS + ("sample.py", "evaluate.py", "bench.py")
 WITH_DATA = TRAINERS + ("evaluate.py",)
 

@@ -29,7 +29,6 @@ import training_vqgan
 import utils
 from codebook import Codebook
 from discriminator import NLayerDiscriminator, hinge_d_loss
-from lpips_loss import LPIPSLoss
 from vqgan import VQGAN, VQGANConfig, config_from_args, load_vqgan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +42,6 @@ TINY_CONFIG = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resoluti
 @pytest.fixture(scope="module")
 def dataset(mannequin_set):
     return mannequin_set(64, 32)
-
-
-@pytest.fixture(scope="module")
-def lpips():
-    if not LPIPS_WEIGHTS.is_file():
-        pytest.skip(f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
-    return LPIPSLoss(weights_path=str(LPIPS_WEIGHTS))
 
 
 @pytest.fixture
