@@ -1,7 +1,8 @@
-"""What a pose becomes before the GPT: a condition picture that a second VQGAN encodes (the
-paper's pose-to-image model).
+"""What a pose becomes before the GPT: the keypoints' cells, the part map's majority labels, or
+a condition picture that a second VQGAN encodes (the paper's pose-to-image model).
 
-`training_vqgan.py --content` says what a VQGAN learns to encode:
+`keypoint_cells` and `majority_parts` make the prefixes of --condition keypoints and parts
+(transformer.py). `training_vqgan.py --content` says what a VQGAN learns to encode:
   photos           the images themselves: the image VQGAN, L1 (+ LPIPS, + GAN)
   keypoint-images  the pose drawn as a picture (poses.pose_picture: each bone a line in its own
                    colour, left and right apart, joints as dots, invisible joints absent), L1
@@ -21,6 +22,29 @@ import torch.nn.functional as F
 from poses import COCO17, NUM_PART_LABELS, PART_COLOURS, KeypointLayout, pose_picture
 from utils import UserError, denormalize, psnr
 
+
+def keypoint_cells(keypoints, grid, image_size):
+    """(B, K, 3) x, y, v in pixels of an image_size square -> (B, K) cell row * G + col on the
+    G x G grid (G = `grid`), or G * G when not visible (v == 0, off the image or NaN)."""
+    G, size = grid, image_size
+    x, y, v = keypoints.nan_to_num(-1.0).unbind(dim=-1)  # (B, K) each; NaN -> outside
+    visible = (v > 0) & (x >= 0) & (x < size) & (y >= 0) & (y < size)
+    col = (x * G / size).floor().long().clamp(0, G - 1)
+    row = (y * G / size).floor().long().clamp(0, G - 1)
+    return torch.where(visible, row * G + col, G * G)
+
+
+def majority_parts(part_maps, grid, num_labels):
+    """(B, H, W) labels -> (B, grid * grid) the most frequent label of each cell of the grid x
+    grid token grid, ties to the lower label."""
+    B, H, W = part_maps.shape
+    h = grid
+    if H % h or W % h:
+        raise UserError(f"part maps of {H}x{W} do not split into the {h}x{h} token grid")
+    cells = part_maps.reshape(B, h, H // h, h, W // h)
+    counts = torch.stack([(cells == label).sum(dim=(2, 4))
+                          for label in range(num_labels)], dim=-1)  # (B, h, h, L)
+    return counts.argmax(dim=-1).flatten(1)  # argmax returns the first maximum: lower label
 
 CONTENTS = ("photos", "keypoint-images", "part-maps")
 # the stage-2 conditions that encode a condition picture, and the content of their VQGAN
