@@ -121,9 +121,10 @@ def bench_vqgan(args, device):
 
 
 def random_prefix_model(args, device):
-    """A GPT the size of a pose transformer: codes + keypoint-cell tokens, 17-token prefix."""
+    """A GPT the size of a pose transformer: codes + keypoint-cell tokens, a --prefix of
+    condition tokens (17 keypoints; 64 codes of an f8 condition VQGAN at 64 px; 256 parts)."""
     from mingpt import GPT, GPTConfig
-    prefix = 17
+    prefix = args.prefix
     config = GPTConfig(vocab_size=args.n_embed + 33 * 33, block_size=prefix + args.tokens - 1,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                        output_size=args.n_embed)
@@ -245,6 +246,9 @@ def main(argv=None):
                         help="codebook size (vocabulary)")
     parser.add_argument("--tokens", type=cli.positive_int, default=256,
                         help="image tokens per sequence")
+    parser.add_argument("--prefix", type=cli.positive_int, default=17,
+                        help="sample, transformer: condition tokens before them (17 keypoints, "
+                             "64 or 256 codes of a condition VQGAN, 256 part cells)")
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head:
         raise utils.UserError(f"--n-embd {args.n_embd} must be a multiple of --n-head "
