@@ -163,9 +163,10 @@ def bench_sample(args, device):
     runs = [("KV cache", cached, model), ("full recompute", recompute, model)]
     if device.type == "cpu":
         runs.insert(1, ("KV cache, int8", cached, int8_for_cpu(model)))
-    print(f"sampling {args.tokens} tokens, GPT {args.n_layer} layers x {args.n_head} heads x "
-          f"{args.n_embd} wide ({model.num_params() / 1e6:.1f}M params), batch {args.batch_size}, "
-          f"device {device_name(device)}, {torch.get_num_threads()} threads")
+    print(f"sampling {args.tokens} tokens after {P} condition tokens, GPT {args.n_layer} layers "
+          f"x {args.n_head} heads x {args.n_embd} wide ({model.num_params() / 1e6:.1f}M params), "
+          f"batch {args.batch_size}, device {device_name(device)}, {torch.get_num_threads()} "
+          "threads")
     with utils.autocast_context(device, args.precision):
         speeds, tokens = {}, {}
         for name, run, gpt in runs:
@@ -206,7 +207,8 @@ def bench_transformer(args, device):
 
     print(f"stage-2 training, GPT {args.n_layer}x{args.n_head}x{args.n_embd} "
           f"({model.num_params() / 1e6:.1f}M params), batch {args.batch_size} x {args.tokens} "
-          f"tokens, device {device_name(device)}, precision {precision}")
+          f"tokens after {args.prefix} condition tokens, device {device_name(device)}, precision "
+          f"{precision}")
     for name, forward_model in variants(model, args):
         seconds = timed(lambda: step(forward_model), warmup_calls(args, name), args.repeats,
                         device)
