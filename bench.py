@@ -125,9 +125,10 @@ def bench_vqgan(args, device):
 
 
 def random_prefix_model(args, device):
-    """A GPT the size of a pose transformer: codes + keypoint-cell tokens, 17-token prefix."""
+    """A GPT the size of a pose transformer: codes + keypoint-cell tokens, a --prefix of
+    condition tokens (17 keypoints; 64 codes of an f8 condition VQGAN at 64 px; 256 parts)."""
     from mingpt import GPT, GPTConfig
-    prefix = 17
+    prefix = args.prefix
     config = GPTConfig(vocab_size=args.n_embed + 33 * 33, block_size=prefix + args.tokens - 1,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                        output_size=args.n_embed)
@@ -166,9 +167,10 @@ def bench_sample(args, device):
     runs = [("KV cache", cached, model), ("full recompute", recompute, model)]
     if device.type == "cpu":
         runs.insert(1, ("KV cache, int8", cached, int8_for_cpu(model)))
-    print(f"sampling {args.tokens} tokens, GPT {args.n_layer} layers x {args.n_head} heads x "
-          f"{args.n_embd} wide ({model.num_params() / 1e6:.1f}M params), batch {args.batch_size}, "
-          f"device {device_name(device)}, {torch.get_num_threads()} threads")
+    print(f"sampling {args.tokens} tokens after {P} condition tokens, GPT {args.n_layer} layers "
+          f"x {args.n_head} heads x {args.n_embd} wide ({model.num_params() / 1e6:.1f}M params), "
+          f"batch {args.batch_size}, device {device_name(device)}, {torch.get_num_threads()} "
+          "threads")
     with utils.autocast_context(device, args.precision):
         speeds, tokens = {}, {}
         for name, run, gpt in runs:
@@ -209,7 +211,8 @@ def bench_transformer(args, device):
 
     print(f"stage-2 training, GPT {args.n_layer}x{args.n_head}x{args.n_embd} "
           f"({model.num_params() / 1e6:.1f}M params), batch {args.batch_size} x {args.tokens} "
-          f"tokens, device {device_name(device)}, precision {precision}")
+          f"tokens after {args.prefix} condition tokens, device {device_name(device)}, precision "
+          f"{precision}")
     for name, forward_model in variants(model, args):
         seconds = timed(lambda: step(forward_model), warmup_calls(args, name), args.repeats,
                         device)
@@ -272,6 +275,9 @@ def main(argv=None):
     parser.add_argument("--scale", type=cli.positive_int, choices=(2, 4), default=2,
                         help="superres: x2 or x4")
     add_superres_args(parser)
+    parser.add_argument("--prefix", type=cli.positive_int, default=17,
+                        help="sample, transformer: condition tokens before them (17 keypoints, "
+                             "64 or 256 codes of a condition VQGAN, 256 part cells)")
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head:
         raise utils.UserError(f"--n-embd {args.n_embd} must be a multiple of --n-head "

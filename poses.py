@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from utils import UserError
 
@@ -327,42 +327,60 @@ def flip_example(image, keypoints, parts, layout, part_labels=MANNEQUIN_PARTS):
 # ----------------------------------------------------------------------------------------------
 
 
-BONE_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-                (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40))
+def bone_colours(layout):
+    """One RGB colour in [0, 1] per bone of `layout`, (num_bones, 3): hues a golden angle
+    apart, so that neighbouring bones, and a left bone and its right mirror, differ."""
+    return np.array([colorsys.hsv_to_rgb(index * 0.618034 % 1, 0.9, 0.85)
+                     for index in range(len(layout.bones))])
 
 
-def draw_skeleton(keypoints, layout, size, background=None, scale=4):
-    """Draw a (K, 3) keypoint array (x, y, v in pixels of a `size` image) as a skeleton picture.
+def pose_picture(keypoints, layout, size, line_width=None, colours=None):
+    """A (K, 3) pose (x, y, v in pixels of a `size` (width, height) image) as a float picture
+    (H, W, 3) in [0, 1]: on white, each bone whose two joints have v > 0 a line `line_width`
+    pixels wide (default: the larger side / 32) in its colour (`colours`, default
+    bone_colours), each joint with v > 0 a black dot; the rest absent.
 
-    Drawn `scale` times larger and downsampled, over `background` (a PIL image) or white.
-    Occluded joints (v == 1) are hollow; invisible ones (v == 0) are left out.
-    """
+    Drawn at the pixel centres with a pixel of antialiasing and composed in no order (each
+    channel keeps its darkest ink), so a mirrored pose gives the mirrored picture with mirror
+    bones' colours swapped; a joint off the picture still draws its bones' part on it."""
     width, height = size
-    canvas = (background.convert("RGB").resize((width * scale, height * scale), Image.NEAREST)
-              if background is not None else Image.new("RGB", (width * scale, height * scale),
-                                                       "white"))
-    draw = ImageDraw.Draw(canvas)
+    line_width = line_width or max(width, height) / 32
+    colours = bone_colours(layout) if colours is None else np.asarray(colours)
     points = np.asarray(keypoints, dtype=np.float64)
-    line_width = max(1, scale * max(width, height) // 96)
-    for index, (a, b) in enumerate(layout.bones):
-        if points[a, 2] > 0 and points[b, 2] > 0:
-            draw.line([(points[a, 0] * scale, points[a, 1] * scale),
-                       (points[b, 0] * scale, points[b, 1] * scale)],
-                      fill=BONE_COLOURS[index % len(BONE_COLOURS)], width=line_width)
-    radius = line_width * 1.2
-    for x, y, v in points:
-        if v > 0:
-            box = [x * scale - radius, y * scale - radius, x * scale + radius, y * scale + radius]
-            draw.ellipse(box, fill="black" if v >= 2 else None, outline="black")
-    return canvas.resize((width, height), Image.LANCZOS)
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5  # pixel centres (H, W)
+
+    def coverage(distance, radius):  # 1 inside, 0 a pixel outside, linear between
+        return np.clip(radius + 0.5 - distance, 0.0, 1.0)[..., None]  # (H, W, 1)
+
+    drawn = [i for i, (a, b) in enumerate(layout.bones) if points[a, 2] > 0 and points[b, 2] > 0]
+    ends = np.array(layout.bones, np.int64)[drawn].reshape(-1, 2)  # (n, 2) joint indices
+    a, b = (points[ends[:, end], :2][:, None, None] for end in (0, 1))  # (n, 1, 1, 2)
+    ab, ap = b - a, np.stack([xs, ys], axis=-1) - a  # (n, 1, 1, 2), (n, H, W, 2)
+    t = np.clip((ap * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0, 1)  # (n, H, W)
+    distance = np.linalg.norm(ap - t[..., None] * ab, axis=-1)
+    ink = (coverage(distance, line_width / 2) * (1 - colours[drawn])[:, None, None]).max(
+        axis=0, initial=0.0)  # (H, W, 3)
+    joints = points[points[:, 2] > 0]
+    dots = coverage(np.hypot(xs - joints[:, :1, None], ys - joints[:, 1:2, None]),
+                    0.75 * line_width)  # (k, H, W, 1)
+    picture = (1 - ink) * (1 - dots).prod(axis=0)
+    return picture.astype(np.float32)
+
+
+def draw_skeleton(keypoints, layout, size, background=None):
+    """pose_picture as a PIL picture, drawn over `background` (a PIL image) or white."""
+    picture = pose_picture(keypoints, layout, size)
+    if background is not None:
+        picture = picture * np.asarray(background.convert("RGB").resize(size), np.float32) / 255
+    return Image.fromarray(np.round(picture * 255).astype(np.uint8))
 
 
 def condition_picture(condition, keypoints, parts, layout, size):
     """What a sample was conditioned on, as a picture of `size` (width, height): the skeleton,
     the coloured part map, or blank (class or no condition)."""
-    if condition == "keypoints":
+    if condition in ("keypoints", "keypoint-vqgan"):
         return draw_skeleton(np.asarray(keypoints), layout, size)
-    if condition == "parts":
+    if condition in ("parts", "parts-vqgan"):
         return colorize_parts(parts)
     return Image.new("RGB", size, "white")
 

@@ -46,7 +46,7 @@ from poses import (LAYOUTS, condition_picture, frame_box, read_pose_entries,
                    check_keypoints_inside, reframe_keypoints, reframe_picture)
 from sampling import add_sampling_args, sampling_options
 from superres import enlarge, load_superres
-from transformer import load_transformer
+from transformer import POSE_INPUT, load_transformer
 
 
 class Row(NamedTuple):
@@ -201,7 +201,7 @@ def rows_to_sample(args, model, checkpoint, canvas, sliding):
     the --class, or the first --count validation examples (fitted whole onto a larger canvas)."""
     config = model.config
     if args.poses is not None:
-        if config["condition"] != "keypoints":
+        if POSE_INPUT.get(config["condition"]) != "keypoints":
             raise utils.UserError(f"--poses gives keypoints, but this model is conditioned on "
                                   f"{config['condition']}; leave --poses out")
         poses = read_pose_file(args.poses, config["num_keypoints"],
@@ -233,13 +233,14 @@ def completion_row(args, model, checkpoint, rows, names_folder):
     image, _, _ = images.prepare_example(example, model.config["image_size"],
                                          checkpoint["resize_mode"], images.DEFAULT_MAX_IMAGE_PIXELS)
     image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
+    needs = POSE_INPUT.get(condition)  # keypoints, part maps or nothing
     matching = (pose_for_image(rows, args.complete, names_folder, args.pose_key)
-                if condition in ("keypoints", "parts") else None)
-    if condition == "keypoints" and matching is None:
+                if needs else None)
+    if needs == "keypoints" and matching is None:
         raise utils.UserError(f"--complete {args.complete}: this model needs the image's pose; "
                               f"give --poses with an entry for it (its path relative to the "
                               f"file, e.g. {example.name!r}), or name one with --pose-key")
-    if condition == "parts" and matching is None:
+    if needs == "part_maps" and matching is None:
         raise utils.UserError(f"--complete {args.complete}: this model needs the image's part "
                               "map, and only validation images have one here; complete one "
                               "of those")
@@ -298,9 +299,9 @@ def main(argv=None):
         chunk = rows[start:start + args.batch_size]
         conditions = dict(  # one per sample: each row's condition repeated n times
             keypoints=(torch.stack([row.keypoints for row in chunk]).repeat_interleave(n, dim=0)
-                       .to(device) if condition == "keypoints" else None),
+                       .to(device) if POSE_INPUT.get(condition) == "keypoints" else None),
             part_maps=(torch.stack([row.parts for row in chunk]).repeat_interleave(n, dim=0)
-                       .to(device) if condition == "parts" else None),
+                       .to(device) if POSE_INPUT.get(condition) == "part_maps" else None),
             labels=(torch.full((len(chunk) * n,), class_index, device=device)
                     if class_index is not None else None),
             batch_size=len(chunk) * n)

@@ -19,10 +19,15 @@ when it differs). --precision sets the GPT's autocast dtype, with a GradScaler u
 Each sequence is [condition prefix | image tokens]; the condition comes from the data
 (--condition auto picks keypoints, else part maps, else none; --condition class reads
 folder-per-class data, DIR/<class>/.../image.png, and keeps the class names in the model's
-config). Outputs in --run-dir (default runs/transformer): transformer_last.pt (atomic,
---resume and sample.py read it), metrics.jsonl, loss_curves.png, and sample grids under
-samples/ with one row per validation example: pose | original | reconstruction | completion of
-the bottom half | two new samples.
+config). --condition keypoint-vqgan|parts-vqgan --condition-vqgan PATH conditions on the codes
+of a condition VQGAN (training_vqgan.py --content keypoint-images|part-maps) for the pose's
+picture or one-hot part map: they are encoded once from the cached poses (flipped with them)
+into RUN/token_cache/conditions-*.pt, keyed by the image tokens' key and that VQGAN's hash.
+
+Outputs in --run-dir (default runs/transformer): transformer_last.pt (atomic, --resume and
+sample.py read it), metrics.jsonl, loss_curves.png, and sample grids under samples/ with one
+row per validation example: pose | original | reconstruction | completion of the bottom half |
+two new samples.
 """
 import math
 import os
@@ -34,12 +39,13 @@ import cli
 import data
 import runs
 import utils
+from conditions import CONDITION_CONTENT, Content
 from distributed import wrap_ddp
 from plots import plot_curves
 from poses import COCO17, condition_picture
-from training_loop import TrainingLoop
 from sampling import add_sampling_args, sampling_options
-from transformer import PoseTransformer
+from training_loop import TrainingLoop
+from transformer import CONDITION_MODES, PoseTransformer
 from vqgan import load_vqgan
 
 
@@ -53,9 +59,13 @@ def parse_args(argv=None):
                         base_lr=6.25e-5, default_max_steps=2000, warmup_steps=100,
                         min_lr_ratio=0.1, image_size=None)  # image size: the VQGAN's
     group = parser.add_argument_group("model")
-    group.add_argument("--condition", choices=("auto", "keypoints", "parts", "class", "none"),
-                       default="auto", help="class: one class token, the image's first folder "
-                                            "below --dataset-path (DIR/<class>/...)")
+    group.add_argument("--condition", choices=("auto",) + CONDITION_MODES, default="auto",
+                       help="class: one class token, the image's first folder below "
+                            "--dataset-path (DIR/<class>/...); keypoint-vqgan, parts-vqgan: the "
+                            "codes of --condition-vqgan for the pose's picture or part map")
+    group.add_argument("--condition-vqgan", default=None, metavar="PATH",
+                       help="the condition VQGAN (vqgan.pt of training_vqgan.py --content "
+                            "keypoint-images or part-maps) of --condition *-vqgan")
     group.add_argument("--keypoint-grid", type=cli.positive_int, default=None,
                        help="G of the G x G keypoint grid (default: twice the token grid)")
     # The defaults train on two CPU cores in about 14 minutes (1.5M parameters); for a GPU
@@ -74,6 +84,13 @@ def parse_args(argv=None):
     group.add_argument("--grid-examples", type=cli.positive_int, default=6)
     add_sampling_args(group)
     args = parser.parse_args(argv)
+    if args.condition in CONDITION_CONTENT and args.condition_vqgan is None:
+        raise utils.UserError(f"--condition {args.condition} needs --condition-vqgan PATH, the "
+                              f"vqgan.pt of training_vqgan.py --content "
+                              f"{CONDITION_CONTENT[args.condition]}")
+    if args.condition_vqgan is not None and args.condition not in CONDITION_CONTENT:
+        raise utils.UserError(f"--condition-vqgan is for --condition "
+                              f"{' or '.join(CONDITION_CONTENT)}; leave it out")
     if args.n_embd % args.n_head:
         raise utils.UserError(f"--n-embd {args.n_embd} must be a multiple of --n-head "
                               f"{args.n_head}, so that every head gets as many channels")
@@ -128,7 +145,19 @@ def load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
                             "encoding val split")})
 
 
-def condition_prefixes(model, split, chunk=1024):
+def load_condition_cache(run, model, cache, condition_vqgan_sha256):
+    """Prefixes (N, F, P) of both splits' cached poses from the condition VQGAN, encoded once:
+    from RUN/token_cache/ when these image tokens and this condition VQGAN were seen before."""
+    image_key = cache["key"]
+    key = {"vqgan_sha256": condition_vqgan_sha256,  # names the file, with the image settings
+           "image_tokens": {k: v for k, v in image_key.items() if k != "files"},
+           "files": image_key["files"]}
+    return run.cached("token_cache", "conditions", key, {},
+                      lambda: {split: condition_prefixes(model, cache[split])
+                               for split in ("train", "val")})
+
+
+def condition_prefixes(model, split, chunk=256):
     """Condition prefixes (N, F, P) for every cached example, computed once before training."""
     N, F = split["tokens"].shape[:2]
     flat = {key: split[cached].flatten(0, 1)  # (N, F, ...) -> (N * F, ...), a batch of items
@@ -137,7 +166,7 @@ def condition_prefixes(model, split, chunk=1024):
     prefixes = [model.condition_tokens({key: value[start:start + chunk]
                                         for key, value in flat.items()},
                                        batch_size=min(chunk, N * F - start)).cpu()
-                for start in range(0, N * F, chunk)]
+                for start in tqdm(range(0, N * F, chunk), desc="condition prefixes", leave=False)]
     return torch.cat(prefixes).unflatten(0, (N, F))
 
 
@@ -193,6 +222,8 @@ def choose_condition(requested, dataset):
                                   f"{dataset.root}")
         if requested == "parts" and not dataset.has_parts:
             raise utils.UserError(f"--condition parts needs part maps in {dataset.root}/parts/")
+        if requested in CONDITION_CONTENT:  # a condition VQGAN of that content, for that data
+            Content.of_data(CONDITION_CONTENT[requested], dataset, f"--condition {requested}")
         # --condition class: build_datasets has read the class folders (or said what is wrong)
         return requested
     return "keypoints" if dataset.has_keypoints else "parts" if dataset.has_parts else "none"
@@ -210,6 +241,11 @@ def train(args, dist, device):
                               "python training_vqgan.py first or pass --vqgan-checkpoint")
     vqgan = load_vqgan(args.vqgan_checkpoint, device)
     vqgan_sha256 = utils.file_sha256(args.vqgan_checkpoint)
+    condition_vqgan = condition_sha256 = None
+    if args.condition_vqgan is not None:  # frozen like the image VQGAN, and of the right content
+        condition_vqgan = load_vqgan(args.condition_vqgan, device,
+                                     CONDITION_CONTENT[args.condition])
+        condition_sha256 = utils.file_sha256(args.condition_vqgan)
     if args.image_size is None:
         args.image_size = vqgan.config.resolution
     elif vqgan.config.resolution != args.image_size:
@@ -231,12 +267,15 @@ def train(args, dist, device):
                             num_keypoints=layout.num_keypoints, keypoint_grid=args.keypoint_grid,
                             num_part_labels=train_set.part_labels.num_labels,
                             class_names=train_set.class_names, n_layer=args.n_layer,
-                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout).to(device)
-    with dist.main_first():  # rank 0 encodes and writes the cache; the others then read it
+                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                            condition_vqgan=condition_vqgan, pose_layout=layout.name).to(device)
+    with dist.main_first():  # rank 0 encodes and writes the caches; the others then read them
         cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
+        prefixes = (load_condition_cache(run, model, cache, condition_sha256) if condition_vqgan
+                    else {split: condition_prefixes(model, cache[split])
+                          for split in ("train", "val")})
     train_tokens, val_tokens = cache["train"]["tokens"], cache["val"]["tokens"][:, 0]
-    train_prefixes = condition_prefixes(model, cache["train"])  # (N, F, P)
-    val_prefixes = condition_prefixes(model, cache["val"])[:, 0]  # (N_val, P)
+    train_prefixes, val_prefixes = prefixes["train"], prefixes["val"][:, 0]  # (N, F, P), (N, P)
 
     sampler = data.EpochBatchSampler(len(train_tokens), args.batch_size, args.seed, args.flip,
                                      dist.rank, dist.world_size)
@@ -245,6 +284,8 @@ def train(args, dist, device):
                                               device.type)
     scaler = utils.grad_scaler(device, precision)
     config = dict(model.config, vqgan_sha256=vqgan_sha256)  # flat: --resume names the field
+    if condition_vqgan:
+        config["condition_vqgan_sha256"] = condition_sha256
     states, flags = dict(model=model, optimizer=optimizer, scaler=scaler), runs.plain_args(args)
     step = 0
     if args.resume:  # every rank loads the same checkpoint
@@ -313,6 +354,8 @@ def train(args, dist, device):
             if due.save:
                 run.save_state(loop.step, config, flags, dist.world_size, states,
                                vqgan_checkpoint=os.path.abspath(args.vqgan_checkpoint),
+                               condition_vqgan_checkpoint=args.condition_vqgan and
+                               os.path.abspath(args.condition_vqgan),
                                layout=layout.name, resize_mode=train_set.resize_mode,
                                part_labels=train_set.part_labels.to_dict())
                 plot_curves(loop.records(), [("bits per image token",

@@ -23,10 +23,12 @@ through both); see bench.py for the saving. The last conv's weight gradients com
 input and output gradients directly (adaptive_lambda), so even a torch.compile'd model runs one
 backward pass per step.
 
+--content keypoint-images|part-maps trains a condition VQGAN on pictures of the poses or on
+one-hot part maps instead (conditions.py), for stage 2's --condition-vqgan.
+
 --precision picks the autocast dtype (utils.resolve_precision: bf16 on GPUs that have it
 natively, fp16 with a GradScaler on older ones, fp32 on the CPU); --channels-last the memory
-format (on with CUDA). Under fp16 every loss is scaled before its first backward pass, and
-lambda is computed from float32 gradients.
+format (on with CUDA). Under fp16 every loss is scaled first; lambda is in float32.
 
 Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (everything --resume needs,
 written atomically), vqgan.pt (the small inference checkpoint stage 2 loads), metrics.jsonl,
@@ -43,10 +45,12 @@ import data
 import runs
 import utils
 from codebook import CodebookStats
+from conditions import CONTENTS, Content, content_defaults
 from distributed import wrap_ddp
 from discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
 from lpips_loss import LPIPSLoss
 from plots import plot_curves
+from poses import resolve_part_labelling
 from training_loop import TrainingLoop
 from vqgan import PRESETS, VQGAN, add_vqgan_args, config_from_args, save_vqgan
 
@@ -56,9 +60,8 @@ from vqgan import PRESETS, VQGAN, add_vqgan_args, config_from_args, save_vqgan
 #   paper: taming-transformers' configs/imagenet_vqgan.yaml, the f16 ImageNet VQGAN with 1024
 #          codes at 256 px: base_learning_rate 4.5e-6 (their main.py multiplies it by batch x
 #          GPUs x accumulation, as runs.learning_rate does with --base-lr), batch_size 3 per GPU,
-#          disc_start 250001, disc_weight 0.8, codebook_weight 1.0, and
-#          VQLPIPSWithDiscriminator's perceptual_weight 1.0 from the first step; a constant
-#          learning rate (no warm-up, no decay). The resolution is the preset's (vqgan.PRESETS).
+#          disc_start 250001, disc_weight 0.8, codebook_weight 1.0, VQLPIPSWithDiscriminator's
+#          perceptual_weight 1.0 from the first step, a constant learning rate.
 PRESET_DEFAULTS = {
     "small": dict(batch_size=8, base_lr=5e-5, warmup_steps=0, min_lr_ratio=0.1,
                   perceptual_weight=1.0, perceptual_start=800, codebook_weight=1.0,
@@ -78,7 +81,9 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser(
         description="Stage 1: train the VQGAN.",
         epilog=f"Preset defaults, each overridden by its flag: {presets}.")
-    add_vqgan_args(parser)
+    group = add_vqgan_args(parser)
+    group.add_argument("--content", choices=CONTENTS, default="photos", help="what it encodes "
+                       "(conditions.py; others than photos: f8, 256 codes, no LPIPS)")
     data.add_data_args(parser)
     runs.add_run_args(parser)
     # None: the preset's (PRESET_DEFAULTS), and its resolution, unless given
@@ -100,21 +105,25 @@ def parse_args(argv=None):
                        help="path of the VGG16 ImageNet weights for LPIPS (default: found "
                             "automatically, see lpips_loss.py)")
     args = parser.parse_args(argv)
-    for name, value in PRESET_DEFAULTS[args.preset].items():
+    defaults = {**PRESET_DEFAULTS[args.preset], **content_defaults(  # part maps: label channels
+        args.content, resolve_part_labelling(args.part_labels).num_labels)}
+    for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.content == "part-maps" and args.perceptual_weight > 0:
+        raise utils.UserError("--perceptual-weight: LPIPS compares photos, not part maps")
     args.image_size = config_from_args(args).resolution
     return args
 
 
 def describe_run(args, config, model, precision, channels_last, schedule, world_size):
     """The resolved configuration, printed when a run starts."""
-    grid = model.token_grid_size
-    total = schedule.total
+    grid, total = model.token_grid_size, schedule.total
+    pictures = "images" if args.content == "photos" else args.content
     lines = [
-        f"stage 1: preset {args.preset}, {config.resolution} px images -> {grid}x{grid} tokens of "
-        f"{config.n_embed} codes, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        "parameters",
+        f"stage 1: preset {args.preset}, {config.resolution} px {pictures} -> {grid}x{grid} "
+        f"tokens of {config.n_embed} codes, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
         "  architecture: " + ", ".join(f"{field.name} {getattr(config, field.name)}"
                                         for field in dataclasses.fields(config)),
         f"  lr {schedule.peak:.3g} (--base-lr {args.base_lr:g} x batch "
@@ -167,9 +176,11 @@ def adaptive_lambda(last_input, last_conv, grad_rec, grad_gan, disc_weight, aver
 
 
 def generator_backward(model, lpips, discriminator, images, weights, gan_on, scale=1.0,
-                       average=None, last_conv=None, perceptual_on=True, precision="auto"):
+                       average=None, last_conv=None, perceptual_on=True, precision="auto",
+                       content=Content()):
     """Forward the VQGAN, back-propagate its whole loss (LossWeights `weights`, times `scale`);
-    return loss terms.
+    return loss terms. `images` are the `content`'s pictures, which set the reconstruction loss
+    (Content.loss: L1, or cross-entropy for part maps).
 
     The discriminator's parameters receive no gradient here: D is only differentiated with
     respect to its input. `model` may be wrapped (DDP, torch.compile); then `last_conv` names
@@ -182,7 +193,7 @@ def generator_backward(model, lpips, discriminator, images, weights, gan_on, sca
     # Split the graph: losses are differentiated to this leaf copy of x_hat, once each.
     x_hat_leaf = x_hat.detach().float().requires_grad_(True)
     with utils.autocast_context(images.device, precision):
-        rec_loss = l1 = (images - x_hat_leaf).abs().mean()
+        rec_loss = l1 = content.loss(images, x_hat_leaf)
         if perceptual_on:
             perceptual = lpips(images, x_hat_leaf)
             rec_loss = l1 + weights.perceptual_weight * perceptual
@@ -216,31 +227,32 @@ def discriminator_backward(discriminator, images, x_hat, disc_loss_fn, scale=1.0
 
 
 @torch.no_grad()
-def validate(model, loader, device, precision="auto"):
-    """Mean L1 and PSNR of reconstructions over the validation split."""
+def validate(model, loader, device, precision="auto", content=Content()):
+    """Means of the `content`'s validation scores over the split (Content.scores: L1 and PSNR
+    of pictures, cross-entropy and pixel accuracy of part maps)."""
     model.eval()
-    total_l1 = total_psnr = count = 0.0
+    totals, count = {}, 0
     for batch in loader:
-        images = batch["image"].to(device)
+        images = content.inputs(batch).to(device)
         with utils.autocast_context(device, precision):
             x_hat, _, _ = model(images)
-        x_hat = x_hat.float()
-        total_l1 += (images - x_hat).abs().flatten(1).mean(1).sum().item()
-        pictures, reconstructions = utils.denormalize(images), utils.denormalize(x_hat)
-        total_psnr += utils.psnr(pictures, reconstructions).sum().item()
+        for name, values in content.scores(images, x_hat.float()).items():
+            totals[name] = totals.get(name, 0.0) + values.sum().item()
         count += images.shape[0]
     model.train()
-    return {"val_l1": total_l1 / count, "val_psnr": total_psnr / count}
+    return {name: total / count for name, total in totals.items()}
 
 
 @torch.no_grad()
-def save_reconstructions(model, images, path, precision="auto"):
-    """Originals on the top row, reconstructions below, de-normalised to real pixel values."""
+def save_reconstructions(model, images, path, precision="auto", content=Content()):
+    """Originals on the top row, reconstructions below, de-normalised to real pixel values (part
+    maps in their colours)."""
     model.eval()
     with utils.autocast_context(images.device, precision):
         x_hat, _, _ = model(images)
     model.train()
-    utils.save_image_grid([list(images.cpu()), list(x_hat.float().cpu())], path)
+    utils.save_image_grid([list(content.pictures(images).cpu()),
+                           list(content.pictures(x_hat.float()).cpu())], path)
 
 
 def main(argv=None):
@@ -255,7 +267,9 @@ def train(args, dist, device):
                             remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data / fetches LPIPS weights first
         train_set, val_set = data.build_datasets(args, progress=dist.is_main)
-        lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
+        lpips = (LPIPSLoss(weights_path=args.lpips_weights).to(device)
+                 if args.perceptual_weight > 0 else None)  # condition VQGANs go without
+    content = Content.of_data(args.content, train_set, f"--content {args.content}")
     sampler = data.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip,
                                      dist.rank, dist.world_size)
     loader = data.make_loader(train_set, sampler, args.num_workers, device)
@@ -265,11 +279,11 @@ def train(args, dist, device):
     schedule = runs.Schedule.from_flags(args, sampler.batches_per_epoch, dist.world_size)
 
     model = VQGAN(config).to(device)
-    discriminator = NLayerDiscriminator().to(device)  # its BatchNorm sees the global batch
+    discriminator = NLayerDiscriminator(content.channels).to(device)  # BatchNorm: global batch
     precision = utils.resolve_precision(args.precision, device)
     channels_last = utils.use_channels_last(args.channels_last, device)
     if channels_last:
-        for module in (model, discriminator, lpips):
+        for module in filter(None, (model, discriminator, lpips)):
             module.to(memory_format=torch.channels_last)
     fused = device.type == "cuda"
     opt_g = torch.optim.Adam(model.parameters(), lr=schedule.peak, betas=(0.5, 0.9), fused=fused)
@@ -282,16 +296,17 @@ def train(args, dist, device):
     states = dict(model=model, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
                   scaler=scaler)
     flags = runs.plain_args(args)
+    run_config = dict(dataclasses.asdict(config),  # and its content, unless photos (old runs)
+                      **({} if args.content == "photos" else {"content": args.content}))
     step = 0
     if args.resume:  # every rank loads the same checkpoint
-        step = run.resume(args.resume, dataclasses.asdict(config), flags, dist.world_size,
-                          **states)
+        step = run.resume(args.resume, run_config, flags, dist.world_size, **states)
     # DDP all-reduces gradients in backward. The generator loss differentiates D with respect
     # to its input only, through the bare module; D's own step goes through its DDP wrapper.
     ddp_model, ddp_discriminator = wrap_ddp(dist, device, model, discriminator)
     forward_model = torch.compile(ddp_model) if args.compile else ddp_model
     average = dist.mean if dist.enabled else None
-    fixed_images = next(iter(val_loader))["image"][:8].to(device)
+    fixed_images = content.inputs(next(iter(val_loader)))[:8].to(device)
     if not run.steps_left(step, schedule, args.resume):
         return None
     if dist.is_main:
@@ -308,6 +323,7 @@ def train(args, dist, device):
                       args.save_every, args.sample_every, args.resume, "stage 1") as loop:
         while loop.running():
             gan_on = loop.step >= args.disc_start
+            perceptual_on = lpips is not None and loop.step >= args.perceptual_start
             lr = schedule.apply([opt_g, opt_d], loop.step)
             opt_g.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
@@ -316,7 +332,7 @@ def train(args, dist, device):
             # scaler.scale also starts the scaler's state that scaler.step checks for).
             scale = scaler.scale(torch.full((), 1.0 / args.grad_accum, device=device))
             for micro in range(args.grad_accum):
-                images = next(batches)["image"].to(device, non_blocking=True)
+                images = content.inputs(next(batches)).to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # gradients are all-reduced once per step, on its last micro-batch
@@ -324,8 +340,7 @@ def train(args, dist, device):
                                   last=micro == args.grad_accum - 1):
                     x_hat, indices, terms = generator_backward(
                         forward_model, lpips, discriminator, images, weights, gan_on, scale,
-                        average, model.decoder.conv_out, loop.step >= args.perceptual_start,
-                        precision)
+                        average, model.decoder.conv_out, perceptual_on, precision, content)
                     if gan_on:
                         terms["discriminator"] = discriminator_backward(
                             ddp_discriminator, images, x_hat, disc_loss_fn, scale, precision)
@@ -359,19 +374,19 @@ def train(args, dist, device):
                 window_images, window_sums, window_steps = 0, {}, {}
             # Rank 0 alone validates, draws and saves, with the bare model (no collectives).
             if due.validate:
-                loop.write(validate(model, val_loader, device, precision))
+                loop.write(validate(model, val_loader, device, precision, content))
             if due.sample:
                 save_reconstructions(model, fixed_images, run.path(
-                    "samples", f"reconstructions_{loop.step:06d}.png"), precision)
+                    "samples", f"reconstructions_{loop.step:06d}.png"), precision, content)
             if due.save:
-                run.save_state(loop.step, dataclasses.asdict(config), flags, dist.world_size,
-                               states, part_labels=train_set.part_labels.to_dict())
-                save_vqgan(model, run.path("vqgan.pt"))
-                plot_curves(loop.records(), [("losses", ["rec_loss", "val_l1", "perceptual",
-                                                         "codebook", "generator",
-                                                         "discriminator"]),
-                                             ("validation PSNR (dB)", ["val_psnr"])],
-                            run.path("loss_curves.png"), title="stage 1")
+                run.save_state(loop.step, run_config, flags, dist.world_size, states,
+                               part_labels=train_set.part_labels.to_dict())
+                save_vqgan(model, run.path("vqgan.pt"), args.content)
+                plot_curves(loop.records(), [("losses", [
+                    "rec_loss", "val_l1", "val_cross_entropy", "perceptual", "codebook",
+                    "generator", "discriminator"]),
+                                             ("validation", ["val_psnr", "val_pixel_accuracy"])],
+                            run.path("loss_curves.png"), title=f"stage 1 ({args.content})")
     if dist.is_main:
         run.report_outputs("stage 1", [
             ("vqgan.pt", "vqgan.pt (for stage 2)"), ("vqgan_last.pt", "vqgan_last.pt (--resume)"),

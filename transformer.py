@@ -14,74 +14,39 @@ Condition modes:
              as visible: their position is known. Which joint a token is comes from its position.
   parts      the part-label map reduced to the token grid by majority label per cell (ties go to
              the lower label), one token per cell, row-major.
+  keypoint-vqgan, parts-vqgan  the paper's pose-to-image model: the pose as a picture, or the
+             one-hot part map (conditions.py), encoded by a second, frozen VQGAN trained
+             on such pictures; its g x g codes, row-major, are ids n_embed + code.
   class      a single token, n_embed + the image's class (folder-per-class data), for p(s | c).
   none       a single start token, id n_embed.
 
-Where things are: every position also gets Fourier features of two places in the image (see
-`location_features`): where its input lies (a keypoint's cell, a part-map cell, an image token's
-cell) and which cell it predicts. The GPT adds a learned projection of them to its embeddings, so
-"the joint near the cell I am predicting" is one similarity away for attention instead of a
-mapping from unrelated cell ids (1025 with the default 32 x 32 keypoint grid) to the image
-positions that it would have to learn from data.
+Where things are: every position also gets Fourier features of where its input lies and which
+cell it predicts (location_features.py).
 
 `sample_grid` samples token grids larger than the training grid with a sliding attention window
 (the paper's high-resolution images): each token sees the h x w training-size window around it.
 
-The VQGAN is frozen and not part of this module's parameters or state_dict: a transformer
-checkpoint records the VQGAN checkpoint it was trained against instead of copying its weights.
+The VQGANs are frozen and not part of this module's parameters or state_dict: a transformer
+checkpoint records the VQGAN checkpoints it was trained against instead of copying their weights.
 """
-import math
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conditions import CONDITION_CONTENT, Content, keypoint_cells, majority_parts
+from location_features import location_features
 from mingpt import GPT, GPTConfig, int8_for_cpu
-from poses import NUM_PART_LABELS
+from poses import LAYOUTS, NUM_PART_LABELS
 from sampling import sample_next
 from utils import UserError, file_sha256, load_checkpoint, require_file
 from vqgan import load_vqgan
 
-CONDITION_MODES = ("keypoints", "parts", "class", "none")
-
-
-def fourier_features(x, y, num_frequencies):
-    """Points x, y (...) in [0, 1] -> (..., 4 * num_frequencies): sin and cos of pi 2^k x and
-    pi 2^k y for k < num_frequencies. Nearby points get similar features at every scale."""
-    frequencies = math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32)
-    angles = torch.stack([x, y], dim=-1)[..., None] * frequencies  # (..., 2, nf)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
-
-
-def location_features(condition, token_grid, keypoint_grid, vocab_size, n_embed,
-                      num_condition_tokens):
-    """Fixed features saying where in the image each input lies and which cell it predicts.
-
-    Returns (by_id (vocab_size, 2F), by_position (block_size, 2F)); the GPT's features for ids at
-    positions are by_id[ids] + by_position[positions]. The first F columns are the content's
-    place: a keypoint token's cell on the keypoint grid (by id; 'not visible' has none), part-map
-    cell j at condition position j, image token j at position P + j. The last F columns are the
-    predicted place: position P - 1 + i predicts image token i.
-    """
-    h, P, N = token_grid, num_condition_tokens, token_grid * token_grid
-    num_frequencies = math.ceil(math.log2(h)) + 1  # the finest period is two cells
-    F = 4 * num_frequencies
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(h), indexing="ij")
-    cells = fourier_features((cols.flatten() + 0.5) / h, (rows.flatten() + 0.5) / h,
-                             num_frequencies)  # (N, F), row-major like the tokens
-    by_id = torch.zeros(vocab_size, 2 * F)
-    if condition == "keypoints":
-        G = keypoint_grid
-        rows, cols = torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij")
-        by_id[n_embed:n_embed + G * G, :F] = fourier_features(
-            (cols.flatten() + 0.5) / G, (rows.flatten() + 0.5) / G, num_frequencies)
-    by_position = torch.zeros(P + N - 1, 2 * F)
-    if condition == "parts":
-        by_position[:P, :F] = cells
-    by_position[P:, :F] = cells[:-1]  # image token j sits at position P + j
-    by_position[P - 1:, F:] = cells  # and position P - 1 + i predicts token i
-    return by_id, by_position
+CONDITION_MODES = ("keypoints", "parts", "keypoint-vqgan", "parts-vqgan", "class", "none")
+# what each pose condition is made from: keypoints or part maps
+POSE_INPUT = {"keypoints": "keypoints", "keypoint-vqgan": "keypoints", "parts": "part_maps",
+              "parts-vqgan": "part_maps"}
 
 
 def sliding_window(i, j, grid_h, grid_w, h, w):
@@ -96,18 +61,25 @@ def sliding_window(i, j, grid_h, grid_w, h, w):
 
 
 class PoseTransformer(nn.Module):
-    """A frozen VQGAN plus a GPT over its tokens, conditioned on keypoints, part maps, a class
-    or nothing.
+    """A frozen VQGAN plus a GPT over its tokens, conditioned on keypoints, part maps, their
+    tokens from a frozen `condition_vqgan`, a class or nothing.
 
-    `config` is a plain dict holding every argument, so `from_config(vqgan, config)` rebuilds the
-    model for a checkpoint's state_dict; the hyperparameters are read from it.
+    `config` is a plain dict holding every argument, so `from_config(vqgan, config, ...)`
+    rebuilds the model for a checkpoint's state_dict; the hyperparameters are read from it.
     """
 
     def __init__(self, vqgan, condition="keypoints", image_size=256, num_keypoints=17,
                  keypoint_grid=None, num_part_labels=NUM_PART_LABELS, class_names=None,
-                 n_layer=8, n_head=8, n_embd=512, dropout=0.0, bias=True):
+                 n_layer=8, n_head=8, n_embd=512, dropout=0.0, bias=True, condition_vqgan=None,
+                 pose_layout="coco17"):
         super().__init__()
         token_grid = vqgan.token_grid_size
+        if (condition in CONDITION_CONTENT) != (condition_vqgan is not None):
+            raise UserError(f"a condition VQGAN is needed for, and only for, the conditions "
+                            f"{', '.join(CONDITION_CONTENT)} (got condition {condition!r})")
+        if condition_vqgan and condition_vqgan.config.resolution != image_size:
+            raise UserError(f"the condition VQGAN is for {condition_vqgan.config.resolution} px, "
+                            f"the images are {image_size} px")
         keypoint_grid = keypoint_grid or 2 * token_grid
         if condition not in CONDITION_MODES:
             raise UserError(f"unknown condition {condition!r}; choose one of {CONDITION_MODES}")
@@ -123,6 +95,13 @@ class PoseTransformer(nn.Module):
                            dropout=dropout, bias=bias)
         if condition == "class":  # only then: configs of the other modes stay as they were
             self.config["class_names"] = list(class_names)
+        condition_grid = None
+        if condition_vqgan is not None:
+            condition_grid = condition_vqgan.token_grid_size
+            self.config.update(n_condition_embed=condition_vqgan.config.n_embed,
+                               condition_grid=condition_grid, pose_layout=pose_layout)
+            self.content = Content(CONDITION_CONTENT[condition], LAYOUTS[pose_layout],
+                                   num_part_labels, image_size)
         self.num_image_tokens = token_grid * token_grid
         # condition tokens per sample (P) and condition ids in the vocabulary
         self.num_condition_tokens, num_condition_ids = {
@@ -130,17 +109,20 @@ class PoseTransformer(nn.Module):
             "parts": (self.num_image_tokens, num_part_labels),
             "class": (1, len(class_names or ())),
             "none": (1, 1),
+            **{mode: ((condition_grid or 0) ** 2, self.config.get("n_condition_embed"))
+               for mode in CONDITION_CONTENT},
         }[condition]
         vocab_size = self.n_embed + num_condition_ids
         by_id, by_position = location_features(condition, token_grid, keypoint_grid, vocab_size,
-                                               self.n_embed, self.num_condition_tokens)
+                                               self.n_embed, self.num_condition_tokens,
+                                               condition_grid)
         # derived from the config, so not saved: persistent=False
         self.register_buffer("features_by_id", by_id, persistent=False)
         self.register_buffer("features_by_position", by_position, persistent=False)
-        # a plain attribute, not a registered submodule: the VQGAN stays out of parameters(),
-        # state_dict() and train(); _apply below still moves it with .to(device)
-        vqgan.eval().requires_grad_(False)
-        object.__setattr__(self, "vqgan", vqgan)
+        # plain attributes, not registered submodules: the VQGANs stay out of parameters(),
+        # state_dict() and train(); _apply below still moves them with .to(device)
+        for name, frozen in (("vqgan", vqgan), ("condition_vqgan", condition_vqgan)):
+            object.__setattr__(self, name, frozen and frozen.eval().requires_grad_(False))
         self.gpt = GPT(GPTConfig(
             vocab_size=vocab_size,
             # the last image token is a target only, never an input
@@ -149,17 +131,20 @@ class PoseTransformer(nn.Module):
             output_size=self.n_embed, n_features=by_id.size(1)))
 
     @classmethod
-    def from_config(cls, vqgan, config):
-        """Rebuild from `model.config`; the VQGAN must match the one it was built for."""
+    def from_config(cls, vqgan, config, condition_vqgan=None):
+        """Rebuild from `model.config`; the VQGANs must match the ones it was built for."""
         config = dict(config)
-        found_in_vqgan = {"n_embed": vqgan.config.n_embed, "token_grid": vqgan.token_grid_size}
-        for key, found in found_in_vqgan.items():
+        found_in_vqgans = {"n_embed": vqgan.config.n_embed, "token_grid": vqgan.token_grid_size}
+        if condition_vqgan is not None:
+            found_in_vqgans.update(n_condition_embed=condition_vqgan.config.n_embed,
+                                   condition_grid=condition_vqgan.token_grid_size)
+        for key, found in found_in_vqgans.items():
             expected = config.pop(key)
             if expected != found:
                 raise UserError(f"the transformer was trained with a VQGAN of {key} {expected}, "
                                 f"but the given VQGAN has {key} {found}; pass the VQGAN checkpoint "
                                 "it was trained with")
-        return cls(vqgan, **config)
+        return cls(vqgan, **config, condition_vqgan=condition_vqgan)
 
     # the hyperparameters, read from the config
     condition = property(lambda self: self.config["condition"])
@@ -171,7 +156,8 @@ class PoseTransformer(nn.Module):
     device = property(lambda self: self.gpt.transformer.wte.weight.device)
 
     def _apply(self, fn, *args, **kwargs):
-        self.vqgan._apply(fn, *args, **kwargs)  # .to() / .cuda() / .half() move the VQGAN too
+        for frozen in filter(None, (self.vqgan, self.condition_vqgan)):
+            frozen._apply(fn, *args, **kwargs)  # .to() / .cuda() / .half() move the VQGANs too
         return super()._apply(fn, *args, **kwargs)
 
     # ---- condition and image tokens ------------------------------------------------------------
@@ -189,14 +175,28 @@ class PoseTransformer(nn.Module):
                                             ("keypoints", "parts", "label"))
             part_maps = None if part_maps is None else part_maps.long()
             batch_size = batch_size or len(next(v for v in batch.values() if torch.is_tensor(v)))
+        if self.condition in POSE_INPUT:  # the pose it needs: given, and of the trained kind
+            name, K, L = (POSE_INPUT[self.condition], self.config["num_keypoints"],
+                          self.config["num_part_labels"])
+            pose = keypoints if name == "keypoints" else part_maps
+            if pose is None:
+                raise UserError(f"this transformer is conditioned on {self.condition}, but no "
+                                f"{name.replace('_', ' ')} were given")
+            if name == "keypoints" and pose.size(1) != K:
+                raise UserError(f"got {pose.size(1)} keypoints per pose, but this transformer "
+                                f"was trained with {K}")
+            if name == "part_maps" and (pose.min() < 0 or pose.max() >= L):
+                raise UserError(f"part labels must lie in [0, {L}), got [{pose.min().item()}, "
+                                f"{pose.max().item()}]")
         if self.condition == "keypoints":
-            if keypoints is None:
-                raise UserError("this transformer is conditioned on keypoints, but none were given")
-            return self.n_embed + self._keypoint_cells(keypoints)
+            return self.n_embed + keypoint_cells(keypoints, self.keypoint_grid,
+                                                 self.config["image_size"])
         if self.condition == "parts":
-            if part_maps is None:
-                raise UserError("this transformer is conditioned on part maps, but none were given")
-            return self.n_embed + self._majority_parts(part_maps)
+            return self.n_embed + majority_parts(part_maps, self.token_grid,
+                                                 self.config["num_part_labels"])
+        if self.condition in CONDITION_CONTENT:
+            return self._picture_tokens(self.content.inputs({"keypoints": keypoints,
+                                                             "parts": part_maps}))
         if self.condition == "class":
             if labels is None:
                 raise UserError("this transformer is conditioned on a class, but none was given")
@@ -206,35 +206,16 @@ class PoseTransformer(nn.Module):
             return self.n_embed + labels.long().view(-1, 1)
         if batch_size is None:
             raise ValueError("an unconditional transformer needs batch_size for its start tokens")
-        return torch.full((batch_size, 1), self.n_embed, dtype=torch.long,
-                          device=self.device)
+        return torch.full((batch_size, 1), self.n_embed, dtype=torch.long, device=self.device)
 
-    def _keypoint_cells(self, keypoints):
-        """(B, K, 3) x, y, v in pixels -> (B, K) cell row * G + col, or G * G when not visible."""
-        if keypoints.size(1) != self.config["num_keypoints"]:
-            raise UserError(f"got {keypoints.size(1)} keypoints per pose, but this transformer "
-                            f"was trained with {self.config['num_keypoints']}")
-        G, size = self.keypoint_grid, self.config["image_size"]
-        x, y, v = keypoints.nan_to_num(-1.0).unbind(dim=-1)  # (B, K) each; NaN -> outside
-        visible = (v > 0) & (x >= 0) & (x < size) & (y >= 0) & (y < size)
-        col = (x * G / size).floor().long().clamp(0, G - 1)
-        row = (y * G / size).floor().long().clamp(0, G - 1)
-        return torch.where(visible, row * G + col, G * G)
-
-    def _majority_parts(self, part_maps):
-        """(B, H, W) labels -> (B, h * w) most frequent label per token cell, ties to the lower."""
-        B, H, W = part_maps.shape
-        h = self.token_grid
-        if H % h or W % h:
-            raise UserError(f"part maps of {H}x{W} do not split into the {h}x{h} token grid")
-        num_labels = self.config["num_part_labels"]
-        if part_maps.min() < 0 or part_maps.max() >= num_labels:
-            raise UserError(f"part labels must lie in [0, {num_labels}), got "
-                            f"[{part_maps.min().item()}, {part_maps.max().item()}]")
-        cells = part_maps.reshape(B, h, H // h, h, W // h)
-        counts = torch.stack([(cells == label).sum(dim=(2, 4))
-                              for label in range(num_labels)], dim=-1)  # (B, h, h, L)
-        return counts.argmax(dim=-1).flatten(1)  # argmax returns the first maximum: lower label
+    def _picture_tokens(self, pictures):
+        """Condition pictures (B, C, S, S) -> condition ids (B, g * g): n_embed + the condition
+        VQGAN's codes, a range of their own after the image codes."""
+        size = self.config["image_size"]
+        if pictures.shape[-2:] != (size, size):
+            raise UserError(f"condition pictures of {pictures.size(-2)}x{pictures.size(-1)} px "
+                            f"are not the {size}x{size} px the condition VQGAN encodes")
+        return self.n_embed + self.condition_vqgan.image_tokens(pictures).flatten(1)
 
     @torch.no_grad()
     def image_tokens(self, images):
@@ -322,6 +303,8 @@ class PoseTransformer(nn.Module):
         grid_w * c) for any cell size c. The window sees them in its own frame, as training saw a
         whole image: keypoints shifted by the window's pixel origin (those outside become 'not
         visible'), part maps cropped to it. A class or start token is the same for every window.
+        A condition VQGAN's picture of that shifted pose or cropped map is the window's crop of
+        the large image's picture (poses.pose_picture draws bones of joints off the picture).
         """
         h = w = self.token_grid
         if keypoints is not None:
@@ -383,23 +366,34 @@ class PoseTransformer(nn.Module):
         return tokens
 
 
+def load_frozen_vqgan(path, sha256, trained_by, content="photos", device="cpu"):
+    """A VQGAN that the transformer checkpoint `trained_by` recorded: the very file it was trained
+    with (same content hash, since its codes are the vocabulary), encoding `content`."""
+    if not os.path.exists(path):
+        raise UserError(f"{trained_by} was trained with the VQGAN {path}, which no longer exists; "
+                        "put a copy of it there (or pass --vqgan-checkpoint for the image VQGAN)")
+    require_file(path, "the VQGAN checkpoint")
+    if file_sha256(path) != sha256:
+        raise UserError(f"{path} is not the VQGAN {trained_by} was trained with (its content "
+                        "differs); pass the vqgan.pt of the stage-1 run it was trained on")
+    return load_vqgan(path, device, content)
+
+
 def load_transformer(path, device="cpu", vqgan_path=None):
     """RUN/transformer_last.pt -> (PoseTransformer in eval mode, the checkpoint dict).
 
-    The VQGAN comes from `vqgan_path` or the path the checkpoint recorded; it must be the very
-    file the transformer was trained on (same content hash), since its codes are the vocabulary.
+    The VQGAN comes from `vqgan_path` or the path the checkpoint recorded, a condition VQGAN from
+    the path recorded; each must be the very file the transformer was trained with.
     """
     checkpoint = load_checkpoint(path, "transformer_train")
-    vqgan_path = vqgan_path or checkpoint["vqgan_checkpoint"]
-    if not os.path.exists(vqgan_path):
-        raise UserError(f"{path} was trained with the VQGAN {vqgan_path}, which no longer exists; "
-                        "pass --vqgan-checkpoint with a copy of it")
-    require_file(vqgan_path, "the VQGAN checkpoint")
-    config = dict(checkpoint["config"])  # the model's config plus the VQGAN's content hash
-    if file_sha256(vqgan_path) != config.pop("vqgan_sha256"):
-        raise UserError(f"{vqgan_path} is not the VQGAN {path} was trained with (its content "
-                        "differs); pass the vqgan.pt of the stage-1 run it was trained on")
-    vqgan = load_vqgan(vqgan_path, device)
-    model = PoseTransformer.from_config(vqgan, config).to(device)
+    config = dict(checkpoint["config"])  # the model's config plus the VQGANs' content hashes
+    vqgan = load_frozen_vqgan(vqgan_path or checkpoint["vqgan_checkpoint"],
+                              config.pop("vqgan_sha256"), path, device=device)
+    condition_vqgan = None
+    if config["condition"] in CONDITION_CONTENT:
+        condition_vqgan = load_frozen_vqgan(
+            checkpoint["condition_vqgan_checkpoint"], config.pop("condition_vqgan_sha256"), path,
+            CONDITION_CONTENT[config["condition"]], device)
+    model = PoseTransformer.from_config(vqgan, config, condition_vqgan).to(device)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint

@@ -111,6 +111,7 @@ def add_vqgan_args(parser):
         else:  # int, float, and lookup_dim's int | None (0 = off)
             group.add_argument(flag, type=FIELD_TYPES.get(field.name, positive_int), default=None,
                                metavar="N", help=values)
+    return group
 
 
 def config_from_args(args):
@@ -184,11 +185,13 @@ class VQGAN(nn.Module):
         return self.decoder.conv_out(last_input), codebook_loss, indices, last_input.detach()
 
 
-def save_vqgan(model, path):
-    """Write the inference checkpoint {"kind": "vqgan", "config", "state_dict"} atomically."""
+def save_vqgan(model, path, content="photos"):
+    """Write the inference checkpoint {"kind": "vqgan", "content", "config", "state_dict"}
+    atomically; `content` is what the VQGAN encodes (conditions.CONTENTS)."""
     config = {name: list(value) if isinstance(value, tuple) else value
               for name, value in dataclasses.asdict(model.config).items()}  # weights_only-safe
-    atomic_save({"kind": "vqgan", "config": config, "state_dict": model.state_dict()}, path)
+    atomic_save({"kind": "vqgan", "content": content, "config": config,
+                 "state_dict": model.state_dict()}, path)
 
 
 def vqgan_from_checkpoint_dict(checkpoint):
@@ -202,10 +205,20 @@ def vqgan_from_checkpoint_dict(checkpoint):
     return model
 
 
-def load_vqgan(path, device="cpu"):
-    """vqgan.pt -> VQGAN in eval mode on `device`."""
-    model = vqgan_from_checkpoint_dict(load_checkpoint(path, "vqgan"))
-    return model.to(device).eval()
+def describe_content(content):
+    return ("an image VQGAN (of photos)" if content == "photos" else
+            f"a condition VQGAN of {content} (training_vqgan.py --content {content})")
+
+
+def load_vqgan(path, device="cpu", content="photos"):
+    """vqgan.pt -> VQGAN in eval mode on `device`; one that encodes other pictures than
+    `content` (photos: checkpoints from before condition VQGANs) is refused."""
+    checkpoint = load_checkpoint(path, "vqgan")
+    found = checkpoint.get("content", "photos")
+    if found != content:
+        raise UserError(f"{path} is {describe_content(found)}, but {describe_content(content)} "
+                        "is needed here")
+    return vqgan_from_checkpoint_dict(checkpoint).to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------

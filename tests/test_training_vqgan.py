@@ -646,8 +646,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_
     if source == "perceptual":  # one LPIPS call per step
         monkeypatch.setattr(shared_lpips, "forward", nan_from_step_4(shared_lpips.forward, 1))
     else:  # D's outputs only: the reconstruction losses of step 4 stay finite
-        def nan_discriminator():
-            model = NLayerDiscriminator()
+        def nan_discriminator(*args, **kwargs):
+            model = NLayerDiscriminator(*args, **kwargs)
             model.forward = nan_from_step_4(model.forward, 3)  # three D calls per step
             return model
 

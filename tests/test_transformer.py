@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sampling import filter_logits, sample_next
-from transformer import PoseTransformer, fourier_features, location_features
+from location_features import fourier_features, location_features
+from transformer import PoseTransformer
 from utils import UserError
 
 N_EMBED = 16
