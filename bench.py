@@ -164,9 +164,10 @@ def bench_sample(args, device):
             sequence = torch.cat([sequence, sample_next(logits, generator, top_k=100)], 1)
         return sequence[:, P:]
 
+    quantized = int8_for_cpu(model) if device.type == "cpu" else None
     runs = [("KV cache", cached, model), ("full recompute", recompute, model)]
-    if device.type == "cpu":
-        runs.insert(1, ("KV cache, int8", cached, int8_for_cpu(model)))
+    if quantized is not None:
+        runs.insert(1, ("KV cache, int8", cached, quantized))
     print(f"sampling {args.tokens} tokens after {P} condition tokens, GPT {args.n_layer} layers "
           f"x {args.n_head} heads x {args.n_embd} wide ({model.num_params() / 1e6:.1f}M params), "
           f"batch {args.batch_size}, device {device_name(device)}, {torch.get_num_threads()} "
@@ -184,9 +185,9 @@ def bench_sample(args, device):
                   f"{speeds[name] / speeds['full recompute']:5.1f}x the full recompute")
         print(f"  KV cache and full recompute sample identical tokens: "
               f"{torch.equal(tokens['KV cache'], tokens['full recompute'])}")
-        if "KV cache, int8" in speeds:
-            exact, quantized = model(cond), runs[1][2](cond)  # logits over the prompt
-            error = (quantized - exact).abs().mean() / exact.std()
+        if quantized is not None:
+            exact, approximate = model(cond), quantized(cond)  # logits over the prompt
+            error = (approximate - exact).abs().mean() / exact.std()
             same = (tokens["KV cache, int8"] == tokens["KV cache"]).float().mean()
             print(f"  int8: logits off by {100 * error:.1f} % of their spread; "
                   f"{100 * same:.0f} % of the sampled tokens equal float32's")

@@ -7,6 +7,11 @@ import torch
 
 import mannequins
 
+# the VGG16 backbone of LPIPS for the trainers' tests: ../shared/weights beside the repository
+LPIPS_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "vgg16_features.pth"
+needs_lpips = pytest.mark.skipif(not LPIPS_WEIGHTS.is_file(),
+                                 reason=f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
@@ -71,7 +76,6 @@ def lpips():
     """The VGG16 LPIPS of the trainers, built once (the weights: /work/shared/weights or the
     repository's ../shared/weights); skips the test where they are missing."""
     from lpips_loss import LPIPSLoss
-    weights = Path(__file__).resolve().parents[2] / "shared" / "weights" / "vgg16_features.pth"
-    if not weights.is_file():
-        pytest.skip(f"LPIPS backbone weights missing: {weights}")
-    return LPIPSLoss(weights_path=str(weights))
+    if not LPIPS_WEIGHTS.is_file():
+        pytest.skip(f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
+    return LPIPSLoss(weights_path=str(LPIPS_WEIGHTS))

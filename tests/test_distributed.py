@@ -26,14 +26,12 @@ import training_transformer
 import utils
 from discriminator import GlobalBatchNorm2d
 from vqgan import VQGAN, VQGANConfig, save_vqgan
+from conftest import LPIPS_WEIGHTS, needs_lpips
 
 # training_vqgan (LPIPS and torchvision behind it take seconds to import) is imported inside the
 # stage-1 fixtures: the two gloo processes spawned below import this module, and start faster.
 
 REPO = Path(__file__).resolve().parents[1]
-LPIPS_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_features.pth"
-needs_lpips = pytest.mark.skipif(not LPIPS_WEIGHTS.is_file(),
-                                 reason=f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
 # 39 training images make an epoch of 4 batches of 8, or of 9 micro-batches of 4 with 2 per step
 # (the 9th then shares a step with the next epoch's first): runs stay within the first epoch.
 STAGE_2_STEPS = 4

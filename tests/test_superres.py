@@ -25,11 +25,9 @@ import training_vqgan
 import utils
 from discriminator import NLayerDiscriminator, hinge_d_loss
 from superres import SuperResConfig, SuperResolution, bicubic, load_superres, save_superres
+from conftest import LPIPS_WEIGHTS, needs_lpips
 
 REPO = Path(__file__).resolve().parents[1]
-LPIPS_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_features.pth"
-needs_lpips = pytest.mark.skipif(not LPIPS_WEIGHTS.is_file(),
-                                 reason=f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
 TINY = dict(nf=8, nb=1, gc=4)
 
 

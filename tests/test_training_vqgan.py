@@ -30,11 +30,9 @@ import utils
 from codebook import Codebook
 from discriminator import NLayerDiscriminator, hinge_d_loss
 from vqgan import VQGAN, VQGANConfig, config_from_args, load_vqgan
+from conftest import LPIPS_WEIGHTS, needs_lpips
 
 REPO = Path(__file__).resolve().parents[1]
-LPIPS_WEIGHTS = REPO.parent / "shared" / "weights" / "vgg16_features.pth"
-needs_lpips = pytest.mark.skipif(not LPIPS_WEIGHTS.is_file(),
-                                 reason=f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
 TINY_CONFIG = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                           z_channels=32, embed_dim=32, n_embed=32, resolution=32)
 
