@@ -3,7 +3,8 @@ a condition picture that a second VQGAN encodes (the paper's pose-to-image model
 
 `keypoint_cells` and `majority_parts` make the prefixes of --condition keypoints and parts
 (transformer.py). `training_vqgan.py --content` says what a VQGAN learns to encode:
-  photos           the images themselves: the image VQGAN, L1 (+ LPIPS, + GAN)
+  photos           the images themselves: the image VQGAN, a pixel loss (L1 of R, G, B, or the
+                   squared error of luma and weighted chroma: Content.loss) (+ LPIPS, + GAN)
   keypoint-images  the pose drawn as a picture (poses.pose_picture: each bone a line in its own
                    colour, left and right apart, joints as dots, invisible joints absent), L1
                    balanced between the drawn and the white pixels (Content.loss)
@@ -58,33 +59,44 @@ def content_defaults(kind, num_labels):
     if kind == "photos":
         return {}
     defaults = dict(ch_mult=(1, 2, 2, 4), attn_resolutions=(8,), n_embed=256,
-                    perceptual_weight=0.0)
+                    perceptual_weight=0.0, pixel_loss="l1", chroma_weight=0.0)
     if kind == "part-maps":
         defaults.update(in_channels=num_labels, out_ch=num_labels)
     return defaults
+
+
+# BT.601 RGB -> luma Y and the two colour differences Cb (blue - Y), Cr (red - Y), each in
+# [-0.5, 0.5] for RGB in [0, 1] (the matrix of JPEG's YCbCr without its offsets)
+RGB_TO_LUMA_CHROMA = torch.tensor([[0.299, 0.587, 0.114],
+                                   [-0.168736, -0.331264, 0.5],
+                                   [0.5, -0.418688, -0.081312]])
 
 
 @dataclass(frozen=True)
 class Content:
     """What one VQGAN encodes (`kind`, one of CONTENTS), with what its pictures need: the
     keypoint layout (bones to draw), the number of part labels, and the training image size,
-    which sets the width of the pose pictures' lines (size / 32) on any canvas."""
+    which sets the width of the pose pictures' lines (size / 32) on any canvas; and how photos
+    are compared in training (`pixel_loss` l1 or mse, `chroma_weight`: see Content.loss)."""
 
     kind: str = "photos"
     layout: KeypointLayout = COCO17
     num_labels: int = NUM_PART_LABELS
     image_size: int = 64
+    pixel_loss: str = "l1"
+    chroma_weight: float = 0.0
 
     @classmethod
-    def of_data(cls, kind, dataset, who):
+    def of_data(cls, kind, dataset, who, **photo_loss):
         """The content `kind` of a PoseImageDataset's pictures; `who` (a flag) needs its poses
-        or part maps, and data without them is a UserError naming it."""
+        or part maps, and data without them is a UserError naming it. `photo_loss`: the
+        pixel_loss and chroma_weight fields."""
         needs = {"keypoint-images": ("poses (poses.json)", dataset.has_keypoints),
                  "part-maps": ("part maps (parts/)", dataset.has_parts)}
         if kind in needs and not needs[kind][1]:
             raise UserError(f"{who} needs {needs[kind][0]} in {dataset.root}")
         return cls(kind, dataset.layout or COCO17, dataset.part_labels.num_labels,
-                   dataset.image_size)
+                   dataset.image_size, **photo_loss)
 
     @property
     def channels(self):
@@ -106,15 +118,29 @@ class Content:
         return one_hot.permute(0, 3, 1, 2).float() * 2 - 1
 
     def loss(self, target, reconstruction):
-        """The reconstruction loss: cross-entropy of the label logits; L1 of photos; of pose
-        pictures, the mean of the L1 over the drawn pixels and the L1 over the white ones. A pose
-        picture is about 95 % white, and a plain L1 is won by drawing nothing (measured: every
-        reconstruction blank at step 300 of 600); balanced, the lines count as much as the rest."""
+        """The reconstruction loss: cross-entropy of the label logits; of pose pictures, the
+        mean of the L1 over the drawn pixels and the L1 over the white ones (a pose picture is
+        about 95 % white, and a plain L1 is won by drawing nothing: measured, every
+        reconstruction blank at step 300 of 600; balanced, the lines count as much as the rest).
+
+        Of photos, the mean absolute (l1) or squared (mse) error of the RGB channels, or with a
+        chroma_weight W > 0 of the error's luma and W x its two chroma channels
+        (RGB_TO_LUMA_CHROMA). In RGB the chroma is a small part of the error (its spread is a
+        fifth of the luma's over the mannequins' pixels), and hue is learned last: the default
+        run came back with grey or wrongly coloured clothes (README, "Why the figures lose their
+        colours")."""
         if self.kind == "part-maps":
             return F.cross_entropy(reconstruction.float(), target.argmax(dim=1))
-        error = (target - reconstruction).abs()
         if self.kind == "photos":
-            return error.mean()
+            difference = reconstruction.float() - target.float()  # (B, 3, H, W)
+            if self.chroma_weight:
+                weights = torch.tensor([1.0, self.chroma_weight, self.chroma_weight])
+                to_luma_chroma = (weights[:, None] * RGB_TO_LUMA_CHROMA).to(difference)
+                # (3, 3, 1, 1) x (B, 1, 3, H, W) summed over R, G, B: elementwise, so that it
+                # stays float32 under autocast (which runs a matmul or einsum in fp16 / bf16)
+                difference = (to_luma_chroma[:, :, None, None] * difference[:, None]).sum(2)
+            return (difference.pow(2) if self.pixel_loss == "mse" else difference.abs()).mean()
+        error = (target - reconstruction).abs()
         ink = (target < 1 - 1e-3).any(dim=1, keepdim=True).float()  # (B, 1, H, W) drawn pixels
         share = ink.mean().clamp(1e-3, 1 - 1e-3)
         return 0.5 * ((ink / share + (1 - ink) / (1 - share)) * error).mean()

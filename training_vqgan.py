@@ -5,12 +5,14 @@
 
 The objective is the paper's:
     L = L1 + perceptual_weight * LPIPS + codebook loss + lambda * (-mean D(x_hat))
-with the adaptive weight lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last
+(the `small` preset replaces the L1 of the RGB channels with the squared error of luma and 5 x
+chroma, --pixel-loss mse --chroma-weight 5: the figures' colours come back; README, "Why the
+figures lose their colours"), with the adaptive weight lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last
 layer (times --disc-weight), and a hinge-loss PatchGAN; the GAN term switches on at --disc-start.
 Before that step neither the GAN term nor the discriminator runs: an untrained generator gives
 the discriminator nothing useful to learn from, and skipping it saves two of its
-forward/backward passes per step. Likewise LPIPS joins at --perceptual-start: L1 alone gets the
-coarse picture right at a fraction of the cost of a step with VGG16 in it. The learning rate may
+forward/backward passes per step. Likewise LPIPS joins at --perceptual-start: the pixel loss
+alone gets the coarse picture right at a fraction of the cost of a step with VGG16 in it. The learning rate may
 warm up (--warmup-steps) and follow a cosine down to --min-lr-ratio of its peak at the last step
 (1, constant, is taming-transformers' choice). Each --preset brings its own defaults for these
 (PRESET_DEFAULTS); the resolved configuration is printed when a run starts.
@@ -64,10 +66,10 @@ from vqgan import PRESETS, VQGAN, add_vqgan_args, config_from_args, save_vqgan
 #          perceptual_weight 1.0 from the first step, a constant learning rate.
 PRESET_DEFAULTS = {
     "small": dict(batch_size=8, base_lr=5e-5, warmup_steps=0, min_lr_ratio=0.1,
-                  perceptual_weight=1.0, perceptual_start=800, codebook_weight=1.0,
+                  pixel_loss="mse", chroma_weight=5.0, perceptual_weight=1.0, perceptual_start=800, codebook_weight=1.0,
                   disc_weight=0.8, disc_start=10000),
     "paper": dict(batch_size=3, base_lr=4.5e-6, warmup_steps=0, min_lr_ratio=1.0,
-                  perceptual_weight=1.0, perceptual_start=0, codebook_weight=1.0,
+                  pixel_loss="l1", chroma_weight=0.0, perceptual_weight=1.0, perceptual_start=0, codebook_weight=1.0,
                   disc_weight=0.8, disc_start=250001),
 }
 
@@ -94,7 +96,13 @@ def parse_args(argv=None):
     group.add_argument("--perceptual-weight", type=cli.non_negative_float, default=None)
     group.add_argument("--perceptual-start", type=cli.non_negative_int, default=None,
                        help="optimizer step at which the LPIPS term switches on; before it the "
-                            "steps are L1 only and cheaper (LPIPS is a VGG16 forward/backward)")
+                            "steps have the pixel loss only and are cheaper (LPIPS is a VGG16 "
+                            "forward/backward)")
+    group.add_argument("--pixel-loss", choices=("l1", "mse"), default=None,
+                       help="photos: mean absolute (taming's) or squared error per pixel")
+    group.add_argument("--chroma-weight", type=cli.non_negative_float, default=None,
+                       help="photos: compare luma and W x chroma (BT.601 Y, Cb, Cr) instead of "
+                            "the RGB channels; 0 = RGB (taming's)")
     group.add_argument("--codebook-weight", type=cli.non_negative_float, default=None)
     group.add_argument("--disc-weight", type=cli.non_negative_float, default=None,
                        help="multiplies the adaptive lambda of the GAN term")
@@ -105,6 +113,10 @@ def parse_args(argv=None):
                        help="path of the VGG16 ImageNet weights for LPIPS (default: found "
                             "automatically, see lpips_loss.py)")
     args = parser.parse_args(argv)
+    for flag in ("pixel_loss", "chroma_weight"):
+        if args.content != "photos" and getattr(args, flag) is not None:
+            raise utils.UserError(f"--{flag.replace('_', '-')}: photos only; --content "
+                                  f"{args.content} has its own loss (conditions.Content.loss)")
     defaults = {**PRESET_DEFAULTS[args.preset], **content_defaults(  # part maps: label channels
         args.content, resolve_part_labelling(args.part_labels).num_labels)}
     for name, value in defaults.items():
@@ -130,6 +142,8 @@ def describe_run(args, config, model, precision, channels_last, schedule, world_
         f"{args.batch_size} x --grad-accum {args.grad_accum} x {world_size} process(es))"
         if args.lr is None else f"  lr {args.lr:g} (--lr)",
         f"  {total} steps, warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}; "
+        f"{args.pixel_loss} on " + (f"luma and {args.chroma_weight:g} x chroma" if
+                                    args.chroma_weight else "RGB") + ", "
         f"LPIPS x {args.perceptual_weight:g} from step {args.perceptual_start}, codebook x "
         f"{args.codebook_weight:g}, GAN x {args.disc_weight:g} lambda from step "
         f"{args.disc_start}" + (" (after this run's last step)" if args.disc_start >= total
@@ -142,7 +156,7 @@ def describe_run(args, config, model, precision, channels_last, schedule, world_
 
 @dataclass
 class LossWeights:
-    """The generator loss's weights: L1 + perceptual x LPIPS + codebook x codebook loss +
+    """The generator loss's weights: pixel loss + perceptual x LPIPS + codebook x codebook loss +
     disc x lambda x GAN term (lambda the adaptive weight)."""
 
     perceptual_weight: float = 1.0
@@ -193,12 +207,12 @@ def generator_backward(model, lpips, discriminator, images, weights, gan_on, sca
     # Split the graph: losses are differentiated to this leaf copy of x_hat, once each.
     x_hat_leaf = x_hat.detach().float().requires_grad_(True)
     with utils.autocast_context(images.device, precision):
-        rec_loss = l1 = content.loss(images, x_hat_leaf)
+        rec_loss = pixel = content.loss(images, x_hat_leaf)
         if perceptual_on:
             perceptual = lpips(images, x_hat_leaf)
-            rec_loss = l1 + weights.perceptual_weight * perceptual
+            rec_loss = pixel + weights.perceptual_weight * perceptual
     grad_x_hat, = torch.autograd.grad(rec_loss * scale, x_hat_leaf)  # (B, 3, H, W), scaled
-    terms = {"rec_loss": l1.detach(), "codebook": codebook_loss.detach()}
+    terms = {"rec_loss": pixel.detach(), "codebook": codebook_loss.detach()}
     if perceptual_on:
         terms["perceptual"] = perceptual.detach()
     if gan_on:
@@ -269,7 +283,8 @@ def train(args, dist, device):
         train_set, val_set = data.build_datasets(args, progress=dist.is_main)
         lpips = (LPIPSLoss(weights_path=args.lpips_weights).to(device)
                  if args.perceptual_weight > 0 else None)  # condition VQGANs go without
-    content = Content.of_data(args.content, train_set, f"--content {args.content}")
+    content = Content.of_data(args.content, train_set, f"--content {args.content}",
+                              pixel_loss=args.pixel_loss, chroma_weight=args.chroma_weight)
     sampler = data.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip,
                                      dist.rank, dist.world_size)
     loader = data.make_loader(train_set, sampler, args.num_workers, device)
@@ -368,7 +383,7 @@ def train(args, dist, device):
                 code_stats.counts = dist.sum(code_stats.counts)  # usage of every rank's codes
                 usage, perplexity = code_stats.usage, code_stats.perplexity
                 loop.log({**means, "usage": usage, "perplexity": perplexity, "lr": lr},
-                         dict(l1=f"{means['rec_loss']:.4f}", usage=f"{usage:.2f}"),
+                         dict(rec=f"{means['rec_loss']:.4f}", usage=f"{usage:.2f}"),
                          images_per_s=window_images)
                 code_stats.reset()
                 window_images, window_sums, window_steps = 0, {}, {}

@@ -502,11 +502,13 @@ def test_a_real_fp16_gan_step_with_a_grad_scaler_gives_the_float32_gradients(lpi
 def test_real_fp16_with_the_grad_scaler_takes_the_float32_step(small_dataset, tmp_path,
                                                                 shared_lpips):
     """--precision fp16 on the CPU runs fp16 autocast with an enabled GradScaler (scale 2^16):
-    the scaled gradients are unscaled before Adam sees them. L1 only: at 2^16 the LPIPS
-    package's feature normalisation overflows fp16, and the scaler would (rightly) skip the
-    step and halve its scale."""
+    the scaled gradients are unscaled before Adam sees them. L1 of RGB only: at 2^16 the LPIPS
+    package's feature normalisation overflows fp16, and so do the fp16 gradients of the
+    `small` preset's squared luma/chroma error on an untrained model's first step; the scaler
+    would (rightly) skip the step and halve its scale."""
     flags = ["--image-size", "16", "--batch-size", "2", "--max-steps", "1",
-             "--disc-start", "10", "--perceptual-start", "10"]
+             "--disc-start", "10", "--perceptual-start", "10", "--pixel-loss", "l1",
+             "--chroma-weight", "0"]
     train(small_dataset, tmp_path / "fp32", *flags)
     train(small_dataset, tmp_path / "fp16", *flags, "--precision", "fp16")
     fp32, fp16 = load_last(tmp_path / "fp32"), load_last(tmp_path / "fp16")
@@ -922,3 +924,63 @@ def test_tiny_run_lowers_the_reconstruction_loss_and_writes_every_output(dataset
     checkpoint = load_last(tmp_path)
     assert checkpoint["step"] == 30
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+
+def test_luma_chroma_matrix_is_pils_ycbcr_without_its_offsets():
+    """Independent reference: Pillow's RGB -> YCbCr (JPEG's BT.601 matrix, chroma offset 128)."""
+    from conditions import RGB_TO_LUMA_CHROMA
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(rgb).convert("YCbCr"), dtype=np.float64)
+    ours = rgb.astype(np.float64) @ RGB_TO_LUMA_CHROMA.double().numpy().T + [0, 128, 128]
+    assert np.abs(ours - pil).max() < 1.01  # Pillow truncates to integers
+
+
+@pytest.mark.parametrize("pixel_loss, power", [("l1", 1), ("mse", 2)])
+def test_chroma_weight_scales_only_the_colour_part_of_a_photos_error(pixel_loss, power):
+    from conditions import Content
+    target = torch.rand(2, 3, 8, 8) * 2 - 1
+    grey_shift = torch.full_like(target, 0.3)  # the same change in R, G and B: luma only
+    rgb = Content(pixel_loss=pixel_loss)  # chroma_weight 0: the RGB channels, taming's loss
+    assert rgb.loss(target, target + grey_shift) == pytest.approx(0.3 ** power)
+    for weight in (1.0, 5.0):  # a grey error has no chroma: Y = 0.3, Cb = Cr = 0 at any weight
+        content = Content(pixel_loss=pixel_loss, chroma_weight=weight)
+        assert content.loss(target, target + grey_shift) == pytest.approx(0.3 ** power / 3)
+    colour_shift = torch.zeros_like(target)
+    colour_shift[:, 0] = 0.4  # more red: Y changes by 0.299 x 0.4, Cb and Cr by -0.169 / 0.5 x 0.4
+    luma, cb, cr = 0.299 * 0.4, -0.168736 * 0.4, 0.5 * 0.4
+    for weight in (1.0, 5.0):
+        content = Content(pixel_loss=pixel_loss, chroma_weight=weight)
+        expected = (abs(luma) ** power + abs(weight * cb) ** power + abs(weight * cr) ** power) / 3
+        assert content.loss(target, target + colour_shift) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_photo_loss_is_float32_under_autocast(dtype):
+    from conditions import Content
+    target, reconstruction = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    content = Content(pixel_loss="mse", chroma_weight=5.0)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = content.loss(target, reconstruction)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(content.loss(target, reconstruction).item(), rel=1e-6)
+
+
+def test_small_preset_compares_luma_and_weighted_chroma_and_paper_keeps_tamings_l1():
+    small, paper = training_vqgan.parse_args([]), training_vqgan.parse_args(["--preset", "paper"])
+    assert (small.pixel_loss, small.chroma_weight) == ("mse", 5.0)
+    assert (paper.pixel_loss, paper.chroma_weight) == ("l1", 0.0)
+    given = training_vqgan.parse_args(["--pixel-loss", "l1", "--chroma-weight", "0"])
+    assert (given.pixel_loss, given.chroma_weight) == ("l1", 0.0)
+    condition = training_vqgan.parse_args(["--content", "keypoint-images"])
+    assert (condition.pixel_loss, condition.chroma_weight) == ("l1", 0.0)
+
+
+def test_a_photo_loss_flag_with_a_condition_content_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "training_vqgan.py", "--content", "part-maps",
+                             "--chroma-weight", "5", "--run-dir", str(tmp_path / "run")],
+                            cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and not (tmp_path / "run").exists()
+    assert result.stderr.strip().splitlines() == [
+        "error: --chroma-weight: photos only; --content part-maps has its own loss "
+        "(conditions.Content.loss)"]
