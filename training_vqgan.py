@@ -3,38 +3,30 @@
     python training_vqgan.py                         # small preset, synthetic mannequins, CPU ok
     python training_vqgan.py --dataset-path DIR --preset paper   # 256 px, the paper's settings
 
-The objective is the paper's:
-    L = L1 + perceptual_weight * LPIPS + codebook loss + lambda * (-mean D(x_hat))
-(the `small` preset replaces the L1 of the RGB channels with the squared error of luma and 5 x
-chroma, --pixel-loss mse --chroma-weight 5: the figures' colours come back; README, "Why the
-figures lose their colours"), with the adaptive weight lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last
-layer (times --disc-weight), and a hinge-loss PatchGAN; the GAN term switches on at --disc-start.
-Before that step neither the GAN term nor the discriminator runs: an untrained generator gives
-the discriminator nothing useful to learn from, and skipping it saves two of its
-forward/backward passes per step. Likewise LPIPS joins at --perceptual-start: the pixel loss
-alone gets the coarse picture right at a fraction of the cost of a step with VGG16 in it. The learning rate may
-warm up (--warmup-steps) and follow a cosine down to --min-lr-ratio of its peak at the last step
-(1, constant, is taming-transformers' choice). Each --preset brings its own defaults for these
-(PRESET_DEFAULTS); the resolved configuration is printed when a run starts.
+The objective is the paper's, L = L1 + perceptual_weight * LPIPS + codebook loss + lambda *
+(-mean D(x_hat)), lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer
+(times --disc-weight), a hinge-loss PatchGAN from --disc-start; `small`'s pixel loss is the
+squared error of luma and 5 x chroma, which brings the figures' colours back (Content.loss).
+Before --disc-start neither the GAN term nor D runs (an untrained generator gives D nothing to
+learn), before --perceptual-start no LPIPS: the pixel loss alone gets the coarse picture right
+at a fraction of the cost. The learning rate may warm up and follow a
+cosine down to --min-lr-ratio of its peak (1, constant, is taming-transformers' choice). Each
+--preset brings its own defaults (PRESET_DEFAULTS); the run prints the resolved configuration.
 
 One step splits the graph at the reconstruction x_hat: LPIPS and the discriminator are
-back-propagated once each, to x_hat only; lambda then needs just the last conv's weight
-gradient, and one backward from x_hat trains decoder, codebook and encoder. The usual code
-instead runs autograd.grad twice through LPIPS and D and then a full backward (a second pass
-through both); see bench.py for the saving. The last conv's weight gradients come from its
-input and output gradients directly (adaptive_lambda), so even a torch.compile'd model runs one
-backward pass per step.
+back-propagated once each, to x_hat only, and one backward from x_hat trains decoder, codebook
+and encoder (the usual code runs autograd.grad twice through LPIPS and D, then a full backward:
+see bench.py). lambda needs just the last conv's weight gradients, which come from its input and
+output gradients directly (adaptive_lambda), so a torch.compile'd model too runs one backward.
 
 --content keypoint-images|part-maps trains a condition VQGAN on pictures of the poses or on
-one-hot part maps instead (conditions.py), for stage 2's --condition-vqgan.
+one-hot part maps instead (conditions.py), for stage 2's --condition-vqgan. --precision picks
+the autocast dtype (utils.resolve_precision; under fp16 every loss is scaled first, lambda is
+float32), --channels-last the memory format (on with CUDA).
 
---precision picks the autocast dtype (utils.resolve_precision: bf16 on GPUs that have it
-natively, fp16 with a GradScaler on older ones, fp32 on the CPU); --channels-last the memory
-format (on with CUDA). Under fp16 every loss is scaled first; lambda is in float32.
-
-Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (everything --resume needs,
-written atomically), vqgan.pt (the small inference checkpoint stage 2 loads), metrics.jsonl,
-loss_curves.png and reconstruction grids under samples/.
+Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (all --resume needs, written
+atomically), vqgan.pt (the inference checkpoint stage 2 loads), metrics.jsonl, loss_curves.png
+and reconstruction grids under samples/.
 """
 import dataclasses
 import os
@@ -57,20 +49,18 @@ from training_loop import TrainingLoop
 from vqgan import PRESETS, VQGAN, add_vqgan_args, config_from_args, save_vqgan
 
 
-# Training defaults of each preset; a flag given on the command line wins over them.
-#   small: measured on the mannequins on 2 CPU cores (README, "Results on the embedded default").
-#   paper: taming-transformers' configs/imagenet_vqgan.yaml, the f16 ImageNet VQGAN with 1024
-#          codes at 256 px: base_learning_rate 4.5e-6 (their main.py multiplies it by batch x
-#          GPUs x accumulation, as runs.learning_rate does with --base-lr), batch_size 3 per GPU,
-#          disc_start 250001, disc_weight 0.8, codebook_weight 1.0, VQLPIPSWithDiscriminator's
-#          perceptual_weight 1.0 from the first step, a constant learning rate.
+# Training defaults of each preset; a flag given on the command line wins over them. small:
+# measured on the mannequins on 2 CPU cores (README, "Results on the embedded default"). paper:
+# taming-transformers' configs/imagenet_vqgan.yaml (base_learning_rate 4.5e-6, which their
+# main.py multiplies by batch x GPUs x accumulation as runs.learning_rate does, batch_size 3,
+# disc_start 250001, ...) and VQLPIPSWithDiscriminator's L1 + 1.0 x LPIPS from the first step.
 PRESET_DEFAULTS = {
     "small": dict(batch_size=8, base_lr=5e-5, warmup_steps=0, min_lr_ratio=0.1,
-                  pixel_loss="mse", chroma_weight=5.0, perceptual_weight=1.0, perceptual_start=800, codebook_weight=1.0,
-                  disc_weight=0.8, disc_start=10000),
+                  pixel_loss="mse", chroma_weight=5.0, perceptual_weight=1.0, perceptual_start=800,
+                  codebook_weight=1.0, disc_weight=0.8, disc_start=10000),
     "paper": dict(batch_size=3, base_lr=4.5e-6, warmup_steps=0, min_lr_ratio=1.0,
-                  pixel_loss="l1", chroma_weight=0.0, perceptual_weight=1.0, perceptual_start=0, codebook_weight=1.0,
-                  disc_weight=0.8, disc_start=250001),
+                  pixel_loss="l1", chroma_weight=0.0, perceptual_weight=1.0, perceptual_start=0,
+                  codebook_weight=1.0, disc_weight=0.8, disc_start=250001),
 }
 
 
@@ -95,14 +85,12 @@ def parse_args(argv=None):
     group = parser.add_argument_group("loss (defaults: the preset's, see below)")
     group.add_argument("--perceptual-weight", type=cli.non_negative_float, default=None)
     group.add_argument("--perceptual-start", type=cli.non_negative_int, default=None,
-                       help="optimizer step at which the LPIPS term switches on; before it the "
-                            "steps have the pixel loss only and are cheaper (LPIPS is a VGG16 "
-                            "forward/backward)")
+                       help="optimizer step at which LPIPS switches on; the steps before have "
+                            "the pixel loss only and are cheaper (no VGG16 pass)")
     group.add_argument("--pixel-loss", choices=("l1", "mse"), default=None,
                        help="photos: mean absolute (taming's) or squared error per pixel")
     group.add_argument("--chroma-weight", type=cli.non_negative_float, default=None,
-                       help="photos: compare luma and W x chroma (BT.601 Y, Cb, Cr) instead of "
-                            "the RGB channels; 0 = RGB (taming's)")
+                       help="photos: luma and W x chroma (BT.601) instead of R, G, B (0)")
     group.add_argument("--codebook-weight", type=cli.non_negative_float, default=None)
     group.add_argument("--disc-weight", type=cli.non_negative_float, default=None,
                        help="multiplies the adaptive lambda of the GAN term")
@@ -113,10 +101,9 @@ def parse_args(argv=None):
                        help="path of the VGG16 ImageNet weights for LPIPS (default: found "
                             "automatically, see lpips_loss.py)")
     args = parser.parse_args(argv)
-    for flag in ("pixel_loss", "chroma_weight"):
-        if args.content != "photos" and getattr(args, flag) is not None:
-            raise utils.UserError(f"--{flag.replace('_', '-')}: photos only; --content "
-                                  f"{args.content} has its own loss (conditions.Content.loss)")
+    if args.content != "photos" and (args.pixel_loss, args.chroma_weight) != (None, None):
+        raise utils.UserError("--pixel-loss, --chroma-weight: photos only; --content "
+                              f"{args.content} has its own loss (conditions.Content.loss)")
     defaults = {**PRESET_DEFAULTS[args.preset], **content_defaults(  # part maps: label channels
         args.content, resolve_part_labelling(args.part_labels).num_labels)}
     for name, value in defaults.items():
@@ -142,8 +129,8 @@ def describe_run(args, config, model, precision, channels_last, schedule, world_
         f"{args.batch_size} x --grad-accum {args.grad_accum} x {world_size} process(es))"
         if args.lr is None else f"  lr {args.lr:g} (--lr)",
         f"  {total} steps, warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}; "
-        f"{args.pixel_loss} on " + (f"luma and {args.chroma_weight:g} x chroma" if
-                                    args.chroma_weight else "RGB") + ", "
+        f"{args.pixel_loss} of " + (f"luma, {args.chroma_weight:g} x chroma, " if
+                                    args.chroma_weight else "RGB, ") +
         f"LPIPS x {args.perceptual_weight:g} from step {args.perceptual_start}, codebook x "
         f"{args.codebook_weight:g}, GAN x {args.disc_weight:g} lambda from step "
         f"{args.disc_start}" + (" (after this run's last step)" if args.disc_start >= total
@@ -156,8 +143,7 @@ def describe_run(args, config, model, precision, channels_last, schedule, world_
 
 @dataclass
 class LossWeights:
-    """The generator loss's weights: pixel loss + perceptual x LPIPS + codebook x codebook loss +
-    disc x lambda x GAN term (lambda the adaptive weight)."""
+    """Generator loss = pixel + perceptual x LPIPS + codebook x VQ loss + disc x lambda x GAN."""
 
     perceptual_weight: float = 1.0
     codebook_weight: float = 1.0

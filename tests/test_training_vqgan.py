@@ -982,5 +982,5 @@ def test_a_photo_loss_flag_with_a_condition_content_is_one_line(tmp_path):
                             timeout=60)
     assert result.returncode == 2 and not (tmp_path / "run").exists()
     assert result.stderr.strip().splitlines() == [
-        "error: --chroma-weight: photos only; --content part-maps has its own loss "
+        "error: --pixel-loss, --chroma-weight: photos only; --content part-maps has its own loss "
         "(conditions.Content.loss)"]
