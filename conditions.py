@@ -134,11 +134,11 @@ class Content:
         if self.kind == "photos":
             difference = reconstruction.float() - target.float()  # (B, 3, H, W)
             if self.chroma_weight:
-                weights = torch.tensor([1.0, self.chroma_weight, self.chroma_weight])
-                to_luma_chroma = (weights[:, None] * RGB_TO_LUMA_CHROMA).to(difference)
+                to_luma_chroma = RGB_TO_LUMA_CHROMA.to(difference)[:, :, None, None]
                 # (3, 3, 1, 1) x (B, 1, 3, H, W) summed over R, G, B: elementwise, so that it
                 # stays float32 under autocast (which runs a matmul or einsum in fp16 / bf16)
-                difference = (to_luma_chroma[:, :, None, None] * difference[:, None]).sum(2)
+                difference = (to_luma_chroma * difference[:, None]).sum(2)  # (B, Y Cb Cr, H, W)
+                difference[:, 1:] *= self.chroma_weight
             return (difference.pow(2) if self.pixel_loss == "mse" else difference.abs()).mean()
         error = (target - reconstruction).abs()
         ink = (target < 1 - 1e-3).any(dim=1, keepdim=True).float()  # (B, 1, H, W) drawn pixels

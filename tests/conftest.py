@@ -79,3 +79,14 @@ def lpips():
     if not LPIPS_WEIGHTS.is_file():
         pytest.skip(f"LPIPS backbone weights missing: {LPIPS_WEIGHTS}")
     return LPIPSLoss(weights_path=str(LPIPS_WEIGHTS))
+
+
+@pytest.fixture
+def shared_lpips(monkeypatch, lpips):
+    """In-process runs of either trainer (stage 1, stage 3) reuse one frozen LPIPS instead of
+    building VGG16 each time."""
+    import training_superres
+    import training_vqgan
+    for trainer in (training_vqgan, training_superres):
+        monkeypatch.setattr(trainer, "LPIPSLoss", lambda weights_path=None: lpips)
+    return lpips

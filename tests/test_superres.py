@@ -36,12 +36,6 @@ def data64(mannequin_set):
     return mannequin_set(40, 64)
 
 
-@pytest.fixture
-def shared_lpips(monkeypatch, lpips):
-    monkeypatch.setattr(training_superres, "LPIPSLoss", lambda weights_path=None: lpips)
-    return lpips
-
-
 def train(data, vqgan, run_dir, *extra):
     """A tiny stage-3 run: 32 px VQGAN pictures -> 64 px, 32 px crops, batch 4 (7 batches an
     epoch of the 31 training pictures), GAN from step 2; later flags override these."""

@@ -42,13 +42,6 @@ def dataset(mannequin_set):
     return mannequin_set(64, 32)
 
 
-@pytest.fixture
-def shared_lpips(monkeypatch, lpips):
-    """In-process runs reuse one frozen LPIPS instead of building VGG16 each time."""
-    monkeypatch.setattr(training_vqgan, "LPIPSLoss", lambda weights_path=None: lpips)
-    return lpips
-
-
 def run_args(dataset, run_dir, *extra):
     """Flags of a tiny CPU run: the small preset shrunk to ch 32, ch_mult 1,2, 32 codes, the
     full loss from the first step and a constant learning rate (later flags override these).
@@ -978,7 +971,7 @@ def test_small_preset_compares_luma_and_weighted_chroma_and_paper_keeps_tamings_
 def test_a_photo_loss_flag_with_a_condition_content_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "training_vqgan.py", "--content", "part-maps",
                              "--chroma-weight", "5", "--run-dir", str(tmp_path / "run")],
-                            cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                            cwd=REPO, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and not (tmp_path / "run").exists()
     assert result.stderr.strip().splitlines() == [
