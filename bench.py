@@ -126,7 +126,8 @@ def bench_vqgan(args, device):
 
 def random_prefix_model(args, device):
     """A GPT the size of a pose transformer: codes + keypoint-cell tokens, a --prefix of
-    condition tokens (17 keypoints; 64 codes of an f8 condition VQGAN at 64 px; 256 parts)."""
+    condition tokens (17 keypoints; 64 or 256 codes of an f8 or f4 condition VQGAN at 64 px;
+    256 parts)."""
     from mingpt import GPT, GPTConfig
     prefix = args.prefix
     config = GPTConfig(vocab_size=args.n_embed + 33 * 33, block_size=prefix + args.tokens - 1,

@@ -75,7 +75,7 @@ def parse_args(argv=None):
         epilog=f"Preset defaults, each overridden by its flag: {presets}.")
     group = add_vqgan_args(parser)
     group.add_argument("--content", choices=CONTENTS, default="photos", help="what it encodes "
-                       "(conditions.py; others than photos: f8, 256 codes, no LPIPS)")
+                       "(conditions.py; others than photos: f4 or f8, 256 codes, no LPIPS)")
     data.add_data_args(parser)
     runs.add_run_args(parser)
     # None: the preset's (PRESET_DEFAULTS), and its resolution, unless given

@@ -25,6 +25,7 @@ from vqgan import load_vqgan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
+GRID_FACTOR = {"keypoint-images": 4, "part-maps": 8}  # the contents' default downsampling
 
 
 def mirror_bones(layout):
@@ -47,7 +48,8 @@ def val_set(data):
 
 @pytest.fixture(scope="module")
 def condition_vqgans(data, tmp_path_factory):
-    """content -> vqgan.pt of a condition VQGAN trained for 3 steps (f8: 4 x 4 codes at 32 px)."""
+    """content -> vqgan.pt of a condition VQGAN trained for 3 steps with the contents' default
+    grids (keypoint pictures f4: 8 x 8 codes at 32 px; part maps f8: 4 x 4)."""
     made = {}
     for content in ("keypoint-images", "part-maps"):
         run_dir = tmp_path_factory.mktemp(content)
@@ -110,7 +112,7 @@ def test_a_condition_vqgan_stores_its_content_and_reconstructs_in_its_channels(
         assert torch.load(path, weights_only=True)["content"] == content
         model = load_vqgan(path, content=content)
         assert (model.config.in_channels, model.config.out_ch) == (channels, channels)
-        assert model.token_grid_size == SIZE // 8
+        assert model.token_grid_size == SIZE // GRID_FACTOR[content]
         records = [json.loads(line) for line in open(os.path.join(os.path.dirname(path),
                                                                   "metrics.jsonl"))]
         score = "val_psnr" if content == "keypoint-images" else "val_pixel_accuracy"
@@ -168,7 +170,7 @@ def test_condition_ids_never_collide_with_image_ids_or_other_condition_ranges(tr
         assert vocab == n_embed + n_condition  # image codes, then this condition's codes only
         assert model.gpt.config.output_size == n_embed  # sampling can only emit image codes
         cond = model.condition_tokens(batch)
-        assert cond.shape == (4, (SIZE // 8) ** 2)
+        assert cond.shape == (4, (SIZE // GRID_FACTOR[model.content.kind]) ** 2)
         assert ((cond >= n_embed) & (cond < vocab)).all()
         assert torch.equal(cond - n_embed, model.condition_vqgan.image_tokens(
             model.content.inputs(batch)).flatten(1))
