@@ -260,7 +260,7 @@ def main(argv=None):
     parser.add_argument("--precision", choices=utils.PRECISIONS, default="auto",
                         help="autocast dtype, as the trainers' --precision")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="vqgan: NHWC memory format (default: on with CUDA)")
+                        help="vqgan: NHWC memory format (default: on with CUDA and x86 CPUs)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
                         help="vqgan: VQGAN preset (its loss weights too)")
     parser.add_argument("--image-size", type=cli.positive_int, default=None,

@@ -5,15 +5,27 @@ Architecture and parameter names follow CompVis taming-transformers
 (taming/modules/diffusionmodules/model.py), so the released VQGAN checkpoints load as they are:
 encoder.down.{level}.block.{i}.norm1, encoder.mid.attn_1.q, ...
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class GroupNorm32(nn.GroupNorm):
+    """nn.GroupNorm computed in float32 under any autocast (same parameters and names).
+
+    CUDA's autocast runs group_norm in float32 by itself; the CPU's runs it in bf16, and bf16
+    statistics cost the default stage-1 run about 1 dB (README, "Stage 1", precision)."""
+
+    def forward(self, x):  # (B, C, H, W) in any dtype -> float32
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
 
 
 def Normalize(channels, groups=32):
     # The paper uses 32 groups. Each group is normalised per image, so a group's mean colour
     # offset is lost: with one channel per group (32 channels) that is InstanceNorm, which
     # drops each image's colour statistics (see VQGANConfig.norm_groups).
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+    return GroupNorm32(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):

@@ -58,10 +58,11 @@ def add_run_args(parser):
                        help="total epochs, when --max-steps is not given")
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="autocast dtype: auto is bf16 on GPUs with native bf16 (compute "
-                            "capability 8.0+), fp16 with a GradScaler on older GPUs, fp32 on "
-                            "the CPU")
+                            "capability 8.0+), fp16 with a GradScaler on older GPUs, bf16 on "
+                            "CPUs with AMX, fp32 on other CPUs")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="NHWC memory format for the convolutions (default: on with CUDA)")
+                       help="NHWC memory format for the convolutions (default: on with CUDA "
+                            "and x86 CPUs)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--log-every", type=positive_int, default=50)
     group.add_argument("--save-every", type=positive_int, default=500)

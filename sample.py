@@ -305,7 +305,8 @@ def main(argv=None):
             labels=(torch.full((len(chunk) * n,), class_index, device=device)
                     if class_index is not None else None),
             batch_size=len(chunk) * n)
-        with utils.autocast_context(device):
+        # int8 Linear layers take float32 only, also where auto is bf16 (a CPU with AMX)
+        with utils.autocast_context(device, "fp32" if args.int8 else "auto"):
             if sliding:
                 tokens = model.sample_grid(grid_h, grid_w, **conditions, **options)
             else:

@@ -22,7 +22,7 @@ output gradients directly (adaptive_lambda), so a torch.compile'd model too runs
 --content keypoint-images|part-maps trains a condition VQGAN on pictures of the poses or on
 one-hot part maps instead (conditions.py), for stage 2's --condition-vqgan. --precision picks
 the autocast dtype (utils.resolve_precision; under fp16 every loss is scaled first, lambda is
-float32), --channels-last the memory format (on with CUDA).
+float32), --channels-last the memory format (on with CUDA and x86 CPUs).
 
 Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (all --resume needs, written
 atomically), vqgan.pt (the inference checkpoint stage 2 loads), metrics.jsonl, loss_curves.png

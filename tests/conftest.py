@@ -1,5 +1,5 @@
-"""Fixtures shared by the test files: one torch thread, synthetic mannequin sets made once, a tiny
-VQGAN, tiny stage-2 runs, and one frozen LPIPS."""
+"""Fixtures shared by the test files: one torch thread, float32 as the automatic CPU precision,
+synthetic mannequin sets made once, a tiny VQGAN, tiny stage-2 runs, and one frozen LPIPS."""
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+MACHINE_CPU = torch.cpu.get_capabilities()  # what this machine has, as a subprocess sees it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_amx():
+    """--precision auto is bf16 on CPUs with AMX (utils.resolve_precision). The tests compare
+    float32 figures at tight tolerances, so they see the CPU of most laptops, where auto is fp32,
+    whatever this machine has: the bf16 tests ask for bf16 by name, the rule itself is tested
+    with both answers, and the torchrun tests pass --precision fp32 (their subprocesses see
+    MACHINE_CPU)."""
+    capabilities = {**MACHINE_CPU, "amx_bf16": False}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ tiny mannequins; the one-process references run in-process through main(argv). W
   * GlobalBatchNorm2d in two processes is BatchNorm2d over the concatenated batch, and
     Distributed.no_sync keeps gradients local until a step's last micro-batch.
 """
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ import training_transformer
 import utils
 from discriminator import GlobalBatchNorm2d
 from vqgan import VQGAN, VQGANConfig, save_vqgan
-from conftest import LPIPS_WEIGHTS, needs_lpips
+from conftest import LPIPS_WEIGHTS, MACHINE_CPU, needs_lpips
 
 # training_vqgan (LPIPS and torchvision behind it take seconds to import) is imported inside the
 # stage-1 fixtures: the two gloo processes spawned below import this module, and start faster.
@@ -226,14 +227,26 @@ def vqgan_path(tmp_path_factory):
     return path
 
 
+@contextlib.contextmanager
+def seeing_this_machines_cpu():
+    """In-process runs that take a torchrun's token cache see this machine's CPU, as torchrun's
+    processes do (conftest shows the tests a CPU without AMX): the cache key holds the automatic
+    precision the tokens were encoded in, bf16 with AMX."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cpu, "get_capabilities", lambda: MACHINE_CPU)
+        yield
+
+
 def stage_2_args(data, vqgan_path, run_dir, *extra):
     """A one-layer GPT on keypoint-conditioned tokens, flips on; `extra` overrides.
 
     No gradient clipping: it would hide a wrongly scaled gradient from the optimizer state.
+    float32 on any CPU (auto would be bf16 with AMX): the runs are compared at 1e-5.
     """
     return ["--dataset-path", data, "--vqgan-checkpoint", vqgan_path, "--image-size", "32",
             "--val-fraction", "0.2", "--run-dir", run_dir, "--device", "cpu",
-            "--num-workers", "0", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+            "--precision", "fp32", "--num-workers", "0", "--n-layer", "1", "--n-head", "2",
+            "--n-embd", "32",
             "--lr", "1e-3", "--warmup-steps", "1", "--grad-clip", "1e9", "--grid-examples", "1",
             "--max-steps", STAGE_2_STEPS, "--log-every", "2", "--save-every", "2",
             "--sample-every", "2", *extra]
@@ -256,10 +269,11 @@ def stage_2_two_processes(data, vqgan_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage_2_one_process(data, vqgan_path, stage_2_two_processes, tmp_path_factory):
-    """The same run as 1 process x batch 8."""
+    """The same run as 1 process x batch 8, on the two-process run's token cache."""
     run_dir = with_token_cache_of(stage_2_two_processes[0], tmp_path_factory.mktemp("stage2_one"))
-    training_transformer.main([*map(str, stage_2_args(data, vqgan_path, run_dir)),
-                               "--batch-size", "8"])
+    with seeing_this_machines_cpu():
+        training_transformer.main([*map(str, stage_2_args(data, vqgan_path, run_dir)),
+                                   "--batch-size", "8"])
     return run_dir
 
 
@@ -275,8 +289,9 @@ def test_stage_2_two_processes_of_batch_4_train_like_one_process_of_batch_8(
 def test_stage_2_gradient_accumulation_of_2_x_4_equals_one_batch_of_8(
         data, vqgan_path, stage_2_one_process, tmp_path):
     run_dir = with_token_cache_of(stage_2_one_process, tmp_path / "run")
-    training_transformer.main([*map(str, stage_2_args(data, vqgan_path, run_dir)),
-                               "--batch-size", "4", "--grad-accum", "2"])
+    with seeing_this_machines_cpu():
+        training_transformer.main([*map(str, stage_2_args(data, vqgan_path, run_dir)),
+                                   "--batch-size", "4", "--grad-accum", "2"])
     accumulated = load(run_dir / "transformer_last.pt")
     one = load(stage_2_one_process / "transformer_last.pt")
     assert_tensors_close(accumulated["model"], one["model"], atol=1e-5)
@@ -341,10 +356,11 @@ def test_rank_0_alone_encodes_the_stage_2_token_cache_and_rank_1_reads_it(
 def stage_1_args(data, run_dir, *extra):
     """A tiny VQGAN with the GAN on from step 0 and no dead-code restarts; `extra` overrides.
 
-    --val-fraction 0.2 leaves 39 training images.
+    --val-fraction 0.2 leaves 39 training images; float32 on any CPU, as stage_2_args.
     """
     return ["--dataset-path", data, "--image-size", "32", "--val-fraction", "0.2",
-            "--run-dir", run_dir, "--device", "cpu", "--num-workers", "0", "--no-flip",
+            "--run-dir", run_dir, "--device", "cpu", "--precision", "fp32", "--num-workers", "0",
+            "--no-flip",
             "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "",
             "--z-channels", "32", "--embed-dim", "32", "--n-embed", "32",
             "--no-restart-dead-codes", "--lr", STAGE_1_LR, "--disc-start", "0",

@@ -60,6 +60,27 @@ def test_is_frozen_and_stays_in_eval_mode(vgg_loss):
 
 
 @needs_weights
+def test_runs_in_float32_under_bf16_autocast(vgg_loss):
+    """The trainers call LPIPS inside bf16 autocast (the GPU default). In bf16 the features of a
+    reconstruction and of its original, nearly equal, are rounded before they are compared, and
+    the gradient that trains the decoder is mostly rounding noise: it must equal float32's."""
+    torch.manual_seed(0)
+    original = torch.rand(2, 3, 32, 32) * 2 - 1
+    reconstruction = (original + 0.02 * torch.randn_like(original)).clamp(-1, 1)
+
+    def loss_and_gradient(autocast):
+        x = reconstruction.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = vgg_loss(x, original)
+        loss.backward()
+        return loss, x.grad
+
+    (loss32, grad32), (loss16, grad16) = loss_and_gradient(False), loss_and_gradient(True)
+    assert loss16.dtype == torch.float32 and loss16.item() == pytest.approx(loss32.item(), rel=1e-5)
+    assert torch.allclose(grad16, grad32, rtol=1e-4, atol=1e-9)
+
+
+@needs_weights
 def test_accepts_a_whole_torchvision_state_dict(tmp_path):
     state_dict = torch.load(WEIGHTS / "alexnet_features.pth", weights_only=True)
     state_dict["classifier.1.weight"] = torch.zeros(2, 2)  # ignored: only features.* matter

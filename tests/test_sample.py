@@ -17,6 +17,7 @@ from PIL import Image
 import sample
 from data import PoseImageDataset
 from transformer import PoseTransformer
+import utils
 from utils import UserError
 from vqgan import load_vqgan
 
@@ -173,6 +174,20 @@ def test_int8_samples_with_int8_linear_layers_and_tokens_near_the_float_ones(che
     # same seed: most tokens agree (int8 logits move by about 1 %), and they are codes
     assert (exact["tokens"] == quantized["tokens"]).float().mean() > 0.5
     assert 0 <= quantized["tokens"].min() and quantized["tokens"].max() < exact["model"].n_embed
+
+
+def test_int8_samples_where_auto_precision_is_bf16(checkpoint, pose_file, tmp_path,
+                                                  monkeypatch):
+    """On a CPU with AMX the automatic precision is bf16, whose tensors int8 Linear layers
+    refuse (it crashed): the int8 GPT samples in float32 there, as everywhere."""
+    capabilities = torch.cpu.get_capabilities()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**capabilities, "amx_bf16": True})
+    assert utils.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    for name, extra in (("bf16", []), ("int8", ["--int8"])):
+        run(checkpoint, tmp_path / name, "--poses", pose_file, "--pose-image-size", "100", "50",
+            *extra)
+    assert list(png_bytes(tmp_path / "int8")) == list(png_bytes(tmp_path / "bf16"))
+    assert "grid.png" in png_bytes(tmp_path / "int8")
 
 
 def test_same_seed_repeats_the_same_files_and_another_seed_does_not(checkpoint, pose_file,

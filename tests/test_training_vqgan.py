@@ -245,7 +245,8 @@ def test_no_discriminator_forward_or_lambda_before_disc_start(dataset, tmp_path,
     assert "ch 32, ch_mult (1, 2), num_res_blocks 1," in printed
     assert "lr 0.001 (--lr)" in printed
     assert "GAN x 0.8 lambda from step 2" in printed
-    assert "precision fp32, channels_last off, compile off" in printed
+    channels_last = "on" if utils.use_channels_last(None, torch.device("cpu")) else "off"
+    assert f"precision fp32, channels_last {channels_last}, compile off" in printed
 
 
 def test_each_preset_brings_its_own_resolution_and_hyperparameters_unless_a_flag_is_given():
@@ -405,16 +406,22 @@ def test_stop_and_resume_gives_the_same_weights_as_one_unbroken_run(dataset, tmp
     assert training_records(tmp_path / "unbroken") == training_records(tmp_path / "split")
 
 
-def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it_natively(monkeypatch):
     """torch.cuda.is_bf16_supported() is true on pre-Ampere GPUs too, where bf16 is emulated:
-    the compute capability decides, and fp16 there comes with an enabled GradScaler."""
+    the compute capability decides, and fp16 there comes with an enabled GradScaler. On the CPU
+    the AMX bf16 units decide (elsewhere bf16 is emulated)."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     for capability, expected in (((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
         assert utils.resolve_precision("auto", cuda) == expected
-    assert utils.resolve_precision("auto", cpu) == "fp32"
+    capabilities = torch.cpu.get_capabilities()
+    for amx_bf16, expected in ((False, "fp32"), (True, "bf16")):  # AMX: native bf16 on the CPU
+        monkeypatch.setattr(torch.cpu, "get_capabilities",
+                            lambda: {**capabilities, "amx_bf16": amx_bf16})
+        assert utils.resolve_precision("auto", cpu) == expected
     assert utils.resolve_precision("bf16", cpu) == "bf16"  # as given: the CPU tests use it
+    assert utils.resolve_precision("fp32", cpu) == "fp32"
     assert utils.grad_scaler(cpu, "fp16").is_enabled()
     assert not utils.grad_scaler(cpu, "bf16").is_enabled()
     assert not utils.grad_scaler(cpu, "auto").is_enabled()
@@ -422,6 +429,20 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     with utils.autocast_context(cpu, "fp16"):
         assert torch.get_autocast_dtype("cpu") == torch.float16
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_channels_last_by_default_on_cuda_and_x86_cpus_and_the_flag_wins(monkeypatch):
+    capabilities = torch.cpu.get_capabilities()
+    cuda, cpu, mps = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
+    for architecture, expected in (("x86_64", True), ("aarch64", False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities",
+                            lambda: {**capabilities, "architecture": architecture})
+        assert utils.use_channels_last(None, cpu) is expected
+        assert utils.use_channels_last(None, cuda) is True
+        assert utils.use_channels_last(None, mps) is False
+        for flag in (True, False):
+            assert utils.use_channels_last(flag, cpu) is flag
+            assert utils.use_channels_last(flag, cuda) is flag
 
 
 @pytest.fixture(scope="module")
