@@ -165,33 +165,34 @@ def bench_sample(args, device):
             sequence = torch.cat([sequence, sample_next(logits, generator, top_k=100)], 1)
         return sequence[:, P:]
 
+    precision = utils.resolve_precision(args.precision, device)
     quantized = int8_for_cpu(model) if device.type == "cpu" else None
-    runs = [("KV cache", cached, model), ("full recompute", recompute, model)]
-    if quantized is not None:
-        runs.insert(1, ("KV cache, int8", cached, quantized))
+    runs = [("KV cache", cached, model, precision), ("full recompute", recompute, model, precision)]
+    if quantized is not None:  # int8 Linear layers take float32 only (as sample.py --int8)
+        runs.insert(1, ("KV cache, int8", cached, quantized, "fp32"))
     print(f"sampling {args.tokens} tokens after {P} condition tokens, GPT {args.n_layer} layers "
           f"x {args.n_head} heads x {args.n_embd} wide ({model.num_params() / 1e6:.1f}M params), "
-          f"batch {args.batch_size}, device {device_name(device)}, {torch.get_num_threads()} "
-          "threads")
-    with utils.autocast_context(device, args.precision):
-        speeds, tokens = {}, {}
-        for name, run, gpt in runs:
-            def call():  # keeps the tokens of the last timed call
+          f"batch {args.batch_size}, device {device_name(device)}, precision {precision}, "
+          f"{torch.get_num_threads()} threads")
+    speeds, tokens = {}, {}
+    for name, run, gpt, run_precision in runs:
+        def call():  # keeps the tokens of the last timed call
+            with utils.autocast_context(device, run_precision):
                 tokens[name] = run(gpt)
-            speeds[name] = args.batch_size * args.tokens / timed(call, args.warmup, args.repeats,
-                                                                 device)
-        for name, _, _ in runs:
-            print(f"  {name:<16} {args.batch_size * args.tokens / speeds[name]:8.2f} s "
-                  f"{speeds[name]:9.1f} tokens/s  "
-                  f"{speeds[name] / speeds['full recompute']:5.1f}x the full recompute")
-        print(f"  KV cache and full recompute sample identical tokens: "
-              f"{torch.equal(tokens['KV cache'], tokens['full recompute'])}")
-        if quantized is not None:
-            exact, approximate = model(cond), quantized(cond)  # logits over the prompt
-            error = (approximate - exact).abs().mean() / exact.std()
-            same = (tokens["KV cache, int8"] == tokens["KV cache"]).float().mean()
-            print(f"  int8: logits off by {100 * error:.1f} % of their spread; "
-                  f"{100 * same:.0f} % of the sampled tokens equal float32's")
+        speeds[name] = args.batch_size * args.tokens / timed(call, args.warmup, args.repeats,
+                                                             device)
+    for name, *_ in runs:
+        print(f"  {name:<16} {args.batch_size * args.tokens / speeds[name]:8.2f} s "
+              f"{speeds[name]:9.1f} tokens/s  "
+              f"{speeds[name] / speeds['full recompute']:5.1f}x the full recompute")
+    print(f"  KV cache and full recompute sample identical tokens: "
+          f"{torch.equal(tokens['KV cache'], tokens['full recompute'])}")
+    if quantized is not None:
+        exact, approximate = model(cond), quantized(cond)  # float32 logits over the prompt
+        error = (approximate - exact).abs().mean() / exact.std()
+        same = (tokens["KV cache, int8"] == tokens["KV cache"]).float().mean()
+        print(f"  int8: logits off by {100 * error:.1f} % of float32's spread; {100 * same:.0f} % "
+              f"of the sampled tokens equal the {precision} model's")
 
 
 def bench_transformer(args, device):

@@ -56,7 +56,7 @@ def parse_args(argv=None):
     data.add_data_args(parser)
     runs.add_run_args(parser)
     parser.set_defaults(run_dir=os.path.join("runs", "transformer"), batch_size=16,
-                        base_lr=6.25e-5, default_max_steps=2000, warmup_steps=100,
+                        base_lr=6.25e-5, default_max_steps=2300, warmup_steps=100,
                         min_lr_ratio=0.1, image_size=None)  # image size: the VQGAN's
     group = parser.add_argument_group("model")
     group.add_argument("--condition", choices=("auto",) + CONDITION_MODES, default="auto",

@@ -190,6 +190,20 @@ def test_int8_samples_where_auto_precision_is_bf16(checkpoint, pose_file, tmp_pa
     assert "grid.png" in png_bytes(tmp_path / "int8")
 
 
+def test_bench_sample_times_int8_in_float32_where_auto_precision_is_bf16(monkeypatch, capsys):
+    """bench.py sample crashed like sample.py --int8 on a CPU with AMX: its int8 run must be
+    timed in float32 beside the bf16 ones, and compared with them."""
+    import bench
+    capabilities = torch.cpu.get_capabilities()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**capabilities, "amx_bf16": True})
+    bench.main(["sample", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--n-embed", "32",
+                "--tokens", "6", "--prefix", "3", "--batch-size", "2", "--warmup", "0",
+                "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "precision bf16" in out and "KV cache, int8" in out
+    assert "of the sampled tokens equal the bf16 model's" in out
+
+
 def test_same_seed_repeats_the_same_files_and_another_seed_does_not(checkpoint, pose_file,
                                                                     tmp_path):
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
