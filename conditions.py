@@ -52,19 +52,21 @@ CONTENTS = ("photos", "keypoint-images", "part-maps")
 CONDITION_CONTENT = {"keypoint-vqgan": "keypoint-images", "parts-vqgan": "part-maps"}
 
 
-def content_defaults(kind, num_labels):
+def content_defaults(kind, num_labels, resolution=64):
     """A condition VQGAN's defaults over the preset's (README, "Condition VQGANs"), chosen by
     measurement: pose pictures on an f4 grid (16 x 16 tokens at 64 px; f8 smeared the arms and
     cost stage 2 a quarter of its PCK), part maps on an f8 grid (8 x 8 tokens) in and out with a
-    channel per label; 256 codes, attention on the grid only, no LPIPS. Photos keep the
-    preset's."""
+    channel per label; 256 codes, attention on the grid only, no LPIPS. Each doubling of the
+    `resolution` above 64 px adds a halving level, so the grids stay 16 x 16 and 8 x 8 (at 256
+    px f4 would make a 4096-token prefix). Photos keep the preset's."""
     if kind == "photos":
         return {}
-    defaults = dict(ch_mult=(1, 2, 4), attn_resolutions=(16,), n_embed=256,
+    extra_levels = (1,) * max(0, (resolution // 64).bit_length() - 1)
+    defaults = dict(ch_mult=extra_levels + (1, 2, 4), attn_resolutions=(16,), n_embed=256,
                     perceptual_weight=0.0, pixel_loss="l1", chroma_weight=0.0)
     if kind == "part-maps":
-        defaults.update(ch_mult=(1, 2, 2, 4), attn_resolutions=(8,), in_channels=num_labels,
-                        out_ch=num_labels)
+        defaults.update(ch_mult=extra_levels + (1, 2, 2, 4), attn_resolutions=(8,),
+                        in_channels=num_labels, out_ch=num_labels)
     return defaults
 
 

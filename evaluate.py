@@ -2,24 +2,24 @@
 
     python evaluate.py --vqgan-checkpoint runs/vqgan/vqgan.pt
     python evaluate.py --vqgan-checkpoint runs/vqgan/vqgan.pt \
-        --transformer-checkpoint runs/transformer/transformer_last.pt --json runs/eval.json
+        --transformer-checkpoint runs/transformer/transformer_last.pt --train-pose-detector
 
-The data flags are the trainers' (data.add_data_args): without --dataset-path it reads the
-synthetic mannequins; --image-size defaults to the VQGAN's resolution. Prints a table and, with
---json OUT, writes the same numbers (keys in `main`) plus a code-frequency histogram
-OUT_codes.png (or --histogram PNG, drawn by plots.py). Everything is seeded: two runs with the
-same flags, batch size and device give identical numbers. Images are encoded once, by
-VQGAN.image_tokens (under the device's automatic precision, as the token cache and sample.py
-encode them): the code histogram counts those tokens, the reconstructions decode them and the
-transformer scores them. Metrics are computed in float32 without autocast.
+The data flags are the trainers' (data.add_data_args); those not given are the transformer
+run's, so that its held-out split is the one scored, else the defaults (the synthetic
+mannequins); --image-size is the VQGAN's resolution. Prints a table and, with --json OUT,
+writes the same numbers (keys in `main`) plus a code-frequency histogram OUT_codes.png (or
+--histogram PNG, drawn by plots.py). Everything is seeded: two runs with the same flags, batch
+size and device give identical numbers. Images are encoded once, by VQGAN.image_tokens (under
+the device's automatic precision, as the token cache and sample.py encode them): the code
+histogram counts those tokens, the reconstructions decode them and the transformer scores them.
+Metrics are computed in float32 without autocast.
 
 Reconstruction: PSNR, SSIM, LPIPS (AlexNet) and L1, and on data with part maps the figure's and
 the backdrop's PSNR and colour error (image_metrics.py says how each is computed); codebook
 usage and perplexity, with a histogram of code frequencies.
 
 Transformer: negative log-likelihood of the split's image tokens (unflipped) under the model's
-own condition prefixes (keypoints, part maps or the start token), in bits per token (the number
-training logs as val_bits_per_token) and per image (bits per token x tokens per image).
+own condition prefixes, in bits per token (as training logs val_bits_per_token) and per image.
 
 Pose fidelity (silhouette IoU) and pose accuracy (PCK with the project's keypoint detector)
 score samples for the split's poses, each beside a ceiling and a floor (pose_scores.py).
@@ -27,9 +27,6 @@ The detector is pose_detector.pt beside the transformer checkpoint (or --pose-de
 --train-pose-detector trains it first, unless the file already holds one trained on this data
 with these settings (about 3.5 CPU minutes on the default mannequins). A file trained on other
 data (another folder, image size, layout or split) is refused, never silently reused.
-
-    python evaluate.py --vqgan-checkpoint runs/vqgan/vqgan.pt \
-        --transformer-checkpoint runs/transformer/transformer_last.pt --train-pose-detector
 """
 import json
 import math
@@ -43,6 +40,7 @@ from tqdm import tqdm
 import cli
 import data
 import pose_detector
+import runs
 import utils
 from codebook import CodebookStats
 from data import unflipped_batches
@@ -128,7 +126,8 @@ def parse_args(argv=None):
     parser.add_argument("--transformer-checkpoint", default=None,
                         help="stage-2 transformer_last.pt trained on that VQGAN (optional)")
     data.add_data_args(parser)
-    parser.set_defaults(image_size=None)  # the VQGAN's resolution unless given
+    parser.set_defaults(image_size=None)  # the VQGAN's resolution
+    defaults = runs.defer_data_flags(parser)  # the transformer run's unless given
     parser.add_argument("--superres", default=None, metavar="CHECKPOINT",
                         help="a stage-3 superres.pt trained behind this VQGAN: score it and "
                              "bicubic upscaling at its output size")
@@ -153,6 +152,7 @@ def parse_args(argv=None):
     add_pose_accuracy_args(parser)
     args = parser.parse_args(argv)
     check_pose_accuracy_args(args)
+    args.data_defaults = defaults  # for runs.take_run_data_flags
     return args
 
 
@@ -189,15 +189,6 @@ def check_pose_accuracy_args(args):
     if args.pose_detector_width < 8 or args.pose_detector_width % 8:
         raise utils.UserError(f"--pose-detector-width must be a positive multiple of 8 "
                               f"(GroupNorm uses 8 groups), got {args.pose_detector_width}")
-
-
-def warn_if_other_split(train_args, args):
-    """A transformer evaluated on other split flags may be scored on images it trained on."""
-    changed = [k for k in data.SPLIT_FLAGS if train_args.get(k) != getattr(args, k)]
-    if changed:
-        details = ", ".join(f"--{k.replace('_', '-')} {train_args.get(k)!r}" for k in changed)
-        print(f"warning: the transformer was trained with {details}; with other data settings "
-              "the evaluated split may hold its training images", file=sys.stderr)
 
 
 def find_pose_detector(args, train_set, device):
@@ -256,8 +247,7 @@ def evaluate_poses(model, dataset, detector, no_detector, args, device):
 
 def print_table(results):
     def row(name, value, fmt="{:.4f}", suffix=""):
-        text = "n/a" if value is None else fmt.format(value) + suffix
-        print(f"  {name:<34}{text}")
+        print(f"  {name:<34}" + ("n/a" if value is None else fmt.format(value) + suffix))
 
     reconstruction, codes = results["reconstruction"], results["codebook"]
     print(f"reconstruction ({results['split']} split, {results['num_images']} images)")
@@ -340,8 +330,8 @@ def main(argv=None):
     elif args.image_size != resolution:
         raise utils.UserError(f"the VQGAN in {args.vqgan_checkpoint} works on {resolution} px "
                               f"images; pass --image-size {resolution} or leave it out")
-    if model is not None:
-        warn_if_other_split(checkpoint["args"], args)
+    runs.take_run_data_flags(args, checkpoint["args"] if model is not None else {},
+                             args.data_defaults)
     is_class_model = model is not None and model.condition == "class"
     train_set, val_set = data.build_datasets(args, class_labels=is_class_model)
     dataset = val_set if args.split == "val" else train_set

@@ -98,8 +98,9 @@ def pose_sampling_skip_reason(model, num_poses, dataset):
 
 @torch.no_grad()
 def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0, top_k=None,
-                          top_p=None, temperature=1.0):
-    """Sample one image for each of the first `num_poses` poses of `dataset` (seeded)."""
+                          top_p=None, temperature=1.0, guidance=None):
+    """Sample one image for each of the first `num_poses` poses of `dataset` (seeded; guidance
+    None: the model's default_guidance)."""
     count = min(num_poses, len(dataset))
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -108,10 +109,11 @@ def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0,
                       leave=False):
         images = batch["image"].to(device)
         tokens = model.sample(model.condition_tokens(batch), top_k=top_k, top_p=top_p,
-                              temperature=temperature, generator=generator)
-        pictures["samples"].append(model.decode(tokens).float().cpu())
-        # through tokens like the samples, so that both are drawn by the very same decoder path
-        pictures["reconstructions"].append(model.decode(model.image_tokens(images)).float().cpu())
+                              temperature=temperature, generator=generator, guidance=guidance)
+        # clamped, as a picture and the reconstruction metrics are; the reconstructions through
+        # tokens like the samples, so that both are drawn by the very same decoder path
+        for key, drawn in (("samples", tokens), ("reconstructions", model.image_tokens(images))):
+            pictures[key].append(model.decode(drawn).float().clamp(-1, 1).cpu())
         pictures["real"].append(batch["image"])
         for key in ("keypoints", "parts"):
             if key in batch:
@@ -120,7 +122,8 @@ def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0,
     return PoseSamples(condition=model.condition, **stacked,
                        partner=derangement(count, torch.Generator().manual_seed(seed)),
                        sampling={"top_k": top_k, "top_p": top_p, "temperature": temperature,
-                                 "seed": seed})
+                                 "guidance": model.default_guidance if guidance is None
+                                 else guidance, "seed": seed})
 
 
 def evaluate_pose_fidelity(poses, threshold=SILHOUETTE_THRESHOLD):

@@ -11,10 +11,12 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 from dataclasses import dataclass
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from cli import device_name, non_negative_int, output_folder, positive_float, positive_int, \
     unit_fraction
@@ -64,6 +66,9 @@ def add_run_args(parser):
                        help="NHWC memory format for the convolutions (default: on with CUDA "
                             "and x86 CPUs)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--ema-decay", type=unit_fraction, default=0.0,
+                       help="keep an exponential moving average of the weights with this decay "
+                            "per step, for validation, grids and the inference weights (0: off)")
     group.add_argument("--log-every", type=positive_int, default=50)
     group.add_argument("--save-every", type=positive_int, default=500)
     group.add_argument("--sample-every", type=positive_int, default=500)
@@ -72,6 +77,33 @@ def add_run_args(parser):
 
 # Flags that decide which batches a run sees: a resumed run must keep them.
 DATA_ORDER_FLAGS = SPLIT_FLAGS + ("flip", "seed", "batch_size", "grad_accum")
+
+
+# The data flags that decide what a run's split holds; evaluate.py takes a transformer run's own
+# for those its command line does not give (defer_data_flags, take_run_data_flags).
+RUN_DATA_FLAGS = tuple(flag for flag in SPLIT_FLAGS if flag != "image_size") + ("part_labels",)
+NOT_GIVEN = object()
+
+
+def defer_data_flags(parser):
+    """Make RUN_DATA_FLAGS default to NOT_GIVEN in `parser` (data.add_data_args' flags) ->
+    their defaults there, for take_run_data_flags."""
+    defaults = {flag: parser.get_default(flag) for flag in RUN_DATA_FLAGS}
+    parser.set_defaults(**dict.fromkeys(RUN_DATA_FLAGS, NOT_GIVEN))
+    return defaults
+
+
+def take_run_data_flags(args, trained_args, defaults):
+    """The RUN_DATA_FLAGS of `args` that were not given: the run's (`trained_args`, its
+    checkpoint's flags), so that its held-out split is the one scored, else `defaults`. Given
+    ones that differ from the run's get a warning: that split may hold its training images."""
+    given = {k: value for k in RUN_DATA_FLAGS if (value := getattr(args, k)) is not NOT_GIVEN}
+    vars(args).update({k: trained_args.get(k, defaults[k]) for k in RUN_DATA_FLAGS}, **given)
+    changed = [k for k in given if k in trained_args and trained_args[k] != given[k]]
+    if changed:
+        details = ", ".join(f"--{k.replace('_', '-')} {trained_args[k]!r}" for k in changed)
+        print(f"warning: the transformer was trained with {details}; with other data settings "
+              "the evaluated split may hold its training images", file=sys.stderr)
 
 
 def plain_args(args):
@@ -130,6 +162,24 @@ class Schedule:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         return lr
+
+
+def weight_average(model, decay):
+    """--ema-decay: an exponential moving average of `model`'s parameters (torch's
+    AveragedModel), which validation, grids and the inference weights use; None at decay 0.
+    It starts as the weights at its first update_parameters; each later optimizer step makes it
+    d x average + (1 - d) x weights with d = min(decay, (1 + n) / (10 + n)) after n updates
+    (TensorFlow's ExponentialMovingAverage with num_updates), so that a short run averages its
+    last steps, not its first. Its buffers are copies of the model's at creation. Its
+    state_dict is saved as "ema" (utils.averaged_weights reads the weights back out)."""
+    if not decay:
+        return None
+
+    def update(averaged, current, n):  # n: a tensor on their device, so no sync with a GPU
+        weight = 1 - ((1 + n) / (10 + n)).clamp(max=decay)
+        for average, weights in zip(averaged, current):
+            average.lerp_(weights, weight.to(average.dtype))
+    return AveragedModel(model, multi_avg_fn=update)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +315,9 @@ class RunDirectory:
             details = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}" for k in changed)
             raise UserError(f"--resume: {path} was trained with other data settings ({details}); "
                             "an exact resume needs the same ones")
+        if saved.get("ema_decay", 0.0) != flags.get("ema_decay", 0.0):  # "ema" in states or not
+            raise UserError(f"--resume: {path} was trained with --ema-decay "
+                            f"{saved.get('ema_decay', 0.0):g}; an exact resume needs the same")
         # the global batch (and so the data order and default lr) depends on the process count
         saved_world_size = checkpoint.get("world_size", 1)
         if saved_world_size != world_size:

@@ -16,7 +16,7 @@ cropped, centred, to the sampled image's aspect ratio as that run was, then scal
 drawn on a 300 x 600 photo lands where the photo's person would.
 
 --grid-size H W samples an H x W token grid, larger than the training grid, with a sliding
-attention window (PoseTransformer.sample_grid): images of (W * f) x (H * f) pixels, f pixels per
+attention window (sliding_window.sample_grid): images of (W * f) x (H * f) pixels, f pixels per
 token. Validation poses (and part maps) are fitted into such an image whole, by padding.
 
 Writes DIR/<pose>_<i>.png for every pose and sample, where <pose> is the pose's relative path
@@ -41,6 +41,7 @@ from tqdm import tqdm
 import cli
 import data
 import images
+import sliding_window
 import utils
 from poses import (LAYOUTS, condition_picture, frame_box, read_pose_entries,
                    check_keypoints_inside, reframe_keypoints, reframe_picture)
@@ -56,6 +57,7 @@ class Row(NamedTuple):
     keypoints: torch.Tensor = None  # (K, 3) in pixels of the sampled canvas
     parts: torch.Tensor = None  # (H, W) part labels on the canvas
     image: torch.Tensor = None  # (3, S, S) in [-1, 1]: the validation or --complete image
+    box: tuple = None  # a COCO person's square (x0, y0, side) in its photo (images.Example.box)
 
 
 def parse_args(argv=None):
@@ -206,6 +208,10 @@ def rows_to_sample(args, model, checkpoint, canvas, sliding):
                                   f"{config['condition']}; leave --poses out")
         poses = read_pose_file(args.poses, config["num_keypoints"],
                                tuple(args.pose_image_size or canvas))
+        if checkpoint["args"].get("coco_annotations"):
+            print("note: this model learned COCO people cropped to a square around their box "
+                  "(10 % margin); these poses are framed as whole pictures, so give poses of "
+                  "pictures cropped that way for people of the size it learned")
         return [Row(name, torch.from_numpy(to_model_pose(keypoints, size, canvas,
                                                          checkpoint["resize_mode"])))
                 for name, keypoints, size in poses], os.path.dirname(args.poses)
@@ -213,8 +219,8 @@ def rows_to_sample(args, model, checkpoint, canvas, sliding):
         return [Row(args.class_name)], None
     _, val_set = data.build_datasets(checkpoint["args"], progress=False)
     items = [val_set[i] for i in range(min(args.count, len(val_set)))]
-    rows = [Row(item["path"], item.get("keypoints"), item.get("parts"), item["image"])
-            for item in items]
+    rows = [Row(item["path"], item.get("keypoints"), item.get("parts"), item["image"],
+                example.box) for item, example in zip(items, val_set.examples)]
     if sliding:  # validation conditions are on the training square: pad it to the canvas
         square = (config["image_size"],) * 2
         rows = [row._replace(
@@ -227,15 +233,17 @@ def rows_to_sample(args, model, checkpoint, canvas, sliding):
 
 def completion_row(args, model, checkpoint, rows, names_folder):
     """--complete: the image squared as training squared its images, with its own pose (or
-    part map) from `rows` -> (its Row, the tokens of its top half (1, L / 2))."""
+    part map) from `rows` -> (its Row, the tokens of its top half (1, L / 2)). A validation
+    COCO person's photo is squared on that person's box, as training and the pose were."""
     condition = model.condition
-    example = images.Example(os.path.basename(args.complete), args.complete)
-    image, _, _ = images.prepare_example(example, model.config["image_size"],
-                                         checkpoint["resize_mode"], images.DEFAULT_MAX_IMAGE_PIXELS)
-    image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
     needs = POSE_INPUT.get(condition)  # keypoints, part maps or nothing
     matching = (pose_for_image(rows, args.complete, names_folder, args.pose_key)
                 if needs else None)
+    example = images.Example(os.path.basename(args.complete), args.complete,
+                             box=matching and matching.box)
+    image, _, _ = images.prepare_example(example, model.config["image_size"],
+                                         checkpoint["resize_mode"], images.DEFAULT_MAX_IMAGE_PIXELS)
+    image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
     if needs == "keypoints" and matching is None:
         raise utils.UserError(f"--complete {args.complete}: this model needs the image's pose; "
                               f"give --poses with an entry for it (its path relative to the "
@@ -308,7 +316,8 @@ def main(argv=None):
         # int8 Linear layers take float32 only, also where auto is bf16 (a CPU with AMX)
         with utils.autocast_context(device, "fp32" if args.int8 else "auto"):
             if sliding:
-                tokens = model.sample_grid(grid_h, grid_w, **conditions, **options)
+                tokens = sliding_window.sample_grid(model, grid_h, grid_w, **conditions,
+                                                    **options)
             else:
                 cond = model.condition_tokens(**conditions)  # (b * n, P)
                 chunk_prefix = None if prefix is None else prefix.repeat(len(cond), 1)

@@ -1,10 +1,14 @@
 """Sampling one token at a time: the top-k / top-p / temperature filters over the GPT's logits,
 and the flags that set them in every script that samples (training grids, sample.py,
-evaluate.py). PoseTransformer.sample and sample_grid draw each image token with sample_next.
+evaluate.py), and classifier-free guidance (`guide`). PoseTransformer.sample and
+sliding_window.sample_grid draw each image token with sample_next.
 """
 import torch
 
 from cli import nucleus_mass, positive_float, positive_int
+
+# guidance when sampling a model trained with --condition-dropout (README, Results: measured)
+DEFAULT_GUIDANCE = 2.0
 
 
 def add_sampling_args(parser, int8=False):
@@ -15,6 +19,9 @@ def add_sampling_args(parser, int8=False):
     # 0.7: the default GPT spreads some mass over 2048 codes' unlikely tail; sampled at 1 its
     # people come apart more often (README, Results: PCK 0.75 at 1, 0.84 at 0.7 of the real's)
     parser.add_argument("--temperature", type=positive_float, default=0.7)
+    parser.add_argument("--guidance", type=positive_float, default=None,
+                        help="classifier-free guidance scale (default: %g for a model trained "
+                             "with --condition-dropout, else 1, none)" % DEFAULT_GUIDANCE)
     if int8:
         parser.add_argument("--int8", action="store_true",
                             help="CPU: the GPT's Linear layers in int8, faster from about 256 "
@@ -23,7 +30,8 @@ def add_sampling_args(parser, int8=False):
 
 def sampling_options(args):
     """The sampling flags of add_sampling_args as PoseTransformer.sample's keywords."""
-    return dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    return dict(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                guidance=args.guidance)
 
 
 def filter_logits(logits, top_k=None, top_p=None, temperature=1.0):
@@ -57,3 +65,14 @@ def sample_next(logits, generator=None, top_k=None, top_p=None, temperature=1.0)
     """logits (B, V) -> sampled ids (B, 1), repeatable with a `generator` on the logits' device."""
     probs = filter_logits(logits, top_k, top_p, temperature).float().softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def guide(logits, guidance=1.0):
+    """Classifier-free guidance: logits (2B, V) of the sequences after their poses, then after
+    the empty pose (PoseTransformer.guided) -> empty + guidance x (posed - empty), (B, V); at
+    guidance 1 the logits (B, V) as they are. Above 1 it follows the pose more closely
+    than the model's own p(image | pose) does, at the cost of variety."""
+    if guidance == 1:
+        return logits
+    posed, empty = logits.float().chunk(2)
+    return empty + guidance * (posed - empty)

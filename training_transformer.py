@@ -45,7 +45,7 @@ from plots import plot_curves
 from poses import COCO17, condition_picture
 from sampling import add_sampling_args, sampling_options
 from training_loop import TrainingLoop
-from transformer import CONDITION_MODES, PoseTransformer
+from transformer import CONDITION_MODES, POSE_INPUT, PoseTransformer
 from vqgan import load_vqgan
 
 
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     runs.add_run_args(parser)
     parser.set_defaults(run_dir=os.path.join("runs", "transformer"), batch_size=16,
                         base_lr=6.25e-5, default_max_steps=2300, warmup_steps=100,
-                        min_lr_ratio=0.1, image_size=None)  # image size: the VQGAN's
+                        min_lr_ratio=0.1, ema_decay=0.995, image_size=None)  # size: the VQGAN's
     group = parser.add_argument_group("model")
     group.add_argument("--condition", choices=("auto",) + CONDITION_MODES, default="auto",
                        help="class: one class token, the image's first folder below "
@@ -77,6 +77,10 @@ def parse_args(argv=None):
     group.add_argument("--dropout", type=cli.unit_fraction, default=0.0)
     group.add_argument("--pkeep", type=cli.unit_fraction, default=1.0,
                        help="keep each input image token with this probability (else random)")
+    group.add_argument("--condition-dropout", type=cli.unit_fraction, default=None,
+                       help="replace each pose with the empty one with this probability, so that "
+                            "samples can be guided (--guidance; default: 0.1 with a pose "
+                            "condition, else 0)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--weight-decay", type=cli.non_negative_float, default=0.01)
     group.add_argument("--grad-clip", type=cli.positive_float, default=1.0)
@@ -262,12 +266,15 @@ def train(args, dist, device):
         train_set, val_set = data.build_datasets(args, progress=dist.is_main,
                                                  class_labels=args.condition == "class")
     condition = choose_condition(args.condition, train_set)
+    if args.condition_dropout is None:  # measured on the default run: README, Results
+        args.condition_dropout = 0.1 if condition in POSE_INPUT else 0.0
     layout = train_set.layout or COCO17
     model = PoseTransformer(vqgan, condition=condition, image_size=args.image_size,
                             num_keypoints=layout.num_keypoints, keypoint_grid=args.keypoint_grid,
                             num_part_labels=train_set.part_labels.num_labels,
                             class_names=train_set.class_names, n_layer=args.n_layer,
                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                            condition_dropout=args.condition_dropout,
                             condition_vqgan=condition_vqgan, pose_layout=layout.name).to(device)
     with dist.main_first():  # rank 0 encodes and writes the caches; the others then read them
         cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
@@ -286,7 +293,10 @@ def train(args, dist, device):
     config = dict(model.config, vqgan_sha256=vqgan_sha256)  # flat: --resume names the field
     if condition_vqgan:
         config["condition_vqgan_sha256"] = condition_sha256
-    states, flags = dict(model=model, optimizer=optimizer, scaler=scaler), runs.plain_args(args)
+    ema = runs.weight_average(model, args.ema_decay)  # of the GPT: validated, sampled, saved
+    inference = ema.module if ema else model
+    states = dict(model=model, optimizer=optimizer, scaler=scaler, **({"ema": ema} if ema else {}))
+    flags = runs.plain_args(args)
     step = 0
     if args.resume:  # every rank loads the same checkpoint
         step = run.resume(args.resume, config, flags, dist.world_size, **states)
@@ -304,7 +314,9 @@ def train(args, dist, device):
               f"  {args.image_size} px images -> {grid}x{grid} tokens of "
               f"{vqgan.config.n_embed} codes; GPT {args.n_layer} layers x {args.n_head} heads x "
               f"{args.n_embd}, batch {args.batch_size}, lr {schedule.peak:.3g} ({lr_source}), "
-              f"warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}\n"
+              f"warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}, weights "
+              f"averaged with decay {args.ema_decay:g}; condition dropout "
+              f"{args.condition_dropout:g}, sampled with guidance {model.default_guidance:g}\n"
               f"  precision {precision}, channels_last {'on' if channels_last else 'off'} (the "
               f"VQGAN's), compile {'on' if args.compile else 'off'}")
     window_step, window_tokens, loss_sum = step, 0, 0.0
@@ -334,6 +346,8 @@ def train(args, dist, device):
             torch.nn.utils.clip_grad_norm_(model.gpt.parameters(), args.grad_clip)
             scaler.step(optimizer)  # skipped when fp16 gradients overflowed
             scaler.update()
+            if ema:
+                ema.update_parameters(model)
 
             due = loop.end_step()
             if due.log:
@@ -344,12 +358,12 @@ def train(args, dist, device):
                 window_step, window_tokens, loss_sum = loop.step, 0, 0.0
             # Rank 0 alone validates, samples and saves, with the bare model (no collectives).
             if due.validate:
-                bits = validation_bits(model, val_tokens, val_prefixes, args.batch_size, device,
+                bits = validation_bits(inference, val_tokens, val_prefixes, args.batch_size, device,
                                        precision)
                 loop.write({"val_bits_per_token": bits})
                 loop.progress.write(f"step {loop.step}: validation {bits:.3f} bits/token")
             if due.sample:
-                save_sample_grid(model, val_set, cache["val"], val_prefixes, args, device,
+                save_sample_grid(inference, val_set, cache["val"], val_prefixes, args, device,
                                  run.path("samples", f"samples_{loop.step:06d}.png"), precision)
             if due.save:
                 run.save_state(loop.step, config, flags, dist.world_size, states,

@@ -9,9 +9,9 @@ The objective is the paper's, L = L1 + perceptual_weight * LPIPS + codebook loss
 squared error of luma and 5 x chroma, which brings the figures' colours back (Content.loss).
 Before --disc-start neither the GAN term nor D runs (an untrained generator gives D nothing to
 learn), before --perceptual-start no LPIPS: the pixel loss alone gets the coarse picture right
-at a fraction of the cost. The learning rate may warm up and follow a
-cosine down to --min-lr-ratio of its peak (1, constant, is taming-transformers' choice). Each
---preset brings its own defaults (PRESET_DEFAULTS); the run prints the resolved configuration.
+at a fraction of the cost. The learning rate may warm up and follow a cosine down to
+--min-lr-ratio of its peak (1, constant, is taming-transformers' choice). Each --preset brings
+its own defaults (PRESET_DEFAULTS); the run prints the resolved configuration.
 
 One step splits the graph at the reconstruction x_hat: LPIPS and the discriminator are
 back-propagated once each, to x_hat only, and one backward from x_hat trains decoder, codebook
@@ -19,14 +19,11 @@ and encoder (the usual code runs autograd.grad twice through LPIPS and D, then a
 see bench.py). lambda needs just the last conv's weight gradients, which come from its input and
 output gradients directly (adaptive_lambda), so a torch.compile'd model too runs one backward.
 
---content keypoint-images|part-maps trains a condition VQGAN on pictures of the poses or on
-one-hot part maps instead (conditions.py), for stage 2's --condition-vqgan. --precision picks
-the autocast dtype (utils.resolve_precision; under fp16 every loss is scaled first, lambda is
-float32), --channels-last the memory format (on with CUDA and x86 CPUs).
-
-Outputs go to --run-dir (default runs/vqgan): vqgan_last.pt (all --resume needs, written
-atomically), vqgan.pt (the inference checkpoint stage 2 loads), metrics.jsonl, loss_curves.png
-and reconstruction grids under samples/.
+--content keypoint-images|part-maps trains a condition VQGAN on pose pictures or one-hot part
+maps (conditions.py). --precision picks the autocast dtype (utils.resolve_precision; fp16
+scales every loss), --channels-last the memory format, --ema-decay averages the weights.
+Outputs in --run-dir (default runs/vqgan): vqgan_last.pt (all --resume needs, atomic),
+vqgan.pt (the inference weights stage 2 loads), metrics.jsonl, loss_curves.png, samples/.
 """
 import dataclasses
 import os
@@ -97,15 +94,15 @@ def parse_args(argv=None):
     group.add_argument("--disc-start", type=cli.non_negative_int, default=None,
                        help="optimizer step at which the discriminator and GAN term switch on")
     group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
-    group.add_argument("--lpips-weights", default=None,
-                       help="path of the VGG16 ImageNet weights for LPIPS (default: found "
-                            "automatically, see lpips_loss.py)")
+    group.add_argument("--lpips-weights", default=None, help="VGG16 ImageNet weights for "
+                       "LPIPS (default: found automatically, see lpips_loss.py)")
     args = parser.parse_args(argv)
     if args.content != "photos" and (args.pixel_loss, args.chroma_weight) != (None, None):
         raise utils.UserError("--pixel-loss, --chroma-weight: photos only; --content "
                               f"{args.content} has its own loss (conditions.Content.loss)")
     defaults = {**PRESET_DEFAULTS[args.preset], **content_defaults(  # part maps: label channels
-        args.content, resolve_part_labelling(args.part_labels).num_labels)}
+        args.content, resolve_part_labelling(args.part_labels).num_labels,
+        args.image_size or PRESETS[args.preset].resolution)}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -136,7 +133,7 @@ def describe_run(args, config, model, precision, channels_last, schedule, world_
         f"{args.disc_start}" + (" (after this run's last step)" if args.disc_start >= total
                                 else ""),
         f"  precision {precision}, channels_last {'on' if channels_last else 'off'}, compile "
-        f"{'on' if args.compile else 'off'}",
+        f"{'on' if args.compile else 'off'}, weights averaged with decay {args.ema_decay:g}",
     ]
     print("\n".join(lines))
 
@@ -286,16 +283,16 @@ def train(args, dist, device):
     if channels_last:
         for module in filter(None, (model, discriminator, lpips)):
             module.to(memory_format=torch.channels_last)
-    fused = device.type == "cuda"
-    opt_g = torch.optim.Adam(model.parameters(), lr=schedule.peak, betas=(0.5, 0.9), fused=fused)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=schedule.peak, betas=(0.5, 0.9),
-                             fused=fused)
+    adam = dict(lr=schedule.peak, betas=(0.5, 0.9), fused=device.type == "cuda")
+    opt_g, opt_d = (torch.optim.Adam(net.parameters(), **adam) for net in (model, discriminator))
     scaler = utils.grad_scaler(device, precision)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
     weights = LossWeights(args.perceptual_weight, args.codebook_weight, args.disc_weight)
 
+    ema = runs.weight_average(model, args.ema_decay)  # validated, drawn and saved if on
+    inference = ema.module if ema else model
     states = dict(model=model, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
-                  scaler=scaler)
+                  scaler=scaler, **({"ema": ema} if ema else {}))
     flags = runs.plain_args(args)
     run_config = dict(dataclasses.asdict(config),  # and its content, unless photos (old runs)
                       **({} if args.content == "photos" else {"content": args.content}))
@@ -358,6 +355,8 @@ def train(args, dist, device):
                 window_sums[key] = window_sums.get(key, 0) + value
                 window_steps[key] = window_steps.get(key, 0) + 1
             scaler.step(opt_g)
+            if ema:
+                ema.update_parameters(model)
             if gan_on:
                 scaler.step(opt_d)
             scaler.update()
@@ -375,14 +374,14 @@ def train(args, dist, device):
                 window_images, window_sums, window_steps = 0, {}, {}
             # Rank 0 alone validates, draws and saves, with the bare model (no collectives).
             if due.validate:
-                loop.write(validate(model, val_loader, device, precision, content))
+                loop.write(validate(inference, val_loader, device, precision, content))
             if due.sample:
-                save_reconstructions(model, fixed_images, run.path(
+                save_reconstructions(inference, fixed_images, run.path(
                     "samples", f"reconstructions_{loop.step:06d}.png"), precision, content)
             if due.save:
                 run.save_state(loop.step, run_config, flags, dist.world_size, states,
                                part_labels=train_set.part_labels.to_dict())
-                save_vqgan(model, run.path("vqgan.pt"), args.content)
+                save_vqgan(inference, run.path("vqgan.pt"), args.content)
                 plot_curves(loop.records(), [("losses", [
                     "rec_loss", "val_l1", "val_cross_entropy", "perceptual", "codebook",
                     "generator", "discriminator"]),

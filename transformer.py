@@ -23,8 +23,9 @@ Condition modes:
 Where things are: every position also gets Fourier features of where its input lies and which
 cell it predicts (location_features.py).
 
-`sample_grid` samples token grids larger than the training grid with a sliding attention window
-(the paper's high-resolution images): each token sees the h x w training-size window around it.
+Sampling draws one token at a time through a KV cache, filtered by top-k, top-p and temperature
+(sampling.py), optionally with classifier-free guidance against the empty pose (`guided`);
+sliding_window.py samples grids larger than the training grid with the same model.
 
 The VQGANs are frozen and not part of this module's parameters or state_dict: a transformer
 checkpoint records the VQGAN checkpoints it was trained against instead of copying their weights.
@@ -39,25 +40,14 @@ from conditions import CONDITION_CONTENT, Content, keypoint_cells, majority_part
 from location_features import location_features
 from mingpt import GPT, GPTConfig, int8_for_cpu
 from poses import LAYOUTS, NUM_PART_LABELS
-from sampling import sample_next
-from utils import UserError, file_sha256, load_checkpoint, require_file
+from sampling import DEFAULT_GUIDANCE, guide, sample_next
+from utils import UserError, averaged_weights, file_sha256, load_checkpoint, require_file
 from vqgan import load_vqgan
 
 CONDITION_MODES = ("keypoints", "parts", "keypoint-vqgan", "parts-vqgan", "class", "none")
 # what each pose condition is made from: keypoints or part maps
 POSE_INPUT = {"keypoints": "keypoints", "keypoint-vqgan": "keypoints", "parts": "part_maps",
               "parts-vqgan": "part_maps"}
-
-
-def sliding_window(i, j, grid_h, grid_w, h, w):
-    """(top, left) of the h x w window for token (i, j) of a grid_h x grid_w grid.
-
-    Centred on (i, j) where it fits, shifted to stay inside the grid at the edges, as in
-    taming-transformers' sliding-window sampler.
-    """
-    top = min(max(i - h // 2, 0), grid_h - h)
-    left = min(max(j - w // 2, 0), grid_w - w)
-    return top, left
 
 
 class PoseTransformer(nn.Module):
@@ -71,7 +61,7 @@ class PoseTransformer(nn.Module):
     def __init__(self, vqgan, condition="keypoints", image_size=256, num_keypoints=17,
                  keypoint_grid=None, num_part_labels=NUM_PART_LABELS, class_names=None,
                  n_layer=8, n_head=8, n_embd=512, dropout=0.0, bias=True, condition_vqgan=None,
-                 pose_layout="coco17"):
+                 pose_layout="coco17", condition_dropout=0.0):
         super().__init__()
         token_grid = vqgan.token_grid_size
         if (condition in CONDITION_CONTENT) != (condition_vqgan is not None):
@@ -88,6 +78,9 @@ class PoseTransformer(nn.Module):
                             f"{token_grid}; use a keypoint grid of at least {token_grid}")
         if (condition == "class") != bool(class_names):
             raise UserError("class_names are needed for, and only for, condition 'class'")
+        if condition_dropout and condition not in POSE_INPUT:
+            raise UserError(f"condition dropout (for guided sampling) needs a pose condition, "
+                            f"not {condition!r}: there is no empty pose to replace it with")
         self.config = dict(condition=condition, image_size=image_size,
                            num_keypoints=num_keypoints, keypoint_grid=keypoint_grid,
                            num_part_labels=num_part_labels, n_embed=vqgan.config.n_embed,
@@ -95,6 +88,8 @@ class PoseTransformer(nn.Module):
                            dropout=dropout, bias=bias)
         if condition == "class":  # only then: configs of the other modes stay as they were
             self.config["class_names"] = list(class_names)
+        if condition_dropout:  # likewise
+            self.config["condition_dropout"] = condition_dropout
         condition_grid = None
         if condition_vqgan is not None:
             condition_grid = condition_vqgan.token_grid_size
@@ -152,6 +147,9 @@ class PoseTransformer(nn.Module):
     token_grid = property(lambda self: self.config["token_grid"])
     keypoint_grid = property(lambda self: self.config["keypoint_grid"])
     class_names = property(lambda self: self.config.get("class_names"))
+    condition_dropout = property(lambda self: self.config.get("condition_dropout", 0.0))
+    # the guidance of sample() (and sliding_window's) when none is given: guided where it can be
+    default_guidance = property(lambda self: DEFAULT_GUIDANCE if self.condition_dropout else 1.0)
     # where the model computes: the token table's device (an int8 GPT has no Linear weights)
     device = property(lambda self: self.gpt.transformer.wte.weight.device)
 
@@ -217,6 +215,17 @@ class PoseTransformer(nn.Module):
                             f"are not the {size}x{size} px the condition VQGAN encodes")
         return self.n_embed + self.condition_vqgan.image_tokens(pictures).flatten(1)
 
+    def null_condition(self, batch_size):
+        """The prefix (B, P) of an empty pose, no joint visible or every part background: what
+        training with condition dropout puts in place of some poses, so that the GPT also learns
+        p(image) and classifier-free guidance can sample against it."""
+        if self.condition not in POSE_INPUT:
+            raise UserError(f"guided sampling needs a pose condition, not {self.condition!r}")
+        size, K = self.config["image_size"], self.config["num_keypoints"]
+        return self.condition_tokens(
+            keypoints=torch.zeros(batch_size, K, 3, device=self.device),
+            part_maps=torch.zeros(batch_size, size, size, dtype=torch.long, device=self.device))
+
     @torch.no_grad()
     def image_tokens(self, images):
         """images (B, 3, H, W) in [-1, 1] -> VQGAN codes (B, h * w), row-major, encoded as
@@ -259,6 +268,9 @@ class PoseTransformer(nn.Module):
         and the targets are never replaced.
         """
         inputs = tokens[:, :-1]  # (B, N-1)
+        if self.training and self.condition_dropout:  # some poses replaced by the empty one
+            dropped = torch.rand(cond.size(0), 1, device=cond.device) < self.condition_dropout
+            cond = torch.where(dropped, self.null_condition(1), cond)
         if self.training and pkeep < 1.0:
             keep = torch.rand(inputs.shape, device=inputs.device) < pkeep
             inputs = torch.where(keep, inputs, torch.randint_like(inputs, self.n_embed))
@@ -267,17 +279,31 @@ class PoseTransformer(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens.reshape(-1))
         return logits, loss
 
+    def guided(self, cond, guidance):
+        """Classifier-free guidance (Ho and Salimans 2022): cond (B, P) -> the prefixes to run,
+        (B, P) at guidance 1, else (2B, P), each sequence again after the empty pose
+        (null_condition), whose logits sampling.guide combines. Only a model trained with
+        --condition-dropout has learned what follows the empty pose."""
+        if guidance == 1:
+            return cond
+        if not self.condition_dropout:
+            raise UserError("guided sampling needs a model trained with --condition-dropout; "
+                            "this one was not: leave --guidance out (or at 1)")
+        return torch.cat([cond, self.null_condition(cond.size(0))])
+
     @torch.no_grad()
     def sample(self, cond, num_tokens=None, top_k=None, top_p=None, temperature=1.0,
-               generator=None, prefix_tokens=None):
+               generator=None, prefix_tokens=None, guidance=None):
         """cond (B, P) -> image tokens (B, num_tokens), num_tokens defaulting to h * w.
 
         prefix_tokens (B, M) are given first image tokens to complete; they start the result. The
         condition and prefix go through the GPT in one chunk, then one token per step through
-        the KV cache. Call .eval() first when the model has dropout.
+        the KV cache; with `guidance` (see guided) every row runs twice. Call .eval() first when
+        the model has dropout.
         """
         B, P = cond.shape
         num_tokens = num_tokens or self.num_image_tokens
+        guidance = self.default_guidance if guidance is None else guidance
         tokens = torch.empty(B, num_tokens, dtype=torch.long, device=cond.device)
         M = 0
         if prefix_tokens is not None:
@@ -285,86 +311,18 @@ class PoseTransformer(nn.Module):
             tokens[:, :M] = prefix_tokens
         if M == num_tokens:
             return tokens
-        kv_cache = self.gpt.new_kv_cache(B)
-        prompt = torch.cat([cond, tokens[:, :M]], dim=1)  # (B, P + M)
-        logits = self.gpt_forward(prompt, kv_cache)[:, -1]  # (B, V)
+        cond = self.guided(cond, guidance)  # (B or 2B, P)
+        runs = cond.size(0) // B
+        kv_cache = self.gpt.new_kv_cache(cond.size(0))
+        prompt = torch.cat([cond, tokens[:, :M].repeat(runs, 1)], dim=1)  # (B or 2B, P + M)
+        logits = self.gpt_forward(prompt, kv_cache)[:, -1]  # (B or 2B, V)
         for i in range(M, num_tokens):
-            tokens[:, i:i + 1] = sample_next(logits, generator, top_k, top_p, temperature)
+            tokens[:, i:i + 1] = sample_next(guide(logits, guidance), generator, top_k, top_p,
+                                             temperature)
             if i + 1 < num_tokens:
-                logits = self.gpt_forward(tokens[:, i:i + 1], kv_cache, start_pos=P + i)[:, -1]
+                logits = self.gpt_forward(tokens[:, i:i + 1].repeat(runs, 1), kv_cache,
+                                          start_pos=P + i)[:, -1]
         return tokens
-
-    def window_condition(self, top, left, grid_h, grid_w, keypoints=None, part_maps=None,
-                         labels=None, batch_size=None):
-        """Condition tokens (B, P) of the h x w token window at (top, left) of a larger grid.
-
-        The conditions describe the large image: keypoints (B, K, 3) in pixels of its
-        (grid_w * f) x (grid_h * f) pixels, f = image_size / token_grid; part maps (B, grid_h * c,
-        grid_w * c) for any cell size c. The window sees them in its own frame, as training saw a
-        whole image: keypoints shifted by the window's pixel origin (those outside become 'not
-        visible'), part maps cropped to it. A class or start token is the same for every window.
-        A condition VQGAN's picture of that shifted pose or cropped map is the window's crop of
-        the large image's picture (poses.pose_picture draws bones of joints off the picture).
-        """
-        h = w = self.token_grid
-        if keypoints is not None:
-            f = self.config["image_size"] / self.token_grid  # pixels per token
-            keypoints = keypoints.clone()
-            keypoints[..., 0] -= left * f
-            keypoints[..., 1] -= top * f
-        if part_maps is not None:
-            if part_maps.size(1) % grid_h or part_maps.size(2) % grid_w:
-                raise UserError(f"part maps of {part_maps.size(1)}x{part_maps.size(2)} do not "
-                                f"split into the {grid_h}x{grid_w} token grid")
-            ch, cw = part_maps.size(1) // grid_h, part_maps.size(2) // grid_w  # pixels per cell
-            part_maps = part_maps[:, top * ch:(top + h) * ch, left * cw:(left + w) * cw]
-        return self.condition_tokens(keypoints=keypoints, part_maps=part_maps,
-                                     batch_size=batch_size, labels=labels)
-
-    @torch.no_grad()
-    def sample_grid(self, grid_h, grid_w, keypoints=None, part_maps=None, labels=None,
-                    batch_size=None, top_k=None, top_p=None, temperature=1.0, generator=None):
-        """Sample a grid_h x grid_w token grid, larger than the h x w training grid, with a
-        sliding attention window -> tokens (B, grid_h, grid_w).
-
-        Tokens are generated in raster order. Token (i, j) is predicted from its window (see
-        sliding_window): the window's condition (see window_condition), then the window's tokens
-        before (i, j) in the window's own raster order, which are all generated already. So every
-        GPT input looks like a training sequence and fits block_size.
-
-        Cost: while the window stays put the previous token goes through the KV cache, as in
-        sample(); when the window moves, its condition and context (up to block_size tokens) are
-        recomputed, so a large grid costs up to grid_h * grid_w forwards of block_size tokens. On
-        the training grid the window never moves, and the result equals sample() exactly for the
-        same generator.
-        """
-        h = w = self.token_grid
-        if grid_h < h or grid_w < w:
-            raise UserError(f"a {grid_h}x{grid_w} grid is smaller than the {h}x{w} training grid")
-        conditions = dict(grid_h=grid_h, grid_w=grid_w, keypoints=keypoints, part_maps=part_maps,
-                          labels=labels, batch_size=batch_size)
-        P = self.num_condition_tokens
-        B = self.window_condition(0, 0, **conditions).size(0)
-        tokens = torch.zeros(B, grid_h, grid_w, dtype=torch.long,
-                             device=self.device)
-        last, kv_cache = None, None  # (top, left, k) of the token sampled last; its cache
-        for i in range(grid_h):
-            for j in range(grid_w):
-                top, left = sliding_window(i, j, grid_h, grid_w, h, w)
-                k = (i - top) * w + (j - left)  # (i, j)'s index in its window, row-major
-                if last == (top, left, k - 1):  # the same window, one token further
-                    r, c = divmod(k - 1, w)
-                    previous = tokens[:, top + r, left + c, None]  # (B, 1)
-                    logits = self.gpt_forward(previous, kv_cache, start_pos=P + k - 1)[:, -1]
-                else:  # a new window: its condition and context from scratch
-                    cond = self.window_condition(top, left, **conditions)  # (B, P)
-                    context = tokens[:, top:top + h, left:left + w].flatten(1)[:, :k]  # (B, k)
-                    kv_cache = self.gpt.new_kv_cache(B)
-                    logits = self.gpt_forward(torch.cat([cond, context], dim=1), kv_cache)[:, -1]
-                tokens[:, i, j] = sample_next(logits, generator, top_k, top_p, temperature)[:, 0]
-                last = (top, left, k)
-        return tokens
-
 
 def load_frozen_vqgan(path, sha256, trained_by, content="photos", device="cpu"):
     """A VQGAN that the transformer checkpoint `trained_by` recorded: the very file it was trained
@@ -380,11 +338,10 @@ def load_frozen_vqgan(path, sha256, trained_by, content="photos", device="cpu"):
 
 
 def load_transformer(path, device="cpu", vqgan_path=None):
-    """RUN/transformer_last.pt -> (PoseTransformer in eval mode, the checkpoint dict).
-
-    The VQGAN comes from `vqgan_path` or the path the checkpoint recorded, a condition VQGAN from
-    the path recorded; each must be the very file the transformer was trained with.
-    """
+    """RUN/transformer_last.pt -> (PoseTransformer in eval mode, with the averaged weights where
+    the run kept them (--ema-decay), the checkpoint dict). The VQGAN comes from `vqgan_path` or
+    the path the checkpoint recorded, a condition VQGAN from the path recorded; each must be
+    the very file the transformer was trained with."""
     checkpoint = load_checkpoint(path, "transformer_train")
     config = dict(checkpoint["config"])  # the model's config plus the VQGANs' content hashes
     vqgan = load_frozen_vqgan(vqgan_path or checkpoint["vqgan_checkpoint"],
@@ -395,5 +352,6 @@ def load_transformer(path, device="cpu", vqgan_path=None):
             checkpoint["condition_vqgan_checkpoint"], config.pop("condition_vqgan_sha256"), path,
             CONDITION_CONTENT[config["condition"]], device)
     model = PoseTransformer.from_config(vqgan, config, condition_vqgan).to(device)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(averaged_weights(checkpoint["ema"]) if "ema" in checkpoint
+                          else checkpoint["model"])
     return model.eval(), checkpoint

@@ -88,8 +88,10 @@ def resolve_precision(name, device):
     later), fp16 with a GradScaler on older GPUs (torch.cuda.is_bf16_supported() also says yes
     there, where bf16 is emulated and slow); bf16 on a CPU with AMX bf16 units (Intel Xeon
     since Sapphire Rapids: the default stage-1 run took 14.5 min there against 20.7 in fp32, at
-    the same PSNR; README "Stage 1"); fp32 on other CPUs, where bf16 is emulated, and on MPS.
-    The others are taken as given: any CPU runs bf16 and fp16 autocast, which the tests use.
+    the same PSNR); fp32 on other CPUs and on MPS. That includes CPUs with AVX512-BF16 alone
+    (AMD Zen 4): bf16 ran both stages 1.4x as fast there, but the one stage-1 run ended 0.8 dB
+    below fp32's (README "Stage 1"). The others are taken as given: any CPU runs bf16 and fp16
+    autocast, which the tests use.
     """
     if name not in PRECISIONS:
         raise UserError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
@@ -220,6 +222,11 @@ def load_checkpoint(path, expected_kinds):
         found = CHECKPOINT_KINDS.get(kind, "a file that is not a checkpoint of this project")
         raise UserError(f"{path} is {found}, but {wanted} is needed here")
     return checkpoint
+
+
+def averaged_weights(ema_state):
+    """The state_dict of an AveragedModel (runs.weight_average) -> its averaged model's."""
+    return {k.removeprefix("module."): v for k, v in ema_state.items() if k.startswith("module.")}
 
 
 def read_jsonl(path):

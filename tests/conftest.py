@@ -106,3 +106,17 @@ def shared_lpips(monkeypatch, lpips):
     for trainer in (training_vqgan, training_superres):
         monkeypatch.setattr(trainer, "LPIPSLoss", lambda weights_path=None: lpips)
     return lpips
+
+
+@pytest.fixture
+def averaged_weights_seen(monkeypatch):
+    """The parameters each AveragedModel.update_parameters (runs.weight_average) is given, in
+    order: the weights a trainer trained, after each optimizer step."""
+    seen, update = [], torch.optim.swa_utils.AveragedModel.update_parameters
+
+    def recording_update(ema, model):
+        seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        update(ema, model)
+    monkeypatch.setattr(torch.optim.swa_utils.AveragedModel, "update_parameters",
+                        recording_update)
+    return seen

@@ -19,9 +19,10 @@ from conditions import Content
 from data import PoseImageDataset
 from location_features import fourier_features
 from poses import COCO17, OPENPOSE18, bone_colours, flip_example, pose_picture
+from sliding_window import window_condition
 from transformer import PoseTransformer, load_transformer
 from utils import UserError
-from vqgan import load_vqgan
+from vqgan import config_from_args, load_vqgan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -60,6 +61,18 @@ def condition_vqgans(data, tmp_path_factory):
                              "--embed-dim", "16", "--n-embed", "24"])
         made[content] = str(run_dir / "vqgan.pt")
     return made
+
+
+def test_condition_grids_stay_16_and_8_codes_across_at_any_resolution():
+    """Each doubling above 64 px adds a halving level to the contents' defaults: at the paper
+    preset's 256 px a pose picture is 16 x 16 codes (it was 64 x 64, a 4096-token prefix), with
+    the attention on that grid."""
+    for preset, size in (("small", 64), ("small", 128), ("paper", 256)):
+        for content, grid in (("keypoint-images", 16), ("part-maps", 8)):
+            config = config_from_args(training_vqgan.parse_args(
+                ["--preset", preset, "--image-size", str(size), "--content", content]))
+            assert config.resolution // 2 ** (len(config.ch_mult) - 1) == grid
+            assert config.attn_resolutions == (grid,)
 
 
 # ---- pose pictures ---------------------------------------------------------------------------
@@ -177,6 +190,19 @@ def test_condition_ids_never_collide_with_image_ids_or_other_condition_ranges(tr
         assert (model.image_tokens(batch["image"]) < n_embed).all()
 
 
+def test_the_empty_pose_of_a_condition_vqgan_is_its_codes_of_a_blank_picture(trained):
+    """Condition dropout, on by default for pose conditions, trains these models on the empty
+    pose too: a white pose picture, or a part map all background (one-hot in {-1, 1})."""
+    background = -torch.ones(2, 11, SIZE, SIZE)
+    background[:, 0] = 1
+    blank = {"keypoint-vqgan": torch.ones(2, 3, SIZE, SIZE), "parts-vqgan": background}
+    for condition, path in trained.items():
+        model, _ = load_transformer(path)
+        assert model.condition_dropout == 0.1
+        codes = model.condition_vqgan.image_tokens(blank[condition]).flatten(1)
+        assert torch.equal(model.null_condition(2), model.n_embed + codes)
+
+
 def test_each_condition_token_gets_the_features_of_its_cell_on_the_condition_grid(trained):
     model, _ = load_transformer(trained["keypoint-vqgan"])
     g, h = model.config["condition_grid"], model.token_grid
@@ -264,7 +290,7 @@ def test_the_sliding_window_crops_the_condition_picture_with_the_image_window(tr
     f = SIZE // model.token_grid
     large = model.content.inputs({"keypoints": keypoints}, size=(48, 32))  # (1, 3, 32, 48)
     for left in (0, 4, 8):  # token columns
-        window = model.window_condition(0, left, 16, 24, keypoints=keypoints)
+        window = window_condition(model, 0, left, 16, 24, keypoints=keypoints)
         crop = large[..., :, left * f:left * f + SIZE]
         assert torch.equal(window, model.n_embed + model.condition_vqgan.image_tokens(crop)
                            .flatten(1))

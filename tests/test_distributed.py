@@ -241,11 +241,14 @@ def stage_2_args(data, vqgan_path, run_dir, *extra):
     """A one-layer GPT on keypoint-conditioned tokens, flips on; `extra` overrides.
 
     No gradient clipping: it would hide a wrongly scaled gradient from the optimizer state.
-    float32 on any CPU (auto would be bf16 with AMX): the runs are compared at 1e-5.
+    float32 on any CPU (auto would be bf16 with AMX): the runs are compared at 1e-5. No
+    condition dropout: its masks repeat across ranks (README, Multi-GPU), so two processes of
+    batch 4 drop other sequences than one of batch 8.
     """
     return ["--dataset-path", data, "--vqgan-checkpoint", vqgan_path, "--image-size", "32",
             "--val-fraction", "0.2", "--run-dir", run_dir, "--device", "cpu",
             "--precision", "fp32", "--num-workers", "0", "--n-layer", "1", "--n-head", "2",
+            "--condition-dropout", "0",
             "--n-embd", "32",
             "--lr", "1e-3", "--warmup-steps", "1", "--grad-clip", "1e9", "--grid-examples", "1",
             "--max-steps", STAGE_2_STEPS, "--log-every", "2", "--save-every", "2",

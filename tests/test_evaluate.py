@@ -17,6 +17,7 @@ import image_metrics
 import mannequins
 import plots
 import pose_scores
+import runs
 import utils
 from data import PoseImageDataset
 from transformer import PoseTransformer, load_transformer
@@ -221,6 +222,7 @@ class RedrawingModel:
     """
 
     condition = "parts"
+    default_guidance = 1.0
 
     def __init__(self, dataset):
         self.images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
@@ -262,6 +264,20 @@ def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_fl
     assert result["sample_over_ceiling"] == 1.0
     assert result["floor_iou"] < 0.6 * result["sample_iou"]
     assert result["sample_over_floor"] == pytest.approx(result["sample_iou"] / result["floor_iou"])
+
+
+def test_pose_samples_and_reconstructions_are_clamped_to_the_pictures_range(val_set):
+    """A decoder can overshoot [-1, 1]: the detector and the silhouettes score the picture a
+    user gets, clamped, as the reconstruction metrics do (they saw the raw values)."""
+    class Overshooting(RedrawingModel):
+        def decode(self, tokens):
+            return 1.5 * super().decode(tokens)
+
+    poses = pose_scores.generate_pose_samples(Overshooting(val_set), val_set, num_poses=4,
+                                              batch_size=4, device=torch.device("cpu"))
+    assert (1.5 * poses.real).max() > 1.2  # the light backdrops overshoot
+    for pictures in (poses.samples, poses.reconstructions):
+        torch.testing.assert_close(pictures, (1.5 * poses.real).clamp(-1, 1))
 
 
 def test_pose_samples_are_skipped_without_a_pose_or_two_poses(val_set):
@@ -404,6 +420,29 @@ def test_one_encoding_gives_the_histogram_the_reconstructions_and_the_bits_per_t
     with torch.no_grad():
         float32_tokens = vqgan.encode(images)[2].flatten(1)
     assert not torch.equal(float32_tokens, tokens), "bf16 should pick some other codes here"
+
+
+def test_data_flags_not_given_are_the_transformer_runs_own(trained, dataset_dir, val_set,
+                                                           tmp_path, capsys):
+    """The run held out --val-fraction 0.25 of dataset_dir: without data flags evaluate.py
+    scores that very split (it scored the default 5 % of the default mannequins)."""
+    argv = evaluate_args(trained, dataset_dir, tmp_path / "eval.json")
+    for flag in ("--dataset-path", "--val-fraction"):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    results = evaluate.main(argv + ["--num-pose-samples", "1"])
+    assert results["dataset_path"] == str(dataset_dir) and results["num_images"] == len(val_set)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_given_data_flags_win_with_a_warning_where_they_differ_from_the_runs(capsys):
+    args = evaluate.parse_args(["--vqgan-checkpoint", "v.pt", "--val-fraction", "0.5",
+                                "--resize-mode", "crop"])
+    runs.take_run_data_flags(args, {"dataset_path": "D", "val_fraction": 0.25,
+                                    "resize_mode": "crop"}, args.data_defaults)
+    assert (args.dataset_path, args.val_fraction, args.resize_mode) == ("D", 0.5, "crop")
+    assert (args.pose_layout, args.part_labels) == ("auto", "mannequin")  # the defaults
+    warning = capsys.readouterr().err
+    assert "trained with --val-fraction 0.25;" in warning and "resize" not in warning
 
 
 def test_two_runs_write_identical_json(report, trained, dataset_dir):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import sample
+import sampling
 from data import PoseImageDataset
 from transformer import PoseTransformer
 import utils
@@ -290,11 +291,66 @@ def test_completion_of_an_image_elsewhere_with_two_candidate_poses_needs_pose_ke
     assert torch.equal(call["cond"], chosen)
 
 
+@pytest.fixture
+def coco_checkpoint(checkpoint, tmp_path):
+    """The keypoint model's checkpoint, re-pointed at COCO people: a person in the lower right
+    of each of four 96 x 64 photos, cropped to a square around the box as training crops them."""
+    photos = [f"photo{i}.png" for i in range(4)]
+    people = []
+    for i, name in enumerate(photos):
+        picture = np.full((64, 96, 3), 200, np.uint8)
+        picture[30:60, 60:90] = (40 * i, 90, 160)  # the person's box (x 60-90, y 30-60)
+        picture[30:45, 70:80] = (220, 30, 30)
+        Image.fromarray(picture).save(tmp_path / name)
+        keypoints = pose((NOSE, 75, 32, 2), (5, 70, 40, 2), (6, 80, 40, 2), (LEFT_ANKLE, 72, 58, 2),
+                         (16, 78, 58, 2))
+        people.append({"id": i, "image_id": i, "bbox": [60, 30, 30, 30], "iscrowd": 0,
+                       "num_keypoints": 5, "keypoints": sum(keypoints, [])})
+    annotations = write_json(tmp_path / "people.json", {
+        "images": [{"id": i, "file_name": name, "width": 96, "height": 64}
+                   for i, name in enumerate(photos)],
+        "annotations": people, "categories": [{"id": 1, "name": "person"}]})
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["args"].update(dataset_path=str(tmp_path), coco_annotations=annotations,
+                         val_fraction=0.2)  # photo2, photo3 in validation
+    torch.save(saved, tmp_path / "coco.pt")
+    return str(tmp_path / "coco.pt")
+
+
+def test_completion_of_a_coco_person_squares_the_photo_on_that_persons_box(
+        coco_checkpoint, vqgan_path, tmp_path, sampled):
+    """Training squared each COCO person's box, and the validation pose is in that square: the
+    image to complete must be the same square, not the whole photo padded (it was)."""
+    _, val_set = sample.data.build_datasets(torch.load(coco_checkpoint, weights_only=True)["args"],
+                                            progress=False)
+    person = val_set[0]
+    photo = val_set.examples[0].image_path
+    run(coco_checkpoint, tmp_path / "out", "--complete", photo, "--num-samples", "1")
+    (call,) = sampled
+    with torch.no_grad():
+        crop = load_vqgan(vqgan_path).encode(person["image"][None])[2].flatten(1)
+    assert torch.equal(call["tokens"][:, :HALF], crop[:, :HALF])
+    assert torch.equal(call["cond"], call["model"].condition_tokens(
+        keypoints=person["keypoints"][None]))
+
+
 def test_completion_for_a_part_map_model_needs_an_image_with_a_part_map(parts_checkpoint,
                                                                         data, tmp_path):
     outside_validation = str(data / "images" / "000002.png")
     with pytest.raises(UserError, match="part map"):
         run(parts_checkpoint, tmp_path / "out", "--complete", outside_validation)
+
+
+def test_a_model_trained_with_condition_dropout_samples_guided_unless_told_otherwise(
+        train, data, vqgan_path, tmp_path, sampled):
+    checkpoint = train(data, vqgan_path, tmp_path / "run", "--condition-dropout", "0.5")
+    del sampled[:]  # the training run's own sample grid
+    for name, extra in (("default", []), ("unguided", ["--guidance", "1"])):
+        run(checkpoint, tmp_path / name, "--count", "2", "--num-samples", "1", *extra)
+    assert [call["guidance"] for call in sampled] == [None, 1.0]
+    assert sampled[0]["model"].default_guidance == sampling.DEFAULT_GUIDANCE
+    assert (tmp_path / "default" / "grid.png").read_bytes() != (
+        tmp_path / "unguided" / "grid.png").read_bytes()
 
 
 # ---- bad input: one clear UserError each ---------------------------------------------------

@@ -18,7 +18,9 @@ import mannequins
 import sample
 from data import PoseImageDataset
 from poses import frame_box, reframe_keypoints
-from transformer import PoseTransformer, load_transformer, sliding_window
+import sliding_window
+from sliding_window import sample_grid, window_condition, window_origin
+from transformer import PoseTransformer, load_transformer
 from utils import UserError
 from vqgan import VQGAN, VQGANConfig, save_vqgan
 
@@ -47,12 +49,12 @@ def random_keypoints(batch, width, height, k=17):
 # ---- the sliding window --------------------------------------------------------------------
 
 
-def test_sliding_window_is_centred_on_the_token_and_clamped_to_the_grid():
+def test_the_window_is_centred_on_the_token_and_clamped_to_the_grid():
     # a 4 x 4 window on a 10 x 7 grid
-    assert sliding_window(0, 0, 10, 7, 4, 4) == (0, 0)
-    assert sliding_window(5, 3, 10, 7, 4, 4) == (3, 1)  # centred: 5 - 2, 3 - 2
-    assert sliding_window(2, 5, 10, 7, 4, 4) == (0, 3)  # top edge; right edge (7 - 4)
-    assert sliding_window(9, 6, 10, 7, 4, 4) == (6, 3)  # bottom right corner
+    assert window_origin(0, 0, 10, 7, 4, 4) == (0, 0)
+    assert window_origin(5, 3, 10, 7, 4, 4) == (3, 1)  # centred: 5 - 2, 3 - 2
+    assert window_origin(2, 5, 10, 7, 4, 4) == (0, 3)  # top edge; right edge (7 - 4)
+    assert window_origin(9, 6, 10, 7, 4, 4) == (6, 3)  # bottom right corner
 
 
 CONDITIONS = {  # condition -> (model settings, sample_grid arguments for 3 samples)
@@ -71,10 +73,23 @@ def test_sample_grid_on_the_training_grid_equals_sample_exactly(condition, setti
     given = conditions()
     cond = model.condition_tokens(**given)
     expected = model.sample(cond, generator=torch.Generator().manual_seed(7), **settings)
-    tokens = model.sample_grid(4, 4, generator=torch.Generator().manual_seed(7), **given,
-                               **settings)
+    tokens = sample_grid(model, 4, 4, generator=torch.Generator().manual_seed(7), **given,
+                         **settings)
     assert tokens.shape == (3, 4, 4)
     assert torch.equal(tokens.flatten(1), expected)
+
+
+def test_guided_sample_grid_on_the_training_grid_equals_guided_sample_exactly():
+    model = make_model(condition_dropout=0.1)
+    keypoints = random_keypoints(3, SIZE, SIZE)
+    expected = model.sample(model.condition_tokens(keypoints=keypoints), guidance=2.5,
+                            generator=torch.Generator().manual_seed(7))
+    tokens = sample_grid(model, 4, 4, keypoints=keypoints, guidance=2.5,
+                         generator=torch.Generator().manual_seed(7))
+    assert torch.equal(tokens.flatten(1), expected)
+    assert not torch.equal(expected, model.sample(model.condition_tokens(keypoints=keypoints),
+                                                  generator=torch.Generator().manual_seed(7),
+                                                  guidance=1))
 
 
 @pytest.mark.parametrize("grid", [(24, 20), (8, 32)])
@@ -89,8 +104,8 @@ def test_every_gpt_input_of_a_larger_grid_fits_the_block_size(grid, monkeypatch)
     monkeypatch.setattr(model.gpt, "forward", spy)
     grid_h, grid_w = grid
     keypoints = random_keypoints(2, 4 * grid_w, 4 * grid_h)  # pixels of the large image
-    tokens = model.sample_grid(grid_h, grid_w, keypoints=keypoints,
-                               generator=torch.Generator().manual_seed(0))
+    tokens = sample_grid(model, grid_h, grid_w, keypoints=keypoints,
+                         generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (2, grid_h, grid_w)
     assert 0 <= tokens.min() and tokens.max() < model.n_embed
     ends = [start + length for start, length in spans]
@@ -106,12 +121,12 @@ def test_each_token_of_a_larger_grid_is_the_greedy_choice_given_its_window():
     model = make_model()
     grid_h, grid_w = 7, 6
     keypoints = random_keypoints(2, 4 * grid_w, 4 * grid_h)
-    tokens = model.sample_grid(grid_h, grid_w, keypoints=keypoints, top_k=1)
+    tokens = sample_grid(model, grid_h, grid_w, keypoints=keypoints, top_k=1)
     for i in range(grid_h):
         for j in range(grid_w):
-            top, left = sliding_window(i, j, grid_h, grid_w, 4, 4)
+            top, left = window_origin(i, j, grid_h, grid_w, 4, 4)
             k = (i - top) * 4 + (j - left)
-            cond = model.window_condition(top, left, grid_h, grid_w, keypoints=keypoints)
+            cond = window_condition(model, top, left, grid_h, grid_w, keypoints=keypoints)
             context = tokens[:, top:top + 4, left:left + 4].flatten(1)[:, :k]
             with torch.no_grad():
                 logits = model.gpt_forward(torch.cat([cond, context], dim=1))[:, -1]
@@ -123,14 +138,14 @@ def test_window_condition_sees_keypoints_in_the_window_frame_and_the_cropped_par
     not_visible = model.n_embed + 8 * 8
     # a 32 x 32 px image (8 x 8 tokens); a visible joint at x 20, y 6 and an invisible one
     keypoints = torch.tensor([[[20.0, 6.0, 2.0], [20.0, 6.0, 0.0]]])
-    right = model.window_condition(0, 4, 8, 8, keypoints=keypoints)  # pixels x 16..32, y 0..16
+    right = window_condition(model, 0, 4, 8, 8, keypoints=keypoints)  # pixels x 16..32, y 0..16
     assert right.tolist() == [[model.n_embed + 3 * 8 + 2, not_visible]]  # (4, 6): row 3, col 2
-    left = model.window_condition(0, 0, 8, 8, keypoints=keypoints)  # x 0..16: the joint is out
+    left = window_condition(model, 0, 0, 8, 8, keypoints=keypoints)  # x 0..16: the joint is out
     assert left.tolist() == [[not_visible, not_visible]]
 
     parts_model = make_model("parts")
     part_map = torch.randint(0, 11, (1, 32, 32))  # 4 px per token of an 8 x 8 grid
-    window = parts_model.window_condition(2, 4, 8, 8, part_maps=part_map)
+    window = window_condition(parts_model, 2, 4, 8, 8, part_maps=part_map)
     assert torch.equal(window, parts_model.condition_tokens(part_maps=part_map[:, 8:24, 16:32]))
 
 
@@ -213,12 +228,12 @@ def checkpoint_of_keypoints(train, mannequin_root, vqgan_path, tmp_path_factory)
 def test_sample_py_grid_size_samples_larger_images_for_poses_on_the_large_canvas(
         checkpoint_of_keypoints, tmp_path, monkeypatch):
     checkpoint = checkpoint_of_keypoints
-    calls, original = [], PoseTransformer.sample_grid
+    calls, original = [], sliding_window.sample_grid
 
     def spy(model, grid_h, grid_w, **kwargs):
         calls.append(dict(grid=(grid_h, grid_w), **kwargs))
         return original(model, grid_h, grid_w, **kwargs)
-    monkeypatch.setattr(PoseTransformer, "sample_grid", spy)
+    monkeypatch.setattr(sliding_window, "sample_grid", spy)
     keypoints = [[0, 0, 0]] * 17
     keypoints[0], keypoints[15] = [10, 3, 2], [17, 22, 2]  # nose, left ankle on a 20 x 24 image
     (tmp_path / "poses.json").write_text(json.dumps({"tall.png": keypoints}))

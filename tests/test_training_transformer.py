@@ -402,15 +402,15 @@ def test_part_labels_the_labelling_does_not_know_stop_the_run_before_any_encodin
 @pytest.fixture(scope="module")
 def one_step_runs(trained, data, vqgan_path, tmp_path_factory):
     """One step of the tiny GPT in float32 eager, compiled, bf16 and fp16 (the cached tokens
-    of `trained`): name -> (checkpoint, the logged loss). No dropout and no --pkeep: compiled
-    code draws its random numbers differently."""
+    of `trained`): name -> (checkpoint, the logged loss). No dropout, --pkeep or condition
+    dropout: compiled code draws its random numbers differently."""
     runs = {}
     for name, flags in (("fp32", []), ("compiled", ["--compile"]),
                         ("bf16", ["--precision", "bf16"]), ("fp16", ["--precision", "fp16"])):
         run_dir = fresh_run_with_cache_of(trained[0], tmp_path_factory.mktemp(name))
         training_transformer.main(train_args(data, vqgan_path, run_dir, "--max-steps", "1",
                                              "--log-every", "1", "--dropout", "0", "--pkeep",
-                                             "1", *flags))
+                                             "1", "--condition-dropout", "0", *flags))
         (record,) = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
                      if "loss" in r]
         runs[name] = last_checkpoint(run_dir), record["loss"]
@@ -447,6 +447,28 @@ def test_bf16_and_real_fp16_with_a_grad_scaler_take_the_float32_step(one_step_ru
 
 
 # ---- exact resume --------------------------------------------------------------------------
+
+
+def test_sampling_loads_the_moving_average_of_the_gpts_trained_weights(data, vqgan_path,
+                                                                       tmp_path,
+                                                                       averaged_weights_seen):
+    """--ema-decay d: sample.py and evaluate.py (load_transformer) get e_1 = w_1, e_t = d_t
+    e_(t-1) + (1 - d_t) w_t, d_t = min(d, t / (t + 9)), over the GPT's weights after each
+    step; --resume the trained ones."""
+    trained = averaged_weights_seen
+    training_transformer.main(train_args(data, vqgan_path, tmp_path, "--ema-decay", "0.25"))
+    assert len(trained) == STEPS
+    expected = trained[0]
+    for t, weights in enumerate(trained[1:], start=2):
+        d = min(0.25, t / (t + 9))
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
+    loaded = load_transformer(str(tmp_path / "transformer_last.pt"), "cpu")[0].state_dict()
+    assert loaded.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(loaded[name], expected[name], rtol=1e-5, atol=1e-6)
+    raw = last_checkpoint(tmp_path)["model"]
+    assert all(torch.equal(raw[k], trained[-1][k]) for k in raw)
+    assert not torch.equal(raw["gpt.lm_head.weight"], loaded["gpt.lm_head.weight"])
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sampling import filter_logits, sample_next
+from sampling import DEFAULT_GUIDANCE, filter_logits, sample_next
 from location_features import fourier_features, location_features
 from transformer import PoseTransformer
 from utils import UserError
@@ -294,6 +294,67 @@ def test_pkeep_replaces_image_inputs_with_codes_but_never_condition_tokens():
     # in eval mode pkeep is ignored, so validation losses are comparable
     unchanged = torch.cat([cond, tokens[:, :-1]], 1)
     assert torch.equal(gpt_inputs(model.eval(), cond, tokens, 0.0), unchanged)
+
+
+# ---- condition dropout and classifier-free guidance -------------------------------------------
+
+
+def test_the_empty_pose_is_every_joint_invisible_or_every_cell_background():
+    keypoints, parts = make_model(), make_model("parts")
+    invisible = N_EMBED + (2 * GRID) ** 2  # the keypoint grid's "not visible" id
+    assert torch.equal(keypoints.null_condition(3), torch.full((3, 17), invisible))
+    assert torch.equal(parts.null_condition(2), torch.full((2, GRID * GRID), N_EMBED))
+    for condition, extra in (("none", {}), ("class", dict(class_names=["a", "b"]))):
+        with pytest.raises(UserError, match="pose condition"):
+            make_model(condition, **extra).null_condition(1)
+        with pytest.raises(UserError, match="needs a pose condition"):
+            make_model(condition, condition_dropout=0.1, **extra)
+
+
+def test_condition_dropout_puts_the_empty_pose_in_place_of_that_share_of_training_poses():
+    model = make_model(condition_dropout=0.25).train()
+    assert model.config["condition_dropout"] == 0.25
+    assert "condition_dropout" not in make_model().config  # configs of older runs stay equal
+    cond = model.condition_tokens(keypoints=random_keypoints(400))
+    tokens = torch.randint(0, N_EMBED, (400, GRID * GRID))
+    torch.manual_seed(0)
+    prefixes = gpt_inputs(model, cond, tokens, 1.0)[:, :17]
+    dropped = (prefixes == model.null_condition(1)).all(dim=1)
+    assert 0.18 < dropped.float().mean() < 0.32  # 0.25 +- 3 standard deviations
+    assert torch.equal(prefixes[~dropped], cond[~dropped])
+    assert torch.equal(gpt_inputs(model.eval(), cond, tokens, 1.0)[:, :17], cond)
+
+
+@pytest.mark.parametrize("prefix_length", [0, 5])
+def test_guided_greedy_samples_follow_empty_plus_scale_times_the_difference(prefix_length):
+    """Independent of the cache: each sampled token is the argmax of the teacher-forced logits
+    after the empty pose plus 3 x (those after the pose - those after the empty pose)."""
+    model = make_model(condition_dropout=0.1)
+    cond = model.condition_tokens(keypoints=random_keypoints(3))
+    prefix = torch.randint(0, N_EMBED, (3, prefix_length))
+    tokens = model.sample(cond, top_k=1, prefix_tokens=prefix, guidance=3.0)
+    with torch.no_grad():
+        posed, _ = model(cond, tokens)
+        empty, _ = model(model.null_condition(3), tokens)
+    guided = empty + 3.0 * (posed - empty)
+    assert torch.equal(tokens[:, :prefix_length], prefix)
+    assert torch.equal(tokens[:, prefix_length:], guided.argmax(-1)[:, prefix_length:])
+    assert not torch.allclose(guided, posed)  # the empty pose's logits do count
+
+
+def test_a_model_trained_with_condition_dropout_samples_guided_by_default_and_others_refuse():
+    guided = make_model(condition_dropout=0.1)
+    cond = guided.condition_tokens(keypoints=random_keypoints(2))
+
+    def draw(model, **options):
+        return model.sample(cond, generator=torch.Generator().manual_seed(0), **options)
+    assert guided.default_guidance == DEFAULT_GUIDANCE > 1
+    assert torch.equal(draw(guided), draw(guided, guidance=DEFAULT_GUIDANCE))
+    assert not torch.equal(draw(guided), draw(guided, guidance=1))
+    plain = make_model()
+    assert torch.equal(draw(plain), draw(plain, guidance=1))
+    with pytest.raises(UserError, match="trained with --condition-dropout"):
+        draw(plain, guidance=2)
 
 
 # ---- the frozen VQGAN --------------------------------------------------------------------------
