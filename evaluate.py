@@ -319,6 +319,7 @@ def main(argv=None):
     if args.transformer_checkpoint:  # loads and checks the VQGAN too: it must be the very file
         model, checkpoint = load_transformer(args.transformer_checkpoint, device,
                                              args.vqgan_checkpoint)
+        model.resolve_guidance(args.guidance)  # a scale it cannot take: refused before any work
         if args.int8:  # bits per token and the pose samples then measure the int8 GPT
             model.int8_for_cpu()
         vqgan = model.vqgan

@@ -100,7 +100,7 @@ def pose_sampling_skip_reason(model, num_poses, dataset):
 def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0, top_k=None,
                           top_p=None, temperature=1.0, guidance=None):
     """Sample one image for each of the first `num_poses` poses of `dataset` (seeded; guidance
-    None: the model's default_guidance)."""
+    None: the model's default, PoseTransformer.resolve_guidance)."""
     count = min(num_poses, len(dataset))
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -122,8 +122,7 @@ def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0,
     return PoseSamples(condition=model.condition, **stacked,
                        partner=derangement(count, torch.Generator().manual_seed(seed)),
                        sampling={"top_k": top_k, "top_p": top_p, "temperature": temperature,
-                                 "guidance": model.default_guidance if guidance is None
-                                 else guidance, "seed": seed})
+                                 "guidance": model.resolve_guidance(guidance), "seed": seed})
 
 
 def evaluate_pose_fidelity(poses, threshold=SILHOUETTE_THRESHOLD):

@@ -68,7 +68,8 @@ def add_run_args(parser):
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--ema-decay", type=unit_fraction, default=0.0,
                        help="keep an exponential moving average of the weights with this decay "
-                            "per step, for validation, grids and the inference weights (0: off)")
+                            "per step, for validation, grids and the inference weights (0: off; "
+                            "stage 2: 0.995, or what a resumed run was trained with)")
     group.add_argument("--log-every", type=positive_int, default=50)
     group.add_argument("--save-every", type=positive_int, default=500)
     group.add_argument("--sample-every", type=positive_int, default=500)
@@ -250,6 +251,12 @@ class RunDirectory:
     def resume_path(self, resume):
         """The checkpoint --resume names: alone ("last"), this folder's training checkpoint."""
         return self.path(self.last_name) if resume == "last" else resume
+
+    def trained_flags(self, resume):
+        """The flags (plain_args) of the checkpoint --resume names, {} without --resume or
+        checkpoint: what a resumed run keeps where a default changed since it was trained."""
+        path = self.resume_path(resume) if resume else None
+        return load_checkpoint(path, self.kind)["args"] if path and os.path.exists(path) else {}
 
     def steps_left(self, step, schedule, resume):
         """Whether the loop has a step to take. A resumed run already at the end of `schedule`

@@ -275,6 +275,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
     model, checkpoint = load_transformer(args.checkpoint, device, args.vqgan_checkpoint)
+    model.resolve_guidance(args.guidance)  # a scale it cannot take: refused before any work
     if args.int8:
         model.int8_for_cpu()
     token_grid, condition = model.token_grid, model.condition

@@ -73,8 +73,8 @@ def sample_grid(model, grid_h, grid_w, keypoints=None, part_maps=None, labels=No
                       labels=labels, batch_size=batch_size)
     P = model.num_condition_tokens
     B = window_condition(model, 0, 0, **conditions).size(0)
-    guidance = model.default_guidance if guidance is None else guidance
-    runs = 1 if guidance == 1 else 2  # each row twice with guidance
+    guidance = model.resolve_guidance(guidance)
+    passes = 1 if guidance == 1 else 2  # each row twice with guidance
     tokens = torch.zeros(B, grid_h, grid_w, dtype=torch.long, device=model.device)
     last, kv_cache = None, None  # (top, left, k) of the token sampled last; its cache
     for i in range(grid_h):
@@ -83,13 +83,13 @@ def sample_grid(model, grid_h, grid_w, keypoints=None, part_maps=None, labels=No
             k = (i - top) * w + (j - left)  # (i, j)'s index in its window, row-major
             if last == (top, left, k - 1):  # the same window, one token further
                 r, c = divmod(k - 1, w)
-                previous = tokens[:, top + r, left + c, None].repeat(runs, 1)  # (B or 2B, 1)
+                previous = tokens[:, top + r, left + c, None].repeat(passes, 1)  # (B or 2B, 1)
                 logits = model.gpt_forward(previous, kv_cache, start_pos=P + k - 1)[:, -1]
             else:  # a new window: its condition and context from scratch
                 cond = model.guided(window_condition(model, top, left, **conditions), guidance)
                 context = tokens[:, top:top + h, left:left + w].flatten(1)[:, :k]  # (B, k)
                 kv_cache = model.gpt.new_kv_cache(cond.size(0))
-                logits = model.gpt_forward(torch.cat([cond, context.repeat(runs, 1)], dim=1),
+                logits = model.gpt_forward(torch.cat([cond, context.repeat(passes, 1)], dim=1),
                                            kv_cache)[:, -1]
             tokens[:, i, j] = sample_next(guide(logits, guidance), generator, top_k, top_p,
                                           temperature)[:, 0]

@@ -57,7 +57,7 @@ def parse_args(argv=None):
     runs.add_run_args(parser)
     parser.set_defaults(run_dir=os.path.join("runs", "transformer"), batch_size=16,
                         base_lr=6.25e-5, default_max_steps=2300, warmup_steps=100,
-                        min_lr_ratio=0.1, ema_decay=0.995, image_size=None)  # size: the VQGAN's
+                        min_lr_ratio=0.1, ema_decay=None, image_size=None)  # size: the VQGAN's
     group = parser.add_argument_group("model")
     group.add_argument("--condition", choices=("auto",) + CONDITION_MODES, default="auto",
                        help="class: one class token, the image's first folder below "
@@ -266,8 +266,14 @@ def train(args, dist, device):
         train_set, val_set = data.build_datasets(args, progress=dist.is_main,
                                                  class_labels=args.condition == "class")
     condition = choose_condition(args.condition, train_set)
-    if args.condition_dropout is None:  # measured on the default run: README, Results
-        args.condition_dropout = 0.1 if condition in POSE_INPUT else 0.0
+    # defaults measured on the default run (README, Results); a resumed run keeps its own (runs
+    # from before they existed had neither: 0)
+    trained = run.trained_flags(args.resume)
+    if args.ema_decay is None:
+        args.ema_decay = trained.get("ema_decay", 0.0) if args.resume else 0.995
+    if args.condition_dropout is None:
+        args.condition_dropout = (trained.get("condition_dropout", 0.0) if args.resume else
+                                  0.1 if condition in POSE_INPUT else 0.0)
     layout = train_set.layout or COCO17
     model = PoseTransformer(vqgan, condition=condition, image_size=args.image_size,
                             num_keypoints=layout.num_keypoints, keypoint_grid=args.keypoint_grid,
@@ -276,6 +282,7 @@ def train(args, dist, device):
                             n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                             condition_dropout=args.condition_dropout,
                             condition_vqgan=condition_vqgan, pose_layout=layout.name).to(device)
+    guidance = model.resolve_guidance(args.guidance)  # of the grids: refused now, not at step 500
     with dist.main_first():  # rank 0 encodes and writes the caches; the others then read them
         cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
         prefixes = (load_condition_cache(run, model, cache, condition_sha256) if condition_vqgan
@@ -314,9 +321,10 @@ def train(args, dist, device):
               f"  {args.image_size} px images -> {grid}x{grid} tokens of "
               f"{vqgan.config.n_embed} codes; GPT {args.n_layer} layers x {args.n_head} heads x "
               f"{args.n_embd}, batch {args.batch_size}, lr {schedule.peak:.3g} ({lr_source}), "
-              f"warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}, weights "
-              f"averaged with decay {args.ema_decay:g}; condition dropout "
-              f"{args.condition_dropout:g}, sampled with guidance {model.default_guidance:g}\n"
+              f"warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}, "
+              + (f"weights averaged with decay {args.ema_decay:g}" if args.ema_decay else
+                 "no weight averaging") + f"; condition dropout {args.condition_dropout:g}, "
+              f"sampled with guidance {guidance:g}\n"
               f"  precision {precision}, channels_last {'on' if channels_last else 'off'} (the "
               f"VQGAN's), compile {'on' if args.compile else 'off'}")
     window_step, window_tokens, loss_sum = step, 0, 0.0

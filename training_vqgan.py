@@ -133,7 +133,8 @@ def describe_run(args, config, model, precision, channels_last, schedule, world_
         f"{args.disc_start}" + (" (after this run's last step)" if args.disc_start >= total
                                 else ""),
         f"  precision {precision}, channels_last {'on' if channels_last else 'off'}, compile "
-        f"{'on' if args.compile else 'off'}, weights averaged with decay {args.ema_decay:g}",
+        f"{'on' if args.compile else 'off'}, " + (f"weights averaged with decay {args.ema_decay:g}"
+                                                  if args.ema_decay else "no weight averaging"),
     ]
     print("\n".join(lines))
 

@@ -30,6 +30,7 @@ sliding_window.py samples grids larger than the training grid with the same mode
 The VQGANs are frozen and not part of this module's parameters or state_dict: a transformer
 checkpoint records the VQGAN checkpoints it was trained against instead of copying their weights.
 """
+import copy
 import os
 
 import torch
@@ -148,8 +149,6 @@ class PoseTransformer(nn.Module):
     keypoint_grid = property(lambda self: self.config["keypoint_grid"])
     class_names = property(lambda self: self.config.get("class_names"))
     condition_dropout = property(lambda self: self.config.get("condition_dropout", 0.0))
-    # the guidance of sample() (and sliding_window's) when none is given: guided where it can be
-    default_guidance = property(lambda self: DEFAULT_GUIDANCE if self.condition_dropout else 1.0)
     # where the model computes: the token table's device (an int8 GPT has no Linear weights)
     device = property(lambda self: self.gpt.transformer.wte.weight.device)
 
@@ -157,6 +156,15 @@ class PoseTransformer(nn.Module):
         for frozen in filter(None, (self.vqgan, self.condition_vqgan)):
             frozen._apply(fn, *args, **kwargs)  # .to() / .cuda() / .half() move the VQGANs too
         return super()._apply(fn, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        """A copy with its own GPT and the same frozen VQGANs (the weight average's copy)."""
+        for frozen in filter(None, (self.vqgan, self.condition_vqgan)):
+            memo[id(frozen)] = frozen  # deepcopy hands out what memo holds as it is
+        copied = memo[id(self)] = self.__class__.__new__(self.__class__)
+        for name, value in self.__dict__.items():
+            object.__setattr__(copied, name, copy.deepcopy(value, memo))
+        return copied
 
     # ---- condition and image tokens ------------------------------------------------------------
 
@@ -263,9 +271,10 @@ class PoseTransformer(nn.Module):
     def forward(self, cond, tokens, pkeep=1.0):
         """cond (B, P), tokens (B, N) -> logits (B, N, n_embed) predicting each token, loss.
 
-        In training mode with pkeep < 1 each input image token is replaced by a random code with
-        probability 1 - pkeep (taming-transformers' trick against exposure bias); condition tokens
-        and the targets are never replaced.
+        In training mode each sequence's condition is replaced by the empty pose with probability
+        condition_dropout (null_condition), and with pkeep < 1 each input image token by a
+        random code with probability 1 - pkeep (taming-transformers' trick against exposure
+        bias); the targets are never replaced.
         """
         inputs = tokens[:, :-1]  # (B, N-1)
         if self.training and self.condition_dropout:  # some poses replaced by the empty one
@@ -279,17 +288,22 @@ class PoseTransformer(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens.reshape(-1))
         return logits, loss
 
+    def resolve_guidance(self, guidance=None):
+        """--guidance -> the classifier-free guidance scale to sample with: None is
+        sampling.DEFAULT_GUIDANCE for a model trained with condition dropout, else 1 (none). Only
+        such a model has learned what follows the empty pose, so others refuse any other scale."""
+        if guidance is None:
+            return DEFAULT_GUIDANCE if self.condition_dropout else 1.0
+        if guidance != 1 and not self.condition_dropout:
+            raise UserError(f"--guidance {guidance:g} needs a model trained with "
+                            "--condition-dropout; this one was not: leave --guidance out")
+        return guidance
+
     def guided(self, cond, guidance):
-        """Classifier-free guidance (Ho and Salimans 2022): cond (B, P) -> the prefixes to run,
-        (B, P) at guidance 1, else (2B, P), each sequence again after the empty pose
-        (null_condition), whose logits sampling.guide combines. Only a model trained with
-        --condition-dropout has learned what follows the empty pose."""
-        if guidance == 1:
-            return cond
-        if not self.condition_dropout:
-            raise UserError("guided sampling needs a model trained with --condition-dropout; "
-                            "this one was not: leave --guidance out (or at 1)")
-        return torch.cat([cond, self.null_condition(cond.size(0))])
+        """Classifier-free guidance (Ho and Salimans 2022) at a resolved scale: cond (B, P) ->
+        the prefixes to run, (B, P) at guidance 1, else (2B, P), each sequence again after the
+        empty pose (null_condition), whose logits sampling.guide combines."""
+        return cond if guidance == 1 else torch.cat([cond, self.null_condition(cond.size(0))])
 
     @torch.no_grad()
     def sample(self, cond, num_tokens=None, top_k=None, top_p=None, temperature=1.0,
@@ -303,7 +317,7 @@ class PoseTransformer(nn.Module):
         """
         B, P = cond.shape
         num_tokens = num_tokens or self.num_image_tokens
-        guidance = self.default_guidance if guidance is None else guidance
+        guidance = self.resolve_guidance(guidance)
         tokens = torch.empty(B, num_tokens, dtype=torch.long, device=cond.device)
         M = 0
         if prefix_tokens is not None:
@@ -312,15 +326,15 @@ class PoseTransformer(nn.Module):
         if M == num_tokens:
             return tokens
         cond = self.guided(cond, guidance)  # (B or 2B, P)
-        runs = cond.size(0) // B
+        passes = cond.size(0) // B  # each row once, or twice with guidance
         kv_cache = self.gpt.new_kv_cache(cond.size(0))
-        prompt = torch.cat([cond, tokens[:, :M].repeat(runs, 1)], dim=1)  # (B or 2B, P + M)
+        prompt = torch.cat([cond, tokens[:, :M].repeat(passes, 1)], dim=1)  # (B or 2B, P + M)
         logits = self.gpt_forward(prompt, kv_cache)[:, -1]  # (B or 2B, V)
         for i in range(M, num_tokens):
             tokens[:, i:i + 1] = sample_next(guide(logits, guidance), generator, top_k, top_p,
                                              temperature)
             if i + 1 < num_tokens:
-                logits = self.gpt_forward(tokens[:, i:i + 1].repeat(runs, 1), kv_cache,
+                logits = self.gpt_forward(tokens[:, i:i + 1].repeat(passes, 1), kv_cache,
                                           start_pos=P + i)[:, -1]
         return tokens
 

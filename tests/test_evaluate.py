@@ -222,7 +222,9 @@ class RedrawingModel:
     """
 
     condition = "parts"
-    default_guidance = 1.0
+
+    def resolve_guidance(self, guidance=None):
+        return 1.0
 
     def __init__(self, dataset):
         self.images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])

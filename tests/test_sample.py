@@ -348,7 +348,7 @@ def test_a_model_trained_with_condition_dropout_samples_guided_unless_told_other
     for name, extra in (("default", []), ("unguided", ["--guidance", "1"])):
         run(checkpoint, tmp_path / name, "--count", "2", "--num-samples", "1", *extra)
     assert [call["guidance"] for call in sampled] == [None, 1.0]
-    assert sampled[0]["model"].default_guidance == sampling.DEFAULT_GUIDANCE
+    assert sampled[0]["model"].resolve_guidance() == sampling.DEFAULT_GUIDANCE
     assert (tmp_path / "default" / "grid.png").read_bytes() != (
         tmp_path / "unguided" / "grid.png").read_bytes()
 

@@ -25,7 +25,7 @@ import utils
 from data import PoseImageDataset
 from poses import COCO17, DENSEPOSE_PARTS, PART_NAMES, colorize_parts, draw_skeleton
 from runs import scheduled_lr
-from transformer import load_transformer
+from transformer import PoseTransformer, load_transformer
 from utils import UserError
 from vqgan import VQGAN, load_vqgan
 
@@ -471,6 +471,43 @@ def test_sampling_loads_the_moving_average_of_the_gpts_trained_weights(data, vqg
     assert not torch.equal(raw["gpt.lm_head.weight"], loaded["gpt.lm_head.weight"])
 
 
+def test_a_run_from_before_condition_dropout_and_averaging_resumes_with_its_own_command(
+        trained, data, vqgan_path, tmp_path):
+    """Their defaults came later: a checkpoint without them keeps neither (it was refused: its
+    config has no condition_dropout, its flags no ema_decay)."""
+    run_dir = fresh_run_with_cache_of(trained[0], tmp_path)
+    old_command = train_args(data, vqgan_path, run_dir, "--max-steps", "2")
+    training_transformer.main(old_command + ["--condition-dropout", "0", "--ema-decay", "0"])
+    checkpoint = last_checkpoint(run_dir)
+    for key in ("condition_dropout", "ema_decay"):
+        del checkpoint["args"][key]
+    assert "condition_dropout" not in checkpoint["config"]
+    torch.save(checkpoint, run_dir / "transformer_last.pt")
+    training_transformer.main(old_command[:-2] + ["--max-steps", "3", "--resume"])
+    resumed = last_checkpoint(run_dir)
+    assert resumed["step"] == 3 and "ema" not in resumed
+    assert (resumed["args"]["condition_dropout"], resumed["args"]["ema_decay"]) == (0.0, 0.0)
+
+
+def test_guidance_a_model_cannot_take_is_refused_before_any_step(data, vqgan_path, tmp_path,
+                                                                 monkeypatch):
+    """The grids' --guidance was refused at the first grid (step 500 by default), after
+    training and before any checkpoint."""
+    forwards = count_calls(monkeypatch, PoseTransformer, "forward")
+    with pytest.raises(UserError, match="--guidance 2 needs a model trained with --condition"):
+        training_transformer.main(train_args(data, vqgan_path, tmp_path, "--condition-dropout",
+                                             "0", "--guidance", "2"))
+    assert forwards == []
+
+
+def test_the_weight_average_shares_the_frozen_vqgan_and_copies_the_gpt(trained):
+    model, _ = load_transformer(str(trained[0] / "transformer_last.pt"))
+    average = runs.weight_average(model, 0.9).module
+    assert average.vqgan is model.vqgan  # not a second copy of the frozen weights
+    assert average.gpt is not model.gpt
+    assert all(torch.equal(a, b) for a, b in zip(average.parameters(), model.parameters()))
+
+
 @pytest.fixture(scope="module")
 def resumed(data, vqgan_path, tmp_path_factory):
     """Six steps in one run, and the same six stopped by Ctrl-C after four (the command's exit
@@ -502,8 +539,9 @@ def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(resumed)
     assert stopped_at == 4
     whole, split = last_checkpoint(whole_dir), last_checkpoint(split_dir)
     assert whole["step"] == split["step"] == 6
-    assert whole["model"].keys() == split["model"].keys()
-    assert all(torch.equal(whole["model"][k], split["model"][k]) for k in whole["model"])
+    for weights in ("model", "ema"):  # the trained and the averaged weights (on by default)
+        assert whole[weights].keys() == split[weights].keys()
+        assert all(torch.equal(whole[weights][k], split[weights][k]) for k in whole[weights])
     a, b = whole["optimizer"], split["optimizer"]
     assert a["param_groups"] == b["param_groups"]  # the lr of the last step among them
     assert a["state"].keys() == b["state"].keys()

@@ -348,13 +348,14 @@ def test_a_model_trained_with_condition_dropout_samples_guided_by_default_and_ot
 
     def draw(model, **options):
         return model.sample(cond, generator=torch.Generator().manual_seed(0), **options)
-    assert guided.default_guidance == DEFAULT_GUIDANCE > 1
+    assert guided.resolve_guidance() == DEFAULT_GUIDANCE > 1
     assert torch.equal(draw(guided), draw(guided, guidance=DEFAULT_GUIDANCE))
     assert not torch.equal(draw(guided), draw(guided, guidance=1))
     plain = make_model()
     assert torch.equal(draw(plain), draw(plain, guidance=1))
-    with pytest.raises(UserError, match="trained with --condition-dropout"):
+    with pytest.raises(UserError, match="--guidance 2 needs a model trained with --condition-"):
         draw(plain, guidance=2)
+    assert plain.resolve_guidance() == 1
 
 
 # ---- the frozen VQGAN --------------------------------------------------------------------------
