@@ -56,14 +56,14 @@ def content_defaults(kind, num_labels, resolution=64):
     """A condition VQGAN's defaults over the preset's (README, "Condition VQGANs"), chosen by
     measurement: pose pictures on an f4 grid (16 x 16 tokens at 64 px; f8 smeared the arms and
     cost stage 2 a quarter of its PCK), part maps on an f8 grid (8 x 8 tokens) in and out with a
-    channel per label; 256 codes, attention on the grid only, no LPIPS. Each doubling of the
+    channel per label; 256 codes, attention on the grid only, no LPIPS, no GAN. Each doubling of the
     `resolution` above 64 px adds a halving level, so the grids stay 16 x 16 and 8 x 8 (at 256
     px f4 would make a 4096-token prefix). Photos keep the preset's."""
     if kind == "photos":
         return {}
     extra_levels = (1,) * max(0, (resolution // 64).bit_length() - 1)
     defaults = dict(ch_mult=extra_levels + (1, 2, 4), attn_resolutions=(16,), n_embed=256,
-                    perceptual_weight=0.0, pixel_loss="l1", chroma_weight=0.0)
+                    perceptual_weight=0.0, disc_weight=0.0, pixel_loss="l1", chroma_weight=0.0)
     if kind == "part-maps":
         defaults.update(ch_mult=extra_levels + (1, 2, 2, 4), attn_resolutions=(8,),
                         in_channels=num_labels, out_ch=num_labels)
@@ -121,6 +121,15 @@ class Content:
             return torch.from_numpy(pictures).to(keypoints.device).permute(0, 3, 1, 2) * 2 - 1
         one_hot = F.one_hot(batch["parts"].long(), self.num_labels)  # (B, H, W, L)
         return one_hot.permute(0, 3, 1, 2).float() * 2 - 1
+
+    @property
+    def loss_name(self):
+        """What `loss` computes, in a few words for the start-up line."""
+        if self.kind != "photos":
+            return {"part-maps": "cross-entropy of the part labels",
+                    "keypoint-images": "L1 balanced between drawn and white pixels"}[self.kind]
+        return f"{self.pixel_loss} of " + (f"luma and {self.chroma_weight:g} x chroma"
+                                           if self.chroma_weight else "RGB")
 
     def loss(self, target, reconstruction):
         """The reconstruction loss: cross-entropy of the label logits; of pose pictures, the

@@ -31,7 +31,6 @@ data (another folder, image size, layout or split) is refused, never silently re
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,7 @@ from pose_scores import (SILHOUETTE_THRESHOLD, evaluate_pose_accuracy, evaluate_
                          generate_pose_samples, pose_sampling_skip_reason)
 from sampling import add_sampling_args, sampling_options
 from superres import load_superres
-from training_superres import evaluate_superres
+from training_superres import evaluate_superres, superres_split
 from transformer import load_transformer
 from vqgan import load_vqgan
 
@@ -340,6 +339,10 @@ def main(argv=None):
         raise utils.UserError(f"the transformer knows the classes {model.class_names}, but "
                               f"{dataset.root} has the class folders {dataset.class_names}")
 
+    if args.superres:  # its checks before any work: a wrong file or size fails in seconds
+        sr_model, trained_sha256 = load_superres(args.superres, device)
+        sr_dataset = superres_split(sr_model, vqgan, vars(args), args.split,
+                                    utils.file_sha256(args.vqgan_checkpoint), trained_sha256)
     detector, detector_path, no_detector = find_pose_detector(args, train_set, device)
     lpips = None
     if not args.no_lpips:
@@ -367,10 +370,7 @@ def main(argv=None):
             accuracy["detector"] = detector_path
     superres = {"skipped": "no --superres"}
     if args.superres:
-        sr_model, trained_sha256 = load_superres(args.superres, device)
-        superres = evaluate_superres(sr_model, vqgan, vars(args), args.split, args.batch_size,
-                                     device, lpips, utils.file_sha256(args.vqgan_checkpoint),
-                                     trained_sha256)
+        superres = evaluate_superres(sr_model, vqgan, sr_dataset, args.batch_size, device, lpips)
     results = {"vqgan_checkpoint": args.vqgan_checkpoint,
                "transformer_checkpoint": args.transformer_checkpoint,
                "dataset_path": dataset.root, "split": args.split, "num_images": len(dataset),

@@ -160,5 +160,6 @@ def require_resolution(examples, size, resize_mode):
             where = f"{example.image_path} ({width}x{height})"
         if side < size:
             raise UserError(f"{where} gives a {side} px square, smaller than the {size} px "
-                            "output: super-resolution learns from originals of at least the "
-                            "output size; remove such images or lower --scale")
+                            "output: super-resolution is trained and scored on originals of "
+                            "at least its output size; remove such images, or pass a "
+                            "--dataset-path of larger ones")

@@ -38,6 +38,9 @@ def add_run_args(parser):
     group.add_argument("--run-dir", type=output_folder)
     group.add_argument("--resume", nargs="?", const="last", default=None,
                        help="continue a run: alone, from RUN_DIR's last checkpoint; or a path")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a --run-dir that holds one, replacing its "
+                            "checkpoints (its token or pair cache is reused)")
     group.add_argument("--device", type=device_name, default="auto",
                        help="auto, cpu, cuda, cuda:1, mps")
     group.add_argument("--seed", type=int, default=0)
@@ -207,13 +210,18 @@ def set_rng_state(state):
 class RunDirectory:
     """A run's folder: its training checkpoint (atomic), and checks before resuming it.
 
-    Opened when a run starts: the folder must take a file (checked by writing one, so that a
-    read-only or full folder stops the run before any training), and `remove_stale` (rank 0)
-    deletes the temporary files (.tmp-*.pt, see atomic_save) that a write killed midway left.
+    Opened when a run starts: a folder that already holds a run is refused unless the run
+    `resumes_or_overwrites` (--resume, --overwrite), the folder must take a file (checked by
+    writing one, so that a read-only or full folder stops the run before any training), and
+    `remove_stale` (rank 0) deletes the temporary files (.tmp-*.pt, see atomic_save) that a
+    write killed midway left.
     """
 
-    def __init__(self, root, kind, last_name, remove_stale=True):
+    def __init__(self, root, kind, last_name, resumes_or_overwrites, remove_stale=True):
         self.root, self.kind, self.last_name = root, kind, last_name
+        if not resumes_or_overwrites and os.path.exists(os.path.join(root, last_name)):
+            raise UserError(f"{root} already holds a run ({last_name}): pass --resume to "
+                            "continue it, --overwrite to replace it, or another --run-dir")
         try:
             os.makedirs(root, exist_ok=True)
             with tempfile.TemporaryFile(dir=root):

@@ -46,7 +46,7 @@ import utils
 from poses import (LAYOUTS, condition_picture, frame_box, read_pose_entries,
                    check_keypoints_inside, reframe_keypoints, reframe_picture)
 from sampling import add_sampling_args, sampling_options
-from superres import enlarge, load_superres
+from superres import enlarge, load_superres, warn_if_other_vqgan
 from transformer import POSE_INPUT, load_transformer
 
 
@@ -257,17 +257,19 @@ def completion_row(args, model, checkpoint, rows, names_folder):
     return row, top_half[:, :model.num_image_tokens // 2]
 
 
-def load_matching_superres(path, model, checkpoint_path, device):
+def load_matching_superres(path, model, checkpoint_path, vqgan_sha256, device):
     """--superres: the stage-3 generator, which must have learned to enlarge pictures of the
-    transformer's image size (else None without the flag)."""
+    transformer's image size (else None without the flag), behind the transformer's VQGAN
+    (`vqgan_sha256`; else a warning)."""
     if path is None:
         return None
-    superres, _ = load_superres(path, device)
+    superres, trained_sha256 = load_superres(path, device)
     size = model.config["image_size"]
     if superres.config.in_size != size:
         raise utils.UserError(f"--superres {path} enlarges {superres.config.in_size} px pictures "
                               f"x{superres.config.scale}, but {checkpoint_path} samples {size} px "
                               "ones; pass a super-resolution model trained behind its VQGAN")
+    warn_if_other_vqgan(trained_sha256, vqgan_sha256)
     return superres
 
 
@@ -291,7 +293,8 @@ def main(argv=None):
     pixels_per_token = model.config["image_size"] // token_grid
     canvas = (grid_w * pixels_per_token, grid_h * pixels_per_token)  # (width, height) sampled
 
-    superres = load_matching_superres(args.superres, model, args.checkpoint, device)
+    superres = load_matching_superres(args.superres, model, args.checkpoint,
+                                      checkpoint["config"]["vqgan_sha256"], device)
     rows, names_folder = rows_to_sample(args, model, checkpoint, canvas, sliding)
     prefix = None
     if args.complete is not None:

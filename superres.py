@@ -19,6 +19,7 @@ reconstruction, original); sample.py --superres enlarges samples with it; evalua
 --superres scores it against bicubic.
 """
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import positive_int
-from utils import UserError, atomic_save, load_checkpoint
+from utils import UserError, atomic_save, from_uint8, load_checkpoint, to_uint8
 
 SCALES = (2, 4)
 
@@ -168,10 +169,20 @@ def load_superres(path, device="cpu"):
     return model, checkpoint.get("vqgan_sha256") or checkpoint["config"].get("vqgan_sha256")
 
 
+def warn_if_other_vqgan(trained_sha256, vqgan_sha256):
+    """One warning line when the generator was trained behind another VQGAN than the one whose
+    pictures it is given (a mismatch of sizes is refused where the model is loaded)."""
+    if trained_sha256 is not None and vqgan_sha256 != trained_sha256:
+        print("warning: the super-resolution model was trained behind another VQGAN (its "
+              "content differs); it is given this one's pictures", file=sys.stderr)
+
+
 @torch.no_grad()
 def enlarge(model, images, batch_size=16):
     """Pictures (N, 3, h, w) in [-1, 1] -> (N, 3, s h, s w) in [-1, 1], on the model's device,
-    in batches; float32 on the CPU (returns CPU tensors)."""
+    in batches; float32 on the CPU (returns CPU tensors). The pictures are clamped and rounded
+    to 8 bits first, as the training pairs were (a decoder overshoots [-1, 1])."""
+    images = from_uint8(to_uint8(images))
     device = next(model.parameters()).device
     return torch.cat([model(images[start:start + batch_size].to(device).float()).clamp(-1, 1).cpu()
                       for start in range(0, len(images), batch_size)])

@@ -27,7 +27,6 @@ validation picture: input (nearest-upscaled) | bicubic | ours | original.
 """
 import dataclasses
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ from lpips_loss import LPIPSLoss
 from plots import plot_curves
 from images import require_resolution
 from superres import (SCALES, SuperResConfig, SuperResolution, add_superres_args, bicubic,
-                      downscale, save_superres)
+                      downscale, save_superres, warn_if_other_vqgan)
 from training_loop import TrainingLoop
 from training_vqgan import discriminator_backward
 from vqgan import load_vqgan
@@ -78,7 +77,13 @@ def parse_args(argv=None):
     group.add_argument("--lpips-weights", default=None,
                        help="path of the VGG16 ImageNet weights for LPIPS (see lpips_loss.py)")
     group.add_argument("--grid-examples", type=cli.positive_int, default=6)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, off in (("grad_accum", 1), ("ema_decay", 0), ("compile", False),
+                      ("channels_last", None)):  # flags of stages 1 and 2 only
+        if getattr(args, flag) != off:
+            raise utils.UserError(f"--{flag.replace('_', '-')}: stage 3 does not use it (a flag "
+                                  "of stages 1 and 2); leave it out")
+    return args
 
 
 def check_sizes(args, vqgan_resolution):
@@ -215,25 +220,27 @@ def score_upscalers(model, pairs, scale, batch_size, device, lpips=None, with_ss
     return {key: value / count for key, value in sums.items()}
 
 
-def evaluate_superres(superres, vqgan, flags, split, batch_size, device, lpips=None,
-                      vqgan_sha256=None, trained_sha256=None):
-    """evaluate.py --superres: PSNR, SSIM and LPIPS against the originals at the output size
-    of SR(reconstruction), bicubic(reconstruction) and bicubic(downscaled original), on the
-    `split` of the data flags' images read at the output size (data/mannequins-128 by
-    default)."""
+def superres_split(superres, vqgan, flags, split, vqgan_sha256=None, trained_sha256=None):
+    """evaluate.py --superres, before any other work: the `split` of the data flags' images at
+    the output size (data/mannequins-128 by default); refuses a wrong VQGAN size or pictures."""
     config = superres.config
     if config.in_size != vqgan.config.resolution:
         raise utils.UserError(f"the super-resolution model enlarges {config.in_size} px "
                               f"pictures x{config.scale}, but the VQGAN makes "
                               f"{vqgan.config.resolution} px ones; pass the VQGAN it was "
                               "trained behind")
-    if trained_sha256 is not None and vqgan_sha256 != trained_sha256:
-        print("warning: the super-resolution model was trained behind another VQGAN (its "
-              "content differs); it is scored on this one's reconstructions", file=sys.stderr)
+    warn_if_other_vqgan(trained_sha256, vqgan_sha256)
     train_set, val_set = data.build_datasets({**flags, "image_size": config.out_size},
                                              progress=False)
     dataset = val_set if split == "val" else train_set
     require_resolution(dataset.examples, config.out_size, dataset.resize_mode)
+    return dataset
+
+
+def evaluate_superres(superres, vqgan, dataset, batch_size, device, lpips=None):
+    """PSNR, SSIM, LPIPS against `dataset`'s originals (superres_split) of SR(reconstruction),
+    bicubic(reconstruction) and bicubic(downscaled original)."""
+    config = superres.config
     pairs = make_pairs(dataset, vqgan, config.scale, batch_size, "super-resolution pairs")
     scores = score_upscalers(superres, pairs, config.scale, batch_size, device, lpips,
                              with_ssim=True, perfect_vqgan=True)
@@ -271,11 +278,13 @@ def train(args, dist, device):
     vqgan = load_vqgan(args.vqgan_checkpoint, device)
     vqgan_sha256 = utils.file_sha256(args.vqgan_checkpoint)
     check_sizes(args, vqgan.config.resolution)
-    run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt")
     train_set, val_set = data.build_datasets(args)
     for dataset in (train_set, val_set):
         require_resolution(dataset.examples, args.image_size, dataset.resize_mode)
+    sampler = data.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
     lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
+    run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt",
+                            args.resume or args.overwrite)  # after the checks: no empty folder
     pairs = load_pairs(run, vqgan, train_set, val_set, args, vqgan_sha256, device)
     del vqgan  # frozen and done: the pairs hold what it made
 
@@ -283,7 +292,6 @@ def train(args, dist, device):
                             in_size=args.image_size // args.scale)
     model = SuperResolution(config).to(device).train()
     discriminator = NLayerDiscriminator().to(device).train()
-    sampler = data.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
     schedule = runs.Schedule.from_flags(args, sampler.batches_per_epoch)
     opt_g = torch.optim.Adam(model.parameters(), lr=schedule.peak, betas=(0.9, 0.99))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=schedule.peak, betas=(0.9, 0.99))
@@ -294,9 +302,7 @@ def train(args, dist, device):
                   scaler=scaler)
     run_config = dict(dataclasses.asdict(config), vqgan_sha256=vqgan_sha256)
     flags = runs.plain_args(args)
-    step = 0
-    if args.resume:
-        step = run.resume(args.resume, run_config, flags, 1, **states)
+    step = run.resume(args.resume, run_config, flags, 1, **states) if args.resume else 0
     if not run.steps_left(step, schedule, args.resume):
         return None
     crop = args.crop_size or args.image_size
@@ -306,7 +312,9 @@ def train(args, dist, device):
           f"{len(train_set)} training pictures, {crop} px crops, batch {args.batch_size}\n"
           f"  {schedule.total} steps, lr {schedule.peak:.3g} with a cosine to "
           f"{args.min_lr_ratio:g} of it; L1 + {args.perceptual_weight:g} x LPIPS, "
-          f"GAN x {args.disc_weight:g} from step {args.disc_start}; precision {precision}")
+          f"GAN x {args.disc_weight:g} from step {args.disc_start}"
+          + (" (after this run's last step)" if args.disc_start >= schedule.total else "")
+          + f"; precision {precision}")
     bicubic_scores = score_upscalers(None, pairs["val"], args.scale, args.batch_size, device)
     window_images, window_sums, window_steps = 0, {}, {}
     batches = data.resume_batches(sampler, sampler, step)

@@ -112,7 +112,7 @@ def parse_args(argv=None):
     return args
 
 
-def describe_run(args, config, model, precision, channels_last, schedule, world_size):
+def describe_run(args, config, model, content, precision, channels_last, schedule, world_size):
     """The resolved configuration, printed when a run starts."""
     grid, total = model.token_grid_size, schedule.total
     pictures = "images" if args.content == "photos" else args.content
@@ -126,12 +126,11 @@ def describe_run(args, config, model, precision, channels_last, schedule, world_
         f"{args.batch_size} x --grad-accum {args.grad_accum} x {world_size} process(es))"
         if args.lr is None else f"  lr {args.lr:g} (--lr)",
         f"  {total} steps, warm-up {args.warmup_steps}, min-lr-ratio {args.min_lr_ratio:g}; "
-        f"{args.pixel_loss} of " + (f"luma, {args.chroma_weight:g} x chroma, " if
-                                    args.chroma_weight else "RGB, ") +
-        f"LPIPS x {args.perceptual_weight:g} from step {args.perceptual_start}, codebook x "
-        f"{args.codebook_weight:g}, GAN x {args.disc_weight:g} lambda from step "
-        f"{args.disc_start}" + (" (after this run's last step)" if args.disc_start >= total
-                                else ""),
+        f"{content.loss_name}, LPIPS x {args.perceptual_weight:g} from step "
+        f"{args.perceptual_start}, codebook x {args.codebook_weight:g}, " + (
+            f"GAN x {args.disc_weight:g} lambda from step {args.disc_start}" + (
+                " (after this run's last step)" if args.disc_start >= total else "")
+            if args.disc_weight else "no GAN"),
         f"  precision {precision}, channels_last {'on' if channels_last else 'off'}, compile "
         f"{'on' if args.compile else 'off'}, " + (f"weights averaged with decay {args.ema_decay:g}"
                                                   if args.ema_decay else "no weight averaging"),
@@ -262,7 +261,7 @@ def train(args, dist, device):
     utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     config = config_from_args(args)
     run = runs.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt",
-                            remove_stale=dist.is_main)
+                            args.resume or args.overwrite, remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data / fetches LPIPS weights first
         train_set, val_set = data.build_datasets(args, progress=dist.is_main)
         lpips = (LPIPSLoss(weights_path=args.lpips_weights).to(device)
@@ -309,7 +308,8 @@ def train(args, dist, device):
     if not run.steps_left(step, schedule, args.resume):
         return None
     if dist.is_main:
-        describe_run(args, config, model, precision, channels_last, schedule, dist.world_size)
+        describe_run(args, config, model, content, precision, channels_last, schedule,
+                     dist.world_size)
     code_stats = CodebookStats(config.n_embed)
     # the window since the last log line: sums of each loss term over its steps, and how many
     # steps had the term (the GAN and LPIPS terms start within a window)
@@ -321,7 +321,7 @@ def train(args, dist, device):
                       max(1, sampler.batches_per_epoch // args.grad_accum), args.log_every,
                       args.save_every, args.sample_every, args.resume, "stage 1") as loop:
         while loop.running():
-            gan_on = loop.step >= args.disc_start
+            gan_on = args.disc_weight > 0 and loop.step >= args.disc_start
             perceptual_on = lpips is not None and loop.step >= args.perceptual_start
             lr = schedule.apply([opt_g, opt_d], loop.step)
             opt_g.zero_grad(set_to_none=True)

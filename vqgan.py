@@ -251,10 +251,24 @@ def read_yaml(path):
             return parse_yaml(f.read(), path)
     except OSError as error:
         raise UserError(f"cannot read the config {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text YAML file (were --ckpt and --config swapped?)"
+                        ) from None
 
 
 RELEASED_DDCONFIG = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels",
                      "resolution", "in_channels", "out_ch", "dropout")
+
+
+def released_value_fits(key, value):
+    """Whether a released config's value has the type VQGANConfig needs."""
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if key == "dropout":
+        return integer(value) or isinstance(value, float)
+    if key in ("ch_mult", "attn_resolutions"):
+        return isinstance(value, list) and all(map(integer, value))
+    return integer(value)
 
 
 def config_from_released(data, name="the config"):
@@ -266,7 +280,7 @@ def config_from_released(data, name="the config"):
         raise UserError(f"{name} has no model.params.ddconfig: not a taming-transformers "
                         "VQGAN config")
     target = model.get("target", "taming.models.vqgan.VQModel")
-    if target.rsplit(".", 1)[-1] != "VQModel":
+    if not isinstance(target, str) or target.rsplit(".", 1)[-1] != "VQModel":
         raise UserError(f"{name} describes a {target}; only taming.models.vqgan.VQModel "
                         "(the plain VQGAN) can be converted")
     ddconfig = params["ddconfig"]
@@ -276,10 +290,15 @@ def config_from_released(data, name="the config"):
     missing += [k for k in ("embed_dim", "n_embed") if k not in params]
     if missing:
         raise UserError(f"{name} lacks {', '.join(missing)}")
-    return VQGANConfig(**{k: ddconfig[k] for k in RELEASED_DDCONFIG},
-                       embed_dim=params["embed_dim"], n_embed=params["n_embed"],
-                       beta=0.25, legacy_beta=True, l2_normalize=False, lookup_dim=None,
-                       restart_dead_codes=False)
+    values = {**{k: ddconfig[k] for k in RELEASED_DDCONFIG},
+              "embed_dim": params["embed_dim"], "n_embed": params["n_embed"]}
+    wrong = [k for k, v in values.items() if not released_value_fits(k, v)]
+    if wrong:
+        raise UserError(f"{name}: " + ", ".join(f"{k}: {values[k]!r}" for k in wrong)
+                        + " (ddconfig's ch_mult and attn_resolutions are lists of integers, "
+                        "dropout a number, the others integers)")
+    return VQGANConfig(**values, beta=0.25, legacy_beta=True, l2_normalize=False,
+                       lookup_dim=None, restart_dead_codes=False)
 
 
 def pickled_objects(path):
@@ -366,7 +385,11 @@ def main(argv=None):
     if dropped:
         print(f"dropped {len(dropped)} training-loss entries (LPIPS, discriminator): "
               + ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else ""))
-    save_vqgan(model, args.out)
+    try:
+        save_vqgan(model, args.out)
+    except OSError as error:
+        raise UserError(f"cannot write {args.out} ({error.strerror}); choose another --out"
+                        ) from None
     grid = model.token_grid_size
     print(f"wrote {args.out}: {config.resolution} px images <-> {grid} x {grid} tokens of "
           f"{config.n_embed} codes (legacy beta)")

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from poses import COCO17, OPENPOSE18, bone_colours, flip_example, pose_picture
 from sliding_window import window_condition
 from transformer import PoseTransformer, load_transformer
 from utils import UserError
-from vqgan import config_from_args, load_vqgan
+from vqgan import VQGAN, config_from_args, load_vqgan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -73,6 +74,22 @@ def test_condition_grids_stay_16_and_8_codes_across_at_any_resolution():
                 ["--preset", preset, "--image-size", str(size), "--content", content]))
             assert config.resolution // 2 ** (len(config.ch_mult) - 1) == grid
             assert config.attn_resolutions == (grid,)
+
+
+def test_condition_vqgans_train_without_a_gan_and_print_their_own_loss(capsys):
+    """The README says no LPIPS and no GAN; the small preset's GAN (from step 10000) came along
+    for runs longer than that, and the start-up line named the photos' loss."""
+    for content, loss in (("keypoint-images", "L1 balanced between drawn and white pixels"),
+                          ("part-maps", "cross-entropy of the part labels")):
+        args = training_vqgan.parse_args(["--content", content, "--max-steps", "20000"])
+        assert args.disc_weight == 0 and args.perceptual_weight == 0
+        config = config_from_args(args)
+        training_vqgan.describe_run(args, config, VQGAN(config), Content(content), "fp32", False,
+                                    SimpleNamespace(total=20000, peak=1e-3), 1)
+        printed = capsys.readouterr().out
+        assert f"; {loss}, LPIPS x 0" in printed and printed.rstrip().count("no GAN") == 1
+    photos = training_vqgan.parse_args(["--max-steps", "20000"])
+    assert photos.disc_weight == 0.8  # the image VQGAN keeps its preset's
 
 
 # ---- pose pictures ---------------------------------------------------------------------------
@@ -224,7 +241,7 @@ def test_the_condition_cache_is_rebuilt_when_the_condition_vqgan_changes(
     def train(condition_vqgan):
         train_tiny_transformer(data, vqgan_path, run_dir, SIZE, "--condition", "keypoint-vqgan",
                                "--condition-vqgan", condition_vqgan, "--max-steps", "1",
-                               "--batch-size", "8", "--sample-every", "100")
+                               "--batch-size", "8", "--sample-every", "100", "--overwrite")
     first = condition_vqgans["keypoint-images"]
     train(first)
     assert len(encoded) == 2  # both splits, once

@@ -5,7 +5,9 @@ module names are taming-transformers' own, so the renaming is the identity; the 
 Lightning's wrapping ("state_dict", "epoch", ...) and the training loss's weights (loss.*).
 """
 import argparse
+import errno
 import os
+import re
 import subprocess
 import sys
 import types
@@ -15,6 +17,7 @@ import torch
 
 import mannequins
 import sample
+import vqgan
 from utils import UserError
 from vqgan import PRESETS, VQGAN, VQGANConfig, config_from_released, load_vqgan, main, parse_yaml
 
@@ -243,3 +246,28 @@ def test_stage_2_and_sampling_accept_a_converted_vqgan(converted, tmp_path,
                  "--out", str(tmp_path / "samples"), "--device", "cpu", "--count", "1",
                  "--num-samples", "1"])
     assert len(os.listdir(tmp_path / "samples")) == 2  # one sample and the grid
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("ch: 32", "ch: abc"), "ch: 'abc'"),
+    (("ch_mult: [1,2]", "ch_mult: 12"), "ch_mult: 12"),
+    (("target: taming.models.vqgan.VQModel", "target: 5"), "describes a 5"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_line(edit, message):
+    # each was a TypeError or AttributeError traceback
+    with pytest.raises(UserError, match=re.escape(message)):
+        config_from_released(parse_yaml(TINY_YAML.replace(*edit)))
+    assert TINY_YAML.count(edit[0]) == 1
+
+
+def test_swapped_files_and_a_failed_write_are_one_line(files, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="is not a text YAML file .were --ckpt and --config"):
+        main(["convert", "--ckpt", str(files / "model.yaml"), "--config",
+              str(files / "last.ckpt"), "--out", str(tmp_path / "x.pt")])
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(vqgan, "save_vqgan", disk_full)
+    with pytest.raises(UserError, match="cannot write .*x.pt .No space left on device"):
+        main(["convert", "--ckpt", str(files / "last.ckpt"), "--config",
+              str(files / "model.yaml"), "--out", str(tmp_path / "x.pt")])

@@ -137,7 +137,7 @@ def test_pair_cache_is_reused_for_the_same_vqgan_and_rebuilt_for_another(
     train(data64, tmp_path / "copy.pt", tmp_path / "second", "--max-steps", "1")
     assert calls == []
     other = save_tiny_vqgan(str(tmp_path / "b.pt"), seed=1)  # another VQGAN: rebuilt
-    train(data64, other, tmp_path / "second", "--max-steps", "1")
+    train(data64, other, tmp_path / "second", "--max-steps", "1", "--overwrite")
     assert sum(calls) == 40
     assert len(os.listdir(tmp_path / "second" / "pair_cache")) == 2  # one per VQGAN
 
@@ -235,7 +235,7 @@ def test_sample_superres_for_another_picture_size_is_refused(tmp_path, vqgan_pat
     class Transformer:
         config = {"image_size": 32}
     with pytest.raises(utils.UserError, match="enlarges 64 px pictures x2, but t.pt samples 32"):
-        sample.load_matching_superres(path, Transformer(), "t.pt", "cpu")
+        sample.load_matching_superres(path, Transformer(), "t.pt", None, "cpu")
 
 
 def test_images_smaller_than_the_output_are_one_line_naming_the_file(mannequin_set, vqgan_path,
@@ -268,3 +268,65 @@ def test_evaluate_superres_scores_an_untrained_generator_exactly_as_bicubic(data
     assert results["bicubic_of_original_psnr_db"] > results["bicubic_psnr_db"] + 5
     assert 0 < results["bicubic_ssim"] < results["bicubic_of_original_ssim"] <= 1
     assert "bicubic(downscaled original)" in capsys.readouterr().out
+
+
+# ---- found by a review: flags it ignored, late refusals, unmatched inputs ---------------------
+
+
+@pytest.mark.parametrize("flag", [["--grad-accum", "2"], ["--ema-decay", "0.9"], ["--compile"],
+                                  ["--channels-last"]])
+def test_run_flags_stage_3_does_not_use_are_refused(flag):
+    # it took them, then trained without them (and --grad-accum 2 doubled the learning rate)
+    with pytest.raises(utils.UserError, match=f"{flag[0]}: stage 3 does not use it"):
+        training_superres.parse_args(flag)
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_the_pair_cache_and_any_folder(
+        data64, vqgan_path, tmp_path, monkeypatch):
+    calls = counting_reconstructions(monkeypatch)
+    with pytest.raises(utils.UserError, match="fewer than one"):
+        train(data64, vqgan_path, tmp_path / "run", "--batch-size", "100")
+    assert calls == [] and not (tmp_path / "run").exists()
+
+
+def test_a_gan_that_starts_after_the_last_step_says_so(data64, vqgan_path, tmp_path, capsys):
+    train(data64, vqgan_path, tmp_path / "run", "--max-steps", "1", "--disc-start", "1000")
+    assert "GAN x 0.05 from step 1000 (after this run's last step)" in capsys.readouterr().out
+
+
+def test_evaluate_superres_refuses_a_wrong_file_before_any_other_work(data64, vqgan_path,
+                                                                      tmp_path, monkeypatch):
+    reconstructions = []
+    monkeypatch.setattr(evaluate, "evaluate_reconstruction",
+                        lambda *a, **k: reconstructions.append(1))
+    for path, message in ((vqgan_path, "but a stage-3 super-resolution"),
+                          (str(tmp_path / "missing.pt"), "missing.pt")):
+        with pytest.raises(utils.UserError, match=message):
+            evaluate.main(["--vqgan-checkpoint", vqgan_path, "--dataset-path", str(data64),
+                           "--val-fraction", "0.2", "--no-lpips", "--device", "cpu",
+                           "--superres", path])
+    small = str(tmp_path / "superres.pt")  # a 64 -> 128 model behind a 32 px VQGAN
+    save_superres(random_superres(64), small)
+    with pytest.raises(utils.UserError, match="enlarges 64 px pictures x2, but the VQGAN"):
+        evaluate.main(["--vqgan-checkpoint", vqgan_path, "--dataset-path", str(data64),
+                       "--no-lpips", "--device", "cpu", "--superres", small])
+    assert reconstructions == []
+
+
+def test_sample_superres_warns_about_another_vqgan_and_enlarges_clamped_8_bit_pictures(
+        tmp_path, capsys):
+    path = str(tmp_path / "superres.pt")
+    model = random_superres(32)
+    save_superres(model, path, vqgan_sha256="a" * 64)
+
+    class Transformer:
+        config = {"image_size": 32}
+    sample.load_matching_superres(path, Transformer(), "t.pt", "a" * 64, "cpu")
+    assert "another VQGAN" not in capsys.readouterr().err
+    sample.load_matching_superres(path, Transformer(), "t.pt", "b" * 64, "cpu")
+    assert "trained behind another VQGAN" in capsys.readouterr().err
+    # a decoder overshoots [-1, 1]; the pairs it learned from were clamped and 8-bit
+    overshooting = torch.linspace(-1.4, 1.4, 3 * 32 * 32).reshape(1, 3, 32, 32)
+    as_trained = utils.from_uint8(utils.to_uint8(overshooting))
+    torch.testing.assert_close(superres.enlarge(model, overshooting),
+                               model(as_trained).clamp(-1, 1))

@@ -165,7 +165,7 @@ def test_token_cache_is_rebuilt_when_the_vqgan_file_changes(trained, data, vqgan
     copy = str(tmp_path / "copy_of_vqgan.pt")
     shutil.copy(vqgan_path, copy)
     encodes = count_calls(monkeypatch, VQGAN, "encode")
-    args = train_args(data, copy, run_dir, "--max-steps", "1")
+    args = train_args(data, copy, run_dir, "--max-steps", "1", "--overwrite")
     training_transformer.main(args)
     assert encodes == [], "the same VQGAN content under another name should reuse the cache"
     save_tiny_vqgan(copy, seed=1)  # same file, other weights
@@ -177,7 +177,7 @@ def test_token_cache_is_rebuilt_when_the_dataset_gains_an_image(data, vqgan_path
                                                                 monkeypatch):
     folder = tmp_path / "data"
     shutil.copytree(data, folder)
-    args = train_args(folder, vqgan_path, tmp_path / "run", "--max-steps", "1")
+    args = train_args(folder, vqgan_path, tmp_path / "run", "--max-steps", "1", "--overwrite")
     training_transformer.main(args)
     for sub in ("images", "parts/images"):
         shutil.copy(folder / sub / "000002.png", folder / sub / "extra.png")
@@ -232,7 +232,7 @@ def cached_example(cache, name):
 def test_token_cache_is_rebuilt_whenever_a_pose_part_map_or_image_changes_and_only_then(
         small_copy, vqgan_path, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    args = train_args(small_copy, vqgan_path, run_dir, "--max-steps", "1")
+    args = train_args(small_copy, vqgan_path, run_dir, "--max-steps", "1", "--overwrite")
     training_transformer.main(args)
     encodes = count_calls(monkeypatch, VQGAN, "encode")
     training_transformer.main(args)
@@ -286,7 +286,7 @@ def write_coco_file(folder, shift=0):
 def test_token_cache_is_rebuilt_when_the_coco_file_changes(small_copy, vqgan_path, tmp_path,
                                                            monkeypatch):
     coco = write_coco_file(small_copy)
-    args = train_args(small_copy, vqgan_path, tmp_path / "run", "--max-steps", "1",
+    args = train_args(small_copy, vqgan_path, tmp_path / "run", "--max-steps", "1", "--overwrite",
                       "--coco-annotations", str(coco))
     training_transformer.main(args)
     before = read_cache(tmp_path / "run")

@@ -249,6 +249,34 @@ def test_no_discriminator_forward_or_lambda_before_disc_start(dataset, tmp_path,
     assert f"precision fp32, channels_last {channels_last}, compile off" in printed
 
 
+def test_disc_weight_zero_never_runs_the_discriminator_and_says_no_gan(dataset, tmp_path,
+                                                                      monkeypatch, shared_lpips,
+                                                                      capsys):
+    calls = []
+
+    class CountingDiscriminator(NLayerDiscriminator):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    monkeypatch.setattr(training_vqgan, "NLayerDiscriminator", CountingDiscriminator)
+    train(dataset, tmp_path, "--max-steps", "2", "--disc-start", "0", "--disc-weight", "0")
+    assert calls == []  # it trained D on every step for a GAN term weighted 0
+    assert "codebook x 1, no GAN" in capsys.readouterr().out
+
+
+def test_a_run_directory_holding_a_run_is_not_overwritten_without_resume_or_overwrite(
+        dataset, tmp_path, shared_lpips):
+    train(dataset, tmp_path, "--max-steps", "1")
+    before = (tmp_path / "vqgan_last.pt").read_bytes()
+    with pytest.raises(utils.UserError, match="already holds a run .vqgan_last.pt.: pass "
+                                              "--resume to continue it, --overwrite"):
+        train(dataset, tmp_path, "--max-steps", "1", "--seed", "1")
+    assert (tmp_path / "vqgan_last.pt").read_bytes() == before
+    train(dataset, tmp_path, "--max-steps", "1", "--seed", "1", "--overwrite")
+    assert (tmp_path / "vqgan_last.pt").read_bytes() != before
+
+
 def test_each_preset_brings_its_own_resolution_and_hyperparameters_unless_a_flag_is_given():
     paper = training_vqgan.parse_args(["--preset", "paper"])
     # taming-transformers' configs/imagenet_vqgan.yaml: 256 px, base lr 4.5e-6 x batch, ...
@@ -653,7 +681,7 @@ def test_the_temporary_file_of_a_killed_checkpoint_write_is_removed_at_the_next_
     left = [name for name in os.listdir(tmp_path) if name != "vqgan_last.pt"]
     assert len(left) == 1 and left[0].startswith(".tmp-")  # what the kill leaves
 
-    runs.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt")
+    runs.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt", resumes_or_overwrites=True)
     assert os.listdir(tmp_path) == ["vqgan_last.pt"]
     assert "removed 1 temporary file(s)" in capsys.readouterr().out
     assert utils.load_checkpoint(str(tmp_path / "vqgan_last.pt"), "vqgan_train")["step"] == 1
