@@ -77,6 +77,15 @@ def nucleus_mass(text):
     return _number(text, float, lambda value: 0 < value <= 1, "in (0, 1]")
 
 
+def sampling_scale(text):
+    """Temperature and guidance: a number in [1e-3, 1e3] (beyond, the logits overflow to inf or
+    vanish to nan in float32; a temperature of 1e-3 is already greedy)."""
+    value = positive_float(text)
+    if not 1e-3 <= value <= 1e3:
+        raise argparse.ArgumentTypeError(f"must be between 0.001 and 1000, got {text}")
+    return value
+
+
 def device_name(text):
     """'auto', or a device this code runs on: cpu, cuda, cuda:N, mps (availability is checked
     by pick_device)."""
@@ -120,3 +129,22 @@ def output_file(text):
         raise argparse.ArgumentTypeError(f"must be a file you can write, but {problem}; "
                                          "choose another path")
     return text
+
+
+# Flags that name files or folders: a run stores them absolute (runs.plain_args), so that
+# sample.py and evaluate.py find its data from any folder, and compares them as the places
+# they name
+PATH_FLAGS = ("dataset_path", "coco_annotations", "part_labels")
+
+
+def absolute_path(flag, value):
+    """A PATH_FLAGS value made absolute (a part labelling's name, not a .json file, stays)."""
+    if flag in PATH_FLAGS and isinstance(value, str) and value and (
+            flag != "part_labels" or value.endswith(".json")):
+        return os.path.realpath(value)
+    return value
+
+
+def same_flag(flag, a, b):
+    """Whether two values of a flag are the same (paths: the same place)."""
+    return absolute_path(flag, a) == absolute_path(flag, b)

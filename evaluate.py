@@ -249,7 +249,8 @@ def print_table(results):
         print(f"  {name:<34}" + ("n/a" if value is None else fmt.format(value) + suffix))
 
     reconstruction, codes = results["reconstruction"], results["codebook"]
-    print(f"reconstruction ({results['split']} split, {results['num_images']} images)")
+    print(f"reconstruction ({results['split']} split of {results['dataset_path']}, "
+          f"{results['num_images']} images)")
     row("PSNR", reconstruction["psnr_db"], "{:.2f}", " dB")
     row("SSIM", reconstruction["ssim"])
     row("LPIPS (AlexNet)", reconstruction["lpips_alex"])

@@ -80,6 +80,19 @@ def open_image(path, max_pixels):
         raise UnreadableImage(f"cannot read image {path}: {type(error).__name__}: {error}") from None
 
 
+def displayed_size(path):
+    """(width, height) of the image at `path` as open_image gives it (EXIF orientation applied),
+    read from its header only; UnreadableImage when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations turned 90
+    except Exception as error:
+        raise UnreadableImage(f"cannot read image {path}: {type(error).__name__}: "
+                              f"{error}") from None
+    return (height, width) if turned else (width, height)
+
+
 def read_part_map(path):
     """A single-channel label image (mode L, P or I;16) -> (H, W) int64 labels."""
     try:

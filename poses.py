@@ -186,7 +186,7 @@ def part_labels_value(text):
 def read_json(path):
     """Parse a JSON file; an unreadable file or bad JSON is a UserError naming line and column."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a Windows editor's BOM too
             return json.load(f)
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror}") from None

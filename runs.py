@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from cli import device_name, non_negative_int, output_folder, positive_float, positive_int, \
-    unit_fraction
+from cli import absolute_path, device_name, non_negative_int, output_folder, positive_float, \
+    positive_int, same_flag, unit_fraction
 from data import SPLIT_FLAGS
 from distributed import setup_distributed
-from utils import PRECISIONS, Interrupted, UserError, atomic_save, load_checkpoint, stable_hash
+from utils import PRECISIONS, Interrupted, UserError, atomic_save, get_rng_state, \
+    load_checkpoint, set_rng_state, stable_hash
 
 # ----------------------------------------------------------------------------------------------
 # Run flags and the learning-rate schedule
@@ -103,16 +103,26 @@ def take_run_data_flags(args, trained_args, defaults):
     ones that differ from the run's get a warning: that split may hold its training images."""
     given = {k: value for k in RUN_DATA_FLAGS if (value := getattr(args, k)) is not NOT_GIVEN}
     vars(args).update({k: trained_args.get(k, defaults[k]) for k in RUN_DATA_FLAGS}, **given)
-    changed = [k for k in given if k in trained_args and trained_args[k] != given[k]]
+    changed = [k for k in given if k in trained_args
+               and not same_flag(k, trained_args[k], given[k])]
     if changed:
         details = ", ".join(f"--{k.replace('_', '-')} {trained_args[k]!r}" for k in changed)
         print(f"warning: the transformer was trained with {details}; with other data settings "
               "the evaluated split may hold its training images", file=sys.stderr)
 
 
+# Flags a resumed run may change without a warning: where it runs, logs and writes (stage 2's
+# weight average and condition dropout are resolved later and checked by resume)
+UNCHECKED_FLAGS = ("resume", "overwrite", "run_dir", "device", "max_steps", "epochs",
+                   "log_every", "save_every", "sample_every", "num_workers", "lpips_weights",
+                   "grid_examples", "default_max_steps", "ema_decay", "condition_dropout")
+
+
 def plain_args(args):
-    """argparse namespace -> dict of plain values (loads with weights_only=True)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    """argparse namespace -> dict of plain values (loads with weights_only=True), the
+    cli.PATH_FLAGS absolute."""
+    return {k: (list(v) if isinstance(v, tuple) else absolute_path(k, v))
+            for k, v in vars(args).items()}
 
 
 def learning_rate(flags, world_size=1):
@@ -191,37 +201,27 @@ def weight_average(model, decay):
 # ----------------------------------------------------------------------------------------------
 
 
-def get_rng_state():
-    """RNG states as tensors and plain values, so they load with torch.load(weights_only=True)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class RunDirectory:
     """A run's folder: its training checkpoint (atomic), and checks before resuming it.
 
-    Opened when a run starts: a folder that already holds a run is refused unless the run
-    `resumes_or_overwrites` (--resume, --overwrite), the folder must take a file (checked by
-    writing one, so that a read-only or full folder stops the run before any training), and
-    `remove_stale` (rank 0) deletes the temporary files (.tmp-*.pt, see atomic_save) that a
-    write killed midway left.
+    Opened when a run starts, before the data is read, with the run's `flags` (plain_args):
+    a folder that already holds a run is refused unless the run resumes or overwrites it
+    (--resume, --overwrite), and a --resume whose checkpoint was trained on other data or by
+    another number of processes is refused (check_resume) before any data is encoded; the
+    folder must take a file (checked by writing one, so that a read-only or full folder stops
+    the run before any training), and `remove_stale` (rank 0) deletes the temporary files
+    (.tmp-*.pt, see atomic_save) that a write killed midway left.
     """
 
-    def __init__(self, root, kind, last_name, resumes_or_overwrites, remove_stale=True):
+    def __init__(self, root, kind, last_name, flags, world_size=1, remove_stale=True):
         self.root, self.kind, self.last_name = root, kind, last_name
-        if not resumes_or_overwrites and os.path.exists(os.path.join(root, last_name)):
+        resume = flags.get("resume")
+        if not (resume or flags.get("overwrite")) and os.path.exists(
+                os.path.join(root, last_name)):
             raise UserError(f"{root} already holds a run ({last_name}): pass --resume to "
                             "continue it, --overwrite to replace it, or another --run-dir")
+        if resume:
+            self.check_resume(resume, flags, world_size)
         try:
             os.makedirs(root, exist_ok=True)
             with tempfile.TemporaryFile(dir=root):
@@ -307,16 +307,40 @@ class RunDirectory:
                    if os.path.exists(os.path.join(self.root, name))]
         print(f"{stage} outputs in {self.root}: {', '.join(present)}")
 
+    def check_resume(self, resume, flags, world_size):
+        """Refuse a --resume checkpoint of another stage, data order (DATA_ORDER_FLAGS of the
+        run's `flags`; paths compared as the folders they name) or process count, and warn about
+        the training flags that differ from its own (the run goes on with the new ones)."""
+        path = self.resume_path(resume)
+        if resume == "last" and not os.path.exists(path):
+            raise UserError(f"--resume: no checkpoint {path} yet; start without --resume")
+        checkpoint = load_checkpoint(path, self.kind)
+        saved = checkpoint["args"]
+        changed = [k for k in DATA_ORDER_FLAGS if not same_flag(k, saved.get(k), flags.get(k))]
+        if changed:
+            details = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}" for k in changed)
+            raise UserError(f"--resume: {path} was trained with other data settings ({details}); "
+                            "an exact resume needs the same ones")
+        saved_world_size = checkpoint.get("world_size", 1)
+        if saved_world_size != world_size:  # the global batch, so the data order and default lr
+            raise UserError(f"--resume: {path} was trained by {saved_world_size} process(es), "
+                            f"this run has {world_size}; an exact resume needs the same number "
+                            f"(torchrun --nproc_per_node {saved_world_size})")
+        retuned = [k for k in sorted(set(saved) & set(flags)) if k not in UNCHECKED_FLAGS
+                   and k not in DATA_ORDER_FLAGS and not same_flag(k, saved[k], flags[k])]
+        if retuned:
+            print("warning: --resume goes on with other training flags than the run's own: "
+                  + ", ".join(f"--{k.replace('_', '-')} {flags[k]!r} (was {saved[k]!r})"
+                              for k in retuned), file=sys.stderr)
+
     def resume(self, resume, config, flags, world_size, **states):
         """Load the checkpoint --resume names into `states` (name -> model, optimizer or
         GradScaler, each from the checkpoint's entry of that name) and the RNG -> its step.
 
-        Refuses a checkpoint of another stage, model (config), data order (`flags`, the run's
-        plain_args) or process count.
+        Refuses a checkpoint of another model (config) or weight average (the data order and
+        process count were checked when the folder was opened: check_resume).
         """
         path = self.resume_path(resume)
-        if resume == "last" and not os.path.exists(path):
-            raise UserError(f"--resume: no checkpoint {path} yet; start without --resume")
         checkpoint = load_checkpoint(path, self.kind)
         if checkpoint["config"] != config:
             changed = sorted(k for k in set(config) | set(checkpoint["config"])
@@ -325,20 +349,9 @@ class RunDirectory:
                             f"(differs in: {', '.join(changed)}); use the flags it was trained "
                             "with, or a new --run-dir")
         saved = checkpoint["args"]
-        changed = [k for k in DATA_ORDER_FLAGS if saved.get(k) != flags.get(k)]
-        if changed:
-            details = ", ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}" for k in changed)
-            raise UserError(f"--resume: {path} was trained with other data settings ({details}); "
-                            "an exact resume needs the same ones")
         if saved.get("ema_decay", 0.0) != flags.get("ema_decay", 0.0):  # "ema" in states or not
             raise UserError(f"--resume: {path} was trained with --ema-decay "
                             f"{saved.get('ema_decay', 0.0):g}; an exact resume needs the same")
-        # the global batch (and so the data order and default lr) depends on the process count
-        saved_world_size = checkpoint.get("world_size", 1)
-        if saved_world_size != world_size:
-            raise UserError(f"--resume: {path} was trained by {saved_world_size} process(es), "
-                            f"this run has {world_size}; an exact resume needs the same number "
-                            f"(torchrun --nproc_per_node {saved_world_size})")
         for name, state in states.items():
             if name != "scaler" or checkpoint.get(name):  # no or empty scaler: a run without fp16
                 state.load_state_dict(checkpoint[name])

@@ -31,6 +31,7 @@ DIR/<pose>_<i>_x<scale>.png beside each DIR/<pose>_<i>.png, and the grid's rows 
 samples at both sizes.
 """
 import os
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -110,15 +111,22 @@ def read_pose_file(path, num_keypoints, default_size):
         name = next(iter(poses))
         raise utils.UserError(f"{path}: entry {name!r} has {k} keypoints, but the model was "
                               f"trained with {num_keypoints} per pose")
-    entries = []
+    entries, unreadable = [], []
     for name, keypoints in poses.items():
         image_path = os.path.join(os.path.dirname(path), name)
         size = default_size
         if os.path.isfile(image_path):
-            size = images.open_image(image_path, images.DEFAULT_MAX_IMAGE_PIXELS).size
+            try:
+                size = images.displayed_size(image_path)
+            except images.UnreadableImage as error:  # skipped, as training skips it
+                unreadable.append(str(error))
+                continue
         check_keypoints_inside(keypoints, size, name, path,
                                "fix it, set its v to 0, or give --pose-image-size")
         entries.append((name, keypoints, size))
+    if unreadable:
+        print(f"warning: skipped {len(unreadable)} pose(s) whose image cannot be read, as "
+              f"training does; the first: {unreadable[0]}", file=sys.stderr)
     return entries
 
 
@@ -242,7 +250,8 @@ def completion_row(args, model, checkpoint, rows, names_folder):
     example = images.Example(os.path.basename(args.complete), args.complete,
                              box=matching and matching.box)
     image, _, _ = images.prepare_example(example, model.config["image_size"],
-                                         checkpoint["resize_mode"], images.DEFAULT_MAX_IMAGE_PIXELS)
+                                         checkpoint["resize_mode"], checkpoint["args"].get(
+                                             "max_image_pixels", images.DEFAULT_MAX_IMAGE_PIXELS))
     image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
     if needs == "keypoints" and matching is None:
         raise utils.UserError(f"--complete {args.complete}: this model needs the image's pose; "

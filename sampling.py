@@ -5,7 +5,7 @@ sliding_window.sample_grid draw each image token with sample_next.
 """
 import torch
 
-from cli import nucleus_mass, positive_float, positive_int
+from cli import nucleus_mass, positive_int, sampling_scale
 
 # guidance when sampling a model trained with --condition-dropout (README, Results: measured)
 DEFAULT_GUIDANCE = 2.0
@@ -18,8 +18,8 @@ def add_sampling_args(parser, int8=False):
     parser.add_argument("--top-p", type=nucleus_mass, default=None)
     # 0.7: the default GPT spreads some mass over 2048 codes' unlikely tail; sampled at 1 its
     # people come apart more often (README, Results: PCK 0.75 at 1, 0.84 at 0.7 of the real's)
-    parser.add_argument("--temperature", type=positive_float, default=0.7)
-    parser.add_argument("--guidance", type=positive_float, default=None,
+    parser.add_argument("--temperature", type=sampling_scale, default=0.7)
+    parser.add_argument("--guidance", type=sampling_scale, default=None,
                         help="classifier-free guidance scale (default: %g for a model trained "
                              "with --condition-dropout, else 1, none)" % DEFAULT_GUIDANCE)
     if int8:

@@ -284,7 +284,7 @@ def train(args, dist, device):
     sampler = data.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
     lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
     run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt",
-                            args.resume or args.overwrite)  # after the checks: no empty folder
+                            runs.plain_args(args))  # after the checks: no empty folder
     pairs = load_pairs(run, vqgan, train_set, val_set, args, vqgan_sha256, device)
     del vqgan  # frozen and done: the pairs hold what it made
 

@@ -261,7 +261,7 @@ def train(args, dist, device):
     if channels_last:  # the frozen VQGAN's convolutions: encoding the cache, decoding grids
         vqgan.to(memory_format=torch.channels_last)
     run = runs.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt",
-                            args.resume or args.overwrite, remove_stale=dist.is_main)
+                            runs.plain_args(args), dist.world_size, remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data before the others read it
         train_set, val_set = data.build_datasets(args, progress=dist.is_main,
                                                  class_labels=args.condition == "class")

@@ -260,8 +260,8 @@ def train(args, dist, device):
     """Train to --max-steps; returns the step at which Ctrl-C stopped it, else None."""
     utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     config = config_from_args(args)
-    run = runs.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt",
-                            args.resume or args.overwrite, remove_stale=dist.is_main)
+    run = runs.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt", runs.plain_args(args),
+                            dist.world_size, remove_stale=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data / fetches LPIPS weights first
         train_set, val_set = data.build_datasets(args, progress=dist.is_main)
         lpips = (LPIPSLoss(weights_path=args.lpips_weights).to(device)

@@ -135,6 +135,23 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def get_rng_state():
+    """RNG states as tensors and plain values, so they load with torch.load(weights_only=True)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what get_rng_state took."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def stable_hash(text):
     """A hash of a string that is the same on every machine and run (unlike Python's hash())."""
     value = 2166136261

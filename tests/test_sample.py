@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import images
 import sample
 import sampling
 from data import PoseImageDataset
@@ -421,3 +422,39 @@ def test_command_line_reports_a_user_error_as_one_line_and_exit_status_2(tmp_pat
                             timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --top-k must be >= 1, got 0"]
+
+
+# ---- found by a second breakage hunt ---------------------------------------------------------
+
+
+def test_a_pose_whose_image_cannot_be_read_is_skipped_with_one_warning(pose_file, tmp_path,
+                                                                       capsys):
+    (tmp_path / "drawn.png").write_bytes(b"not a picture")  # training skips such an image
+    entries = sample.read_pose_file(pose_file, 17, (100, 50))
+    assert [name for name, _, _ in entries] == ["photo.png"] and entries[0][2] == (64, 32)
+    warning = capsys.readouterr().err
+    assert "skipped 1 pose(s) whose image cannot be read" in warning and "drawn.png" in warning
+
+
+def test_the_size_of_an_exif_turned_photo_is_read_from_its_header_as_training_shows_it(tmp_path):
+    path = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees: a 40 x 20 file is a 20 x 40 picture
+    Image.new("RGB", (40, 20), "gray").save(path, exif=exif)
+    assert images.displayed_size(str(path)) == (20, 40) == images.open_image(str(path), 10**6).size
+    write_json(tmp_path / "poses.json", {"turned.jpg": pose((NOSE, 15, 35, 2))})
+    # the nose at y = 35 lies inside the 40 px tall picture, outside the file's 20 px
+    assert sample.read_pose_file(str(tmp_path / "poses.json"), 17, None)[0][2] == (20, 40)
+
+
+def test_a_poses_file_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "poses.json"
+    path.write_text(json.dumps({"a.png": pose((NOSE, 5, 5, 2))}), encoding="utf-8-sig")
+    assert sample.read_pose_file(str(path), 17, (32, 32))[0][0] == "a.png"
+
+
+@pytest.mark.parametrize("flag", [["--temperature", "1e-40"], ["--guidance", "1e39"]])
+def test_temperatures_and_guidance_that_overflow_the_logits_are_refused(flag, tmp_path):
+    # they passed as positive numbers and then stopped sampling with a RuntimeError traceback
+    with pytest.raises(UserError, match=f"{flag[0]} must be between 0.001 and 1000"):
+        sample.parse_args(["--checkpoint", "t.pt", "--out", str(tmp_path), *flag])

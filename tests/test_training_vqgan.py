@@ -277,6 +277,32 @@ def test_a_run_directory_holding_a_run_is_not_overwritten_without_resume_or_over
     assert (tmp_path / "vqgan_last.pt").read_bytes() != before
 
 
+def test_a_resume_with_other_data_is_refused_before_the_data_is_read(dataset, tmp_path,
+                                                                     shared_lpips, monkeypatch):
+    train(dataset, tmp_path, "--max-steps", "1")
+    reads = []
+    monkeypatch.setattr(training_vqgan.data, "build_datasets",
+                        lambda *a, **k: reads.append(1))  # (encoding, on stage 2: minutes)
+    with pytest.raises(utils.UserError, match="--val-fraction was 0.5"):
+        train(dataset, tmp_path, "--max-steps", "2", "--val-fraction", "0.3", "--resume")
+    assert reads == []
+
+
+def test_a_relative_dataset_path_is_stored_absolute_and_resumes_from_another_spelling(
+        dataset, tmp_path, shared_lpips, monkeypatch, capsys):
+    monkeypatch.chdir(os.path.dirname(dataset))
+    relative = os.path.basename(dataset)
+    training_vqgan.main(run_args(relative, tmp_path, "--max-steps", "1"))
+    assert load_last(tmp_path)["args"]["dataset_path"] == os.path.realpath(dataset)
+    # the same folder, written absolute with a trailing slash: the same data, no warning;
+    # another learning rate goes on with a warning naming it
+    training_vqgan.main(run_args(str(dataset) + os.sep, tmp_path, "--max-steps", "2",
+                                 "--lr", "5e-4", "--resume"))
+    assert load_last(tmp_path)["step"] == 2
+    warning = capsys.readouterr().err
+    assert "--lr 0.0005 (was 0.001)" in warning and "dataset" not in warning
+
+
 def test_each_preset_brings_its_own_resolution_and_hyperparameters_unless_a_flag_is_given():
     paper = training_vqgan.parse_args(["--preset", "paper"])
     # taming-transformers' configs/imagenet_vqgan.yaml: 256 px, base lr 4.5e-6 x batch, ...
@@ -681,7 +707,7 @@ def test_the_temporary_file_of_a_killed_checkpoint_write_is_removed_at_the_next_
     left = [name for name in os.listdir(tmp_path) if name != "vqgan_last.pt"]
     assert len(left) == 1 and left[0].startswith(".tmp-")  # what the kill leaves
 
-    runs.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt", resumes_or_overwrites=True)
+    runs.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt", {"overwrite": True})
     assert os.listdir(tmp_path) == ["vqgan_last.pt"]
     assert "removed 1 temporary file(s)" in capsys.readouterr().out
     assert utils.load_checkpoint(str(tmp_path / "vqgan_last.pt"), "vqgan_train")["step"] == 1
