@@ -90,7 +90,8 @@ def evaluate_reconstruction(vqgan, dataset, batch_size, device, lpips=None, num_
     if lpips is None:
         metrics["lpips_alex"] = None
     for key in ("figure_psnr_db", "backdrop_psnr_db", "figure_delta_e", "backdrop_delta_e"):
-        metrics[key] = torch.cat(regions[key]).nanmean().item() if regions else None
+        mean = torch.cat(regions[key]).nanmean().item() if regions else math.nan
+        metrics[key] = None if math.isnan(mean) else mean  # None: no part maps, or no such pixel
     return metrics, stats.counts.cpu(), torch.cat(tokens)
 
 
@@ -255,11 +256,11 @@ def print_table(results):
     row("SSIM", reconstruction["ssim"])
     row("LPIPS (AlexNet)", reconstruction["lpips_alex"])
     row("L1 in [-1, 1]", reconstruction["l1"])
-    if reconstruction["figure_psnr_db"] is not None:
-        row("PSNR figure / backdrop", reconstruction["figure_psnr_db"], "{:.2f}",
-            f" / {reconstruction['backdrop_psnr_db']:.2f} dB")
-        row("colour dE76 figure / backdrop", reconstruction["figure_delta_e"],
-            "{:.2f}", f" / {reconstruction['backdrop_delta_e']:.2f}")
+    for name, metric, unit in (("PSNR", "psnr_db", " dB"), ("colour dE76", "delta_e", "")):
+        values = (reconstruction[f"figure_{metric}"], reconstruction[f"backdrop_{metric}"])
+        if values != (None, None):  # data with part maps
+            print(f"  {name + ' figure / backdrop':<34}"
+                  + " / ".join("n/a" if v is None else f"{v:.2f}" for v in values) + unit)
     print("codebook")
     row("codes used", codes["usage"], "{:.4f}", f" ({codes['codes_used']} / {codes['n_embed']})")
     row("perplexity", codes["perplexity"], "{:.1f}")

@@ -5,25 +5,24 @@ it enlarges its pictures.
     python training_superres.py --vqgan-checkpoint RUN/vqgan.pt --dataset-path DIR --scale 4
 
 Pairs are made from the user's images: the original at the output size (--image-size, default
---scale x the VQGAN's resolution) is the target, and the input is the frozen stage-1 VQGAN's
-reconstruction of its downscaled copy (superres.downscale, a box filter). The reconstructions
-are computed once and cached in RUN/pair_cache/, keyed like stage 2's tokens by the VQGAN
-checkpoint's content hash, the data flags, the scale and the files (runs.RunDirectory.cached);
-a new VQGAN rebuilds the cache. Both halves of a pair flip together.
+--scale x the VQGAN's resolution) is the target, the input the frozen stage-1 VQGAN's
+reconstruction of its downscaled copy (superres.downscale, a box filter), computed once into
+RUN/pair_cache/ keyed like stage 2's tokens (runs.RunDirectory.cached: the VQGAN's content
+hash, the data flags, the scale, the files). Both halves of a pair flip together.
 
 Training takes --crop-size crops of the output (ESRGAN trains on crops too): each centred near
 a random visible keypoint where the data has poses (a mannequin fills a tenth of its picture;
 the backdrop is what bicubic already gets right), else anywhere. The loss is
     L = L1 + perceptual_weight * LPIPS (VGG16) + disc_weight * (-mean D(SR))
-with the PatchGAN of stage 1 (discriminator.py) and its hinge loss from --disc-start on. The
-GAN weight is fixed (ESRGAN's choice), not stage 1's adaptive one: with L1 and LPIPS in the
-loss from the first step there is no need to balance an untrained decoder against D.
+with LPIPS from --perceptual-start on (L1 alone first, as ESRGAN pre-trains for PSNR) and the
+PatchGAN of stage 1 (discriminator.py) with its hinge loss from --disc-start on, at a fixed
+weight (ESRGAN's choice): the generator starts as bicubic, so there is no untrained decoder
+to balance against D with stage 1's adaptive weight.
 
 Validation (each epoch and at the end) scores SR(reconstruction) and bicubic(reconstruction)
-against the original over whole validation pictures. Outputs in --run-dir (default
-runs/superres): superres_last.pt (--resume), superres.pt (sample.py and evaluate.py
---superres), metrics.jsonl, loss_curves.png, and grids under samples/ with one row per
-validation picture: input (nearest-upscaled) | bicubic | ours | original.
+against whole validation originals. Outputs in --run-dir (default runs/superres):
+superres_last.pt (--resume), superres.pt (sample.py / evaluate.py --superres), metrics.jsonl,
+loss_curves.png, grids in samples/: input (nearest-upscaled) | bicubic | ours | original.
 """
 import dataclasses
 import os
@@ -58,21 +57,22 @@ def parse_args(argv=None):
     data.add_data_args(parser)
     runs.add_run_args(parser)
     # lr 1e-3 at batch 16 (5x ESRGAN's 2e-4: a CPU budget is a few hundred steps), cosine to a
-    # tenth; 300 steps are about 10 minutes on 2 CPU cores (README)
+    # tenth; 650 steps of L1, then 100 with LPIPS: about 10 minutes on 2 CPU cores (README)
     parser.set_defaults(run_dir=os.path.join("runs", "superres"), batch_size=16,
-                        base_lr=6.25e-5, default_max_steps=300, warmup_steps=0,
+                        base_lr=6.25e-5, default_max_steps=750, warmup_steps=0,
                         min_lr_ratio=0.1, image_size=None)  # image size: --scale x the VQGAN's
     group = parser.add_argument_group("loss")
     group.add_argument("--crop-size", type=cli.non_negative_int, default=64,
                        help="side of the training crops of the output, a multiple of --scale; "
                             "0 trains on whole pictures")
     group.add_argument("--perceptual-weight", type=cli.non_negative_float, default=1.0)
+    group.add_argument("--perceptual-start", type=cli.non_negative_int, default=650,
+                       help="optimizer step at which LPIPS joins the L1 (ESRGAN: L1 first)")
     group.add_argument("--disc-weight", type=cli.non_negative_float, default=0.05,
                        help="weight of the generator's GAN term (fixed, not adaptive)")
     group.add_argument("--disc-start", type=cli.non_negative_int, default=1000,
                        help="optimizer step at which the discriminator and GAN term switch on "
-                            "(default: after the default run's 300 steps, as in stage 1's small "
-                            "preset; --disc-start 200 runs it)")
+                            "(default: after the default run's last step; 500 runs it)")
     group.add_argument("--disc-loss", choices=("hinge", "vanilla"), default="hinge")
     group.add_argument("--lpips-weights", default=None,
                        help="path of the VGG16 ImageNet weights for LPIPS (see lpips_loss.py)")
@@ -126,7 +126,7 @@ def make_pairs(dataset, vqgan=None, scale=2, batch_size=16, desc="pairs"):
         high.append(utils.to_uint8(batch["image"]))
         if vqgan is not None:
             low.append(utils.to_uint8(vqgan_reconstruction(vqgan, batch["image"].to(device),
-                                                     scale)).cpu())
+                                                           scale)).cpu())
         if "keypoints" in batch:
             keypoints.append(batch["keypoints"])
     return {"high": torch.cat(high), "low": torch.cat(low) if low else None,
@@ -311,8 +311,8 @@ def train(args, dist, device):
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters); "
           f"{len(train_set)} training pictures, {crop} px crops, batch {args.batch_size}\n"
           f"  {schedule.total} steps, lr {schedule.peak:.3g} with a cosine to "
-          f"{args.min_lr_ratio:g} of it; L1 + {args.perceptual_weight:g} x LPIPS, "
-          f"GAN x {args.disc_weight:g} from step {args.disc_start}"
+          f"{args.min_lr_ratio:g} of it; L1 + {args.perceptual_weight:g} x LPIPS from step "
+          f"{args.perceptual_start}, GAN x {args.disc_weight:g} from step {args.disc_start}"
           + (" (after this run's last step)" if args.disc_start >= schedule.total else "")
           + f"; precision {precision}")
     bicubic_scores = score_upscalers(None, pairs["val"], args.scale, args.batch_size, device)
@@ -323,12 +323,13 @@ def train(args, dist, device):
                       "stage 3") as loop:
         while loop.running():
             gan_on = loop.step >= args.disc_start
+            perceptual_on = args.perceptual_weight > 0 and loop.step >= args.perceptual_start
             lr = schedule.apply([opt_g, opt_d], loop.step)
             opt_g.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
             low, high = training_batch(pairs["train"], next(batches), crop, args.scale, device)
-            terms = generator_backward(model, lpips, discriminator, low, high, args, gan_on,
-                                       scaler, precision)
+            terms = generator_backward(model, lpips, discriminator, low, high, args,
+                                       perceptual_on, gan_on, scaler, precision)
             if gan_on:
                 terms["discriminator"] = discriminator_backward(
                     discriminator, high, terms.pop("output"), disc_loss_fn,
@@ -352,8 +353,7 @@ def train(args, dist, device):
                          images_per_s=window_images)
                 window_images, window_sums, window_steps = 0, {}, {}
             if due.validate:
-                scores = score_upscalers(model, pairs["val"], args.scale, args.batch_size,
-                                         device)
+                scores = score_upscalers(model, pairs["val"], args.scale, args.batch_size, device)
                 loop.write({"val_psnr": scores["ours_psnr_db"],
                             "val_psnr_bicubic": bicubic_scores["bicubic_psnr_db"]})
             if due.sample:
@@ -368,14 +368,14 @@ def train(args, dist, device):
                     ("validation PSNR (dB)", ["val_psnr", "val_psnr_bicubic"])],
                     run.path("loss_curves.png"), title="stage 3")
     run.report_outputs("stage 3", [
-        ("superres.pt", "superres.pt (sample.py / evaluate.py --superres)"),
-        ("superres_last.pt", "superres_last.pt (--resume)"), ("metrics.jsonl", "metrics.jsonl"),
+        ("superres.pt", "superres.pt (sample.py / evaluate.py --superres)"), ("superres_last.pt",
+         "superres_last.pt (--resume)"), ("metrics.jsonl", "metrics.jsonl"),
         ("loss_curves.png", "loss_curves.png"), ("samples", "samples/")])
     return loop.stopped_at
 
 
-def generator_backward(model, lpips, discriminator, low, high, args, gan_on, scaler,
-                       precision):
+def generator_backward(model, lpips, discriminator, low, high, args, perceptual_on, gan_on,
+                       scaler, precision):
     """Forward the generator and back-propagate L1 + LPIPS (+ the GAN term) into its
     parameters only: backward(inputs=...) leaves the discriminator's gradients as they were,
     so D's own step sees its loss alone. Returns the loss terms and the (detached) output."""
@@ -384,7 +384,7 @@ def generator_backward(model, lpips, discriminator, low, high, args, gan_on, sca
         l1 = (output.float() - high).abs().mean()
         loss = l1
         terms = {"l1": l1.detach()}
-        if args.perceptual_weight > 0:
+        if perceptual_on:
             perceptual = lpips(high, output.float())
             loss = loss + args.perceptual_weight * perceptual
             terms["perceptual"] = perceptual.detach()

@@ -136,6 +136,27 @@ def test_region_metrics_separate_the_figure_from_the_backdrop():
     assert math.isnan(empty["figure_delta_e"].item()) and empty["backdrop_delta_e"].item() == 0
 
 
+def test_a_split_without_figure_pixels_reports_no_figure_numbers(capsys):
+    # part maps that are all background: the figure's numbers are None in the JSON (strict JSON,
+    # no NaN) and "n/a" in the table, while the backdrop's are still scored
+    torch.manual_seed(0)
+    items = [{"image": torch.rand(3, 32, 32) * 2 - 1, "parts": torch.zeros(32, 32, dtype=torch.long)}
+             for _ in range(3)]
+    metrics, _, _ = evaluate.evaluate_reconstruction(VQGAN(TINY_CONFIG), items, 2,
+                                                     torch.device("cpu"))
+    assert metrics["figure_psnr_db"] is None and metrics["figure_delta_e"] is None
+    assert 0 < metrics["backdrop_psnr_db"] < 100 and 0 < metrics["backdrop_delta_e"] < 200
+    json.dumps(metrics, allow_nan=False)
+    codes = {"usage": 0.5, "codes_used": 16, "n_embed": 32, "perplexity": 9.0, "histogram": None}
+    evaluate.print_table({"split": "val", "dataset_path": "DIR", "num_images": 3,
+                          "reconstruction": metrics, "codebook": codes,
+                          **{key: {"skipped": "not asked"} for key in
+                             ("superres", "transformer", "pose_fidelity", "pose_accuracy")}})
+    table = capsys.readouterr().out
+    assert f"n/a / {metrics['backdrop_psnr_db']:.2f} dB" in table
+    assert f"n/a / {metrics['backdrop_delta_e']:.2f}\n" in table
+
+
 def test_codebook_summary_of_uniform_use_of_4_of_8_codes():
     counts = torch.tensor([5, 0, 5, 0, 5, 0, 5, 0])
     summary = image_metrics.codebook_summary(counts)

@@ -99,7 +99,7 @@ def test_generator_step_leaves_d_alone_and_d_step_leaves_the_generator_grads_unt
     args = training_superres.parse_args(["--disc-weight", "0.1"])
     scaler = utils.grad_scaler(torch.device("cpu"), "fp32")
     terms = training_superres.generator_backward(model, lpips, discriminator, low, high, args,
-                                                 True, scaler, "fp32")
+                                                 True, True, scaler, "fp32")
     assert "generator" in terms and all(p.grad is None for p in discriminator.parameters())
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     assert any(g.abs().sum() > 0 for g in grads.values())
@@ -287,6 +287,16 @@ def test_a_batch_larger_than_the_data_is_refused_before_the_pair_cache_and_any_f
     with pytest.raises(utils.UserError, match="fewer than one"):
         train(data64, vqgan_path, tmp_path / "run", "--batch-size", "100")
     assert calls == [] and not (tmp_path / "run").exists()
+
+
+@needs_lpips
+def test_lpips_joins_the_l1_at_perceptual_start(data64, vqgan_path, tmp_path, capsys):
+    run = train(data64, vqgan_path, tmp_path / "run", "--max-steps", "5",
+                "--perceptual-start", "3", "--disc-start", "1000")
+    assert "L1 + 1 x LPIPS from step 3," in capsys.readouterr().out
+    records = [r for r in utils.read_jsonl(run / "metrics.jsonl") if "l1" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # logged after each step
+    assert [r["step"] for r in records if "perceptual" in r] == [4, 5]  # steps 3 and 4, 0-based
 
 
 def test_a_gan_that_starts_after_the_last_step_says_so(data64, vqgan_path, tmp_path, capsys):
