@@ -112,10 +112,11 @@ def take_run_data_flags(args, trained_args, defaults):
 
 
 # Flags a resumed run may change without a warning: where it runs, logs and writes (stage 2's
-# weight average and condition dropout are resolved later and checked by resume)
+# weight average and condition dropout, stage 3's LPIPS start: resolved later from the run's)
 UNCHECKED_FLAGS = ("resume", "overwrite", "run_dir", "device", "max_steps", "epochs",
                    "log_every", "save_every", "sample_every", "num_workers", "lpips_weights",
-                   "grid_examples", "default_max_steps", "ema_decay", "condition_dropout")
+                   "grid_examples", "default_max_steps", "ema_decay", "condition_dropout",
+                   "perceptual_start")
 
 
 def plain_args(args):
@@ -216,8 +217,7 @@ class RunDirectory:
     def __init__(self, root, kind, last_name, flags, world_size=1, remove_stale=True):
         self.root, self.kind, self.last_name = root, kind, last_name
         resume = flags.get("resume")
-        if not (resume or flags.get("overwrite")) and os.path.exists(
-                os.path.join(root, last_name)):
+        if not (resume or flags.get("overwrite")) and os.path.exists(os.path.join(root, last_name)):
             raise UserError(f"{root} already holds a run ({last_name}): pass --resume to "
                             "continue it, --overwrite to replace it, or another --run-dir")
         if resume:

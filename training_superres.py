@@ -19,10 +19,9 @@ PatchGAN of stage 1 (discriminator.py) with its hinge loss from --disc-start on,
 weight (ESRGAN's choice): the generator starts as bicubic, so there is no untrained decoder
 to balance against D with stage 1's adaptive weight.
 
-Validation (each epoch and at the end) scores SR(reconstruction) and bicubic(reconstruction)
-against whole validation originals. Outputs in --run-dir (default runs/superres):
-superres_last.pt (--resume), superres.pt (sample.py / evaluate.py --superres), metrics.jsonl,
-loss_curves.png, grids in samples/: input (nearest-upscaled) | bicubic | ours | original.
+Validation (each epoch and at the end) scores SR and bicubic against whole originals. Outputs
+in --run-dir: superres_last.pt (--resume), superres.pt (sample.py / evaluate.py --superres),
+metrics.jsonl, loss_curves.png, grids in samples/: input | bicubic | ours | original.
 """
 import dataclasses
 import os
@@ -66,8 +65,8 @@ def parse_args(argv=None):
                        help="side of the training crops of the output, a multiple of --scale; "
                             "0 trains on whole pictures")
     group.add_argument("--perceptual-weight", type=cli.non_negative_float, default=1.0)
-    group.add_argument("--perceptual-start", type=cli.non_negative_int, default=650,
-                       help="optimizer step at which LPIPS joins the L1 (ESRGAN: L1 first)")
+    group.add_argument("--perceptual-start", type=cli.non_negative_int, default=None,
+                       help="step at which LPIPS joins the L1 (default 650; resumed: the run's)")
     group.add_argument("--disc-weight", type=cli.non_negative_float, default=0.05,
                        help="weight of the generator's GAN term (fixed, not adaptive)")
     group.add_argument("--disc-start", type=cli.non_negative_int, default=1000,
@@ -148,9 +147,8 @@ def load_pairs(run, vqgan, train_set, val_set, args, vqgan_sha256, device):
             dataset, vqgan, args.scale, args.batch_size, f"reconstructing the {split} split"
         ).items() if k in ("low", "paths")} for split, dataset in sets.items()}
 
-    cache = run.cached("pair_cache", "pairs", key,
-                       {split: [e.name for e in dataset.examples]
-                        for split, dataset in sets.items()}, build)
+    names = {split: [e.name for e in dataset.examples] for split, dataset in sets.items()}
+    cache = run.cached("pair_cache", "pairs", key, names, build)
     return {split: {**make_pairs(dataset), "low": cache[split]["low"]}
             for split, dataset in sets.items()}
 
@@ -285,6 +283,9 @@ def train(args, dist, device):
     lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
     run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt",
                             runs.plain_args(args))  # after the checks: no empty folder
+    if args.perceptual_start is None:  # a resumed run keeps its own (runs from before it: 0)
+        args.perceptual_start = run.trained_flags(args.resume).get("perceptual_start",
+                                                                   0 if args.resume else 650)
     pairs = load_pairs(run, vqgan, train_set, val_set, args, vqgan_sha256, device)
     del vqgan  # frozen and done: the pairs hold what it made
 
@@ -298,8 +299,7 @@ def train(args, dist, device):
     precision = utils.resolve_precision(args.precision, device)
     scaler = utils.grad_scaler(device, precision)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
-    states = dict(model=model, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
-                  scaler=scaler)
+    states = dict(model=model, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
     run_config = dict(dataclasses.asdict(config), vqgan_sha256=vqgan_sha256)
     flags = runs.plain_args(args)
     step = run.resume(args.resume, run_config, flags, 1, **states) if args.resume else 0

@@ -299,6 +299,24 @@ def test_lpips_joins_the_l1_at_perceptual_start(data64, vqgan_path, tmp_path, ca
     assert [r["step"] for r in records if "perceptual" in r] == [4, 5]  # steps 3 and 4, 0-based
 
 
+@needs_lpips
+def test_a_resumed_run_keeps_its_own_lpips_start_and_an_older_run_had_lpips_throughout(
+        data64, vqgan_path, tmp_path):
+    def lpips_steps(run):
+        return [r["step"] for r in utils.read_jsonl(run / "metrics.jsonl") if "perceptual" in r]
+    run = train(data64, vqgan_path, tmp_path / "own", "--max-steps", "2",
+                "--perceptual-start", "3", "--disc-start", "1000")
+    train(data64, vqgan_path, run, "--max-steps", "5", "--resume", "--disc-start", "1000")
+    assert lpips_steps(run) == [4, 5]  # its own 3, not the default 650
+    older = train(data64, vqgan_path, tmp_path / "older", "--max-steps", "2",
+                  "--perceptual-start", "100", "--disc-start", "1000")
+    checkpoint = torch.load(older / "superres_last.pt", weights_only=True)
+    del checkpoint["args"]["perceptual_start"]  # a run from before the flag
+    torch.save(checkpoint, older / "superres_last.pt")
+    train(data64, vqgan_path, older, "--max-steps", "4", "--resume", "--disc-start", "1000")
+    assert lpips_steps(older) == [3, 4]
+
+
 def test_a_gan_that_starts_after_the_last_step_says_so(data64, vqgan_path, tmp_path, capsys):
     train(data64, vqgan_path, tmp_path / "run", "--max-steps", "1", "--disc-start", "1000")
     assert "GAN x 0.05 from step 1000 (after this run's last step)" in capsys.readouterr().out
