@@ -368,8 +368,8 @@ def train(args, dist, device):
                     ("validation PSNR (dB)", ["val_psnr", "val_psnr_bicubic"])],
                     run.path("loss_curves.png"), title="stage 3")
     run.report_outputs("stage 3", [
-        ("superres.pt", "superres.pt (sample.py / evaluate.py --superres)"), ("superres_last.pt",
-         "superres_last.pt (--resume)"), ("metrics.jsonl", "metrics.jsonl"),
+        ("superres.pt", "superres.pt (sample.py / evaluate.py --superres)"),
+        ("superres_last.pt", "superres_last.pt (--resume)"), ("metrics.jsonl", "metrics.jsonl"),
         ("loss_curves.png", "loss_curves.png"), ("samples", "samples/")])
     return loop.stopped_at
 
