@@ -317,6 +317,7 @@ def test_a_resumed_run_keeps_its_own_lpips_start_and_an_older_run_had_lpips_thro
     assert lpips_steps(older) == [3, 4]
 
 
+@needs_lpips
 def test_a_gan_that_starts_after_the_last_step_says_so(data64, vqgan_path, tmp_path, capsys):
     train(data64, vqgan_path, tmp_path / "run", "--max-steps", "1", "--disc-start", "1000")
     assert "GAN x 0.05 from step 1000 (after this run's last step)" in capsys.readouterr().out
