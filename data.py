@@ -341,11 +341,12 @@ def resume_batches(loader, sampler, micro_batches_done):
 
 
 def unflipped_batches(dataset, batch_size, num_workers=0, count=None):
-    """Unflipped items of `dataset` in order (the first `count` of them), batched."""
+    """Unflipped items of `dataset` in order (the first `count` of them), batched. Its own
+    generator: a pass leaves the global torch RNG (the training's) as it found it."""
     items = range(len(dataset) if count is None else min(count, len(dataset)))
     subset = torch.utils.data.Subset(dataset, list(items))
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
-                                       num_workers=num_workers)
+                                       num_workers=num_workers, generator=torch.Generator())
 
 
 def add_data_args(parser):

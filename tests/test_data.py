@@ -21,7 +21,7 @@ from PIL import Image
 
 import data
 import images
-from data import EpochBatchSampler, PoseImageDataset, is_validation, make_loader
+from data import EpochBatchSampler, PoseImageDataset, is_validation, make_loader, unflipped_batches
 from images import open_image
 from poses import (COCO17, DENSEPOSE_PARTS, MANNEQUIN_PARTS, NUM_PART_LABELS, OPENPOSE18,
                    PART_NAMES, colorize_parts, flip_example, frame_box, reframe_keypoints,
@@ -814,3 +814,16 @@ def test_loader_collates_items_into_batches(tmp_path):
     assert batch["parts"].shape == (3, 16, 16) and batch["parts"].dtype == torch.long
     assert len(batch["path"]) == 3 and all(isinstance(p, str) for p in batch["path"])
     assert sorted(p for b in seen for p in b["path"]) == [f"p{i}.png" for i in range(6)]
+
+
+def test_a_pass_over_unflipped_batches_leaves_the_global_rng_as_it_was(tmp_path):
+    # stage 3 builds its pair cache with it: a pass that drew from the global RNG made a run
+    # that found its cache train differently from one that built it
+    posed_folder(tmp_path, count=6)
+    data = dataset(tmp_path, image_size=16)
+    torch.manual_seed(0)
+    untouched = torch.rand(3)
+    torch.manual_seed(0)
+    names = [p for batch in unflipped_batches(data, batch_size=4) for p in batch["path"]]
+    assert names == [e.name for e in data.examples]  # every item once, in order
+    assert torch.equal(torch.rand(3), untouched)

@@ -143,6 +143,17 @@ def test_pair_cache_is_reused_for_the_same_vqgan_and_rebuilt_for_another(
 
 
 @needs_lpips
+def test_a_run_that_finds_its_pair_cache_trains_as_the_run_that_built_it(
+        data64, vqgan_path, tmp_path, shared_lpips):
+    built = train(data64, vqgan_path, tmp_path / "built", "--max-steps", "3")
+    shutil.copytree(built / "pair_cache", tmp_path / "found" / "pair_cache")
+    found = train(data64, vqgan_path, tmp_path / "found", "--max-steps", "3")
+    a = torch.load(built / "superres_last.pt", weights_only=True)["model"]
+    b = torch.load(found / "superres_last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@needs_lpips
 def test_stop_and_resume_gives_the_same_weights_as_one_unbroken_run(data64, vqgan_path, tmp_path,
                                                                     shared_lpips):
     # GAN from step 2, flips, random crops (global RNG) and an epoch boundary (7 steps) inside;
