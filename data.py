@@ -286,9 +286,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_examples, batch_size, seed=0, flip=False, rank=0, world_size=1):
-        self.num_examples, self.batch_size, self.seed, self.flip = (num_examples, batch_size,
-                                                                    seed, flip)
-        self.rank, self.world_size = rank, world_size
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.seed, self.flip, self.rank, self.world_size = seed, flip, rank, world_size
         self.batches_per_epoch = num_examples // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise UserError(f"the training split has {num_examples} images, fewer than one "

@@ -2,20 +2,20 @@
 and `run_training`, which runs a trainer inside the process group and turns its stops and
 write failures into one line (the steps themselves: training_loop.py).
 
-Both trainers (training_vqgan.py, training_transformer.py) run inside `run_training` and
-share the rest: `Schedule` says how long and how fast, `RunDirectory` holds the checkpoint,
-writes it atomically and checks a --resume against it.
+The trainers (training_vqgan.py, training_transformer.py, training_superres.py) run inside
+`run_training` and share the rest: `Schedule` says how long and how fast, `RunDirectory` holds
+the checkpoint, writes it atomically and checks a --resume against it.
 """
 import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 
 import torch
-from torch.optim.swa_utils import AveragedModel
 
 from cli import absolute_path, device_name, non_negative_int, output_folder, positive_float, \
     positive_int, same_flag, unit_fraction
@@ -39,8 +39,9 @@ def add_run_args(parser):
     group.add_argument("--resume", nargs="?", const="last", default=None,
                        help="continue a run: alone, from RUN_DIR's last checkpoint; or a path")
     group.add_argument("--overwrite", action="store_true",
-                       help="start a new run in a --run-dir that holds one, replacing its "
-                            "checkpoints (its token or pair cache is reused)")
+                       help="start a new run in a --run-dir that holds one, deleting its "
+                            "checkpoints, metrics and grids first (its token or pair cache is "
+                            "reused)")
     group.add_argument("--device", type=device_name, default="auto",
                        help="auto, cpu, cuda, cuda:1, mps")
     group.add_argument("--seed", type=int, default=0)
@@ -179,24 +180,6 @@ class Schedule:
         return lr
 
 
-def weight_average(model, decay):
-    """--ema-decay: an exponential moving average of `model`'s parameters (torch's
-    AveragedModel), which validation, grids and the inference weights use; None at decay 0.
-    It starts as the weights at its first update_parameters; each later optimizer step makes it
-    d x average + (1 - d) x weights with d = min(decay, (1 + n) / (10 + n)) after n updates
-    (TensorFlow's ExponentialMovingAverage with num_updates), so that a short run averages its
-    last steps, not its first. Its buffers are copies of the model's at creation. Its
-    state_dict is saved as "ema" (utils.averaged_weights reads the weights back out)."""
-    if not decay:
-        return None
-
-    def update(averaged, current, n):  # n: a tensor on their device, so no sync with a GPU
-        weight = 1 - ((1 + n) / (10 + n)).clamp(max=decay)
-        for average, weights in zip(averaged, current):
-            average.lerp_(weights, weight.to(average.dtype))
-    return AveragedModel(model, multi_avg_fn=update)
-
-
 # ----------------------------------------------------------------------------------------------
 # The run directory: checkpoints, resume, metrics
 # ----------------------------------------------------------------------------------------------
@@ -210,11 +193,13 @@ class RunDirectory:
     (--resume, --overwrite), and a --resume whose checkpoint was trained on other data or by
     another number of processes is refused (check_resume) before any data is encoded; the
     folder must take a file (checked by writing one, so that a read-only or full folder stops
-    the run before any training), and `remove_stale` (rank 0) deletes the temporary files
-    (.tmp-*.pt, see atomic_save) that a write killed midway left.
+    the run before any training). Rank 0 (`is_main`) deletes the temporary files (.tmp-*.pt,
+    see atomic_save) that a write killed midway left, and with --overwrite the previous run's
+    files, so that none outlives it (a grid past the new run's last step, or a checkpoint that
+    --resume would continue after a stop before the first save); the caches stay.
     """
 
-    def __init__(self, root, kind, last_name, flags, world_size=1, remove_stale=True):
+    def __init__(self, root, kind, last_name, flags, world_size=1, is_main=True):
         self.root, self.kind, self.last_name = root, kind, last_name
         resume = flags.get("resume")
         if not (resume or flags.get("overwrite")) and os.path.exists(os.path.join(root, last_name)):
@@ -230,8 +215,10 @@ class RunDirectory:
             raise UserError(f"cannot write into the run directory {root} ({error.strerror}); "
                             "choose another --run-dir, or fix its permissions or free space"
                             ) from None
-        if remove_stale:
+        if is_main:
             self.remove_stale_temporaries()
+        if is_main and flags.get("overwrite") and not resume:
+            self.remove_previous_run()
 
     def remove_stale_temporaries(self):
         stale = [os.path.join(folder, name) for folder, _, names in os.walk(self.root)
@@ -242,6 +229,17 @@ class RunDirectory:
                 os.remove(path)
             print(f"removed {len(stale)} temporary file(s) ({size / 1e6:.3g} MB) that an "
                   f"interrupted write left in {self.root}")
+
+    def remove_previous_run(self):
+        """--overwrite: the checkpoints (vqgan_last.pt and vqgan.pt, ...), metrics, curves and
+        grids of the run this one replaces."""
+        for name in (self.last_name, self.last_name.replace("_last", ""), "metrics.jsonl",
+                     "loss_curves.png", "samples"):
+            path = os.path.join(self.root, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
 
     def path(self, *parts):
         path = os.path.join(self.root, *parts)

@@ -1,6 +1,6 @@
-"""The bookkeeping around every optimizer step of both trainers: the metrics log, the NaN and
-Ctrl-C guards, and `TrainingLoop`, which says after each step what is due (log, validate,
-sample, save), so that training_vqgan.py and training_transformer.py show only their own step.
+"""The bookkeeping around every optimizer step of the trainers: the weight average, the
+metrics log, the NaN and Ctrl-C guards, and `TrainingLoop`, which says after each step what is
+due (log, validate, sample, save), so that each trainer shows only its own step.
 """
 import json
 import os
@@ -10,10 +10,28 @@ import time
 from typing import NamedTuple
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from utils import UserError, read_jsonl
 
+
+def weight_average(model, decay):
+    """--ema-decay: an exponential moving average of `model`'s parameters (torch's
+    AveragedModel), which validation, grids and the inference weights use; None at decay 0.
+    It starts as the weights at its first update_parameters; each later optimizer step makes it
+    d x average + (1 - d) x weights with d = min(decay, (1 + n) / (10 + n)) after n updates
+    (TensorFlow's ExponentialMovingAverage with num_updates), so that a short run averages its
+    last steps, not its first. Its buffers are copies of the model's at creation. Its
+    state_dict is saved as "ema" (utils.averaged_weights reads the weights back out)."""
+    if not decay:
+        return None
+
+    def update(averaged, current, n):  # n: a tensor on their device, so no sync with a GPU
+        weight = 1 - ((1 + n) / (10 + n)).clamp(max=decay)
+        for average, weights in zip(averaged, current):
+            average.lerp_(weights, weight.to(average.dtype))
+    return AveragedModel(model, multi_avg_fn=update)
 
 
 class MetricsLog:

@@ -44,7 +44,7 @@ from distributed import wrap_ddp
 from plots import plot_curves
 from poses import COCO17, condition_picture
 from sampling import add_sampling_args, sampling_options
-from training_loop import TrainingLoop
+from training_loop import TrainingLoop, weight_average
 from transformer import CONDITION_MODES, POSE_INPUT, PoseTransformer
 from vqgan import load_vqgan
 
@@ -261,7 +261,7 @@ def train(args, dist, device):
     if channels_last:  # the frozen VQGAN's convolutions: encoding the cache, decoding grids
         vqgan.to(memory_format=torch.channels_last)
     run = runs.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt",
-                            runs.plain_args(args), dist.world_size, remove_stale=dist.is_main)
+                            runs.plain_args(args), dist.world_size, is_main=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data before the others read it
         train_set, val_set = data.build_datasets(args, progress=dist.is_main,
                                                  class_labels=args.condition == "class")
@@ -300,7 +300,7 @@ def train(args, dist, device):
     config = dict(model.config, vqgan_sha256=vqgan_sha256)  # flat: --resume names the field
     if condition_vqgan:
         config["condition_vqgan_sha256"] = condition_sha256
-    ema = runs.weight_average(model, args.ema_decay)  # of the GPT: validated, sampled, saved
+    ema = weight_average(model, args.ema_decay)  # of the GPT: validated, sampled, saved
     inference = ema.module if ema else model
     states = dict(model=model, optimizer=optimizer, scaler=scaler, **({"ema": ema} if ema else {}))
     flags = runs.plain_args(args)

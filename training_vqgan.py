@@ -42,7 +42,7 @@ from discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
 from lpips_loss import LPIPSLoss
 from plots import plot_curves
 from poses import resolve_part_labelling
-from training_loop import TrainingLoop
+from training_loop import TrainingLoop, weight_average
 from vqgan import PRESETS, VQGAN, add_vqgan_args, config_from_args, save_vqgan
 
 
@@ -261,7 +261,7 @@ def train(args, dist, device):
     utils.seed_everything(args.seed)  # the same on every rank: identical initial weights
     config = config_from_args(args)
     run = runs.RunDirectory(args.run_dir, "vqgan_train", "vqgan_last.pt", runs.plain_args(args),
-                            dist.world_size, remove_stale=dist.is_main)
+                            dist.world_size, is_main=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data / fetches LPIPS weights first
         train_set, val_set = data.build_datasets(args, progress=dist.is_main)
         lpips = (LPIPSLoss(weights_path=args.lpips_weights).to(device)
@@ -289,7 +289,7 @@ def train(args, dist, device):
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
     weights = LossWeights(args.perceptual_weight, args.codebook_weight, args.disc_weight)
 
-    ema = runs.weight_average(model, args.ema_decay)  # validated, drawn and saved if on
+    ema = weight_average(model, args.ema_decay)  # validated, drawn and saved if on
     inference = ema.module if ema else model
     states = dict(model=model, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
                   scaler=scaler, **({"ema": ema} if ema else {}))

@@ -242,7 +242,7 @@ def load_checkpoint(path, expected_kinds):
 
 
 def averaged_weights(ema_state):
-    """The state_dict of an AveragedModel (runs.weight_average) -> its averaged model's."""
+    """The state_dict of an AveragedModel (training_loop.weight_average) -> its averaged model's."""
     return {k.removeprefix("module."): v for k, v in ema_state.items() if k.startswith("module.")}
 
 

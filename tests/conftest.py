@@ -110,8 +110,8 @@ def shared_lpips(monkeypatch, lpips):
 
 @pytest.fixture
 def averaged_weights_seen(monkeypatch):
-    """The parameters each AveragedModel.update_parameters (runs.weight_average) is given, in
-    order: the weights a trainer trained, after each optimizer step."""
+    """The parameters each AveragedModel.update_parameters (training_loop.weight_average) is
+    given, in order: the weights a trainer trained, after each optimizer step."""
     seen, update = [], torch.optim.swa_utils.AveragedModel.update_parameters
 
     def recording_update(ema, model):

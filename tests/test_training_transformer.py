@@ -25,6 +25,7 @@ import utils
 from data import PoseImageDataset
 from poses import COCO17, DENSEPOSE_PARTS, PART_NAMES, colorize_parts, draw_skeleton
 from runs import scheduled_lr
+from training_loop import weight_average
 from transformer import PoseTransformer, load_transformer
 from utils import UserError
 from vqgan import VQGAN, load_vqgan
@@ -502,7 +503,7 @@ def test_guidance_a_model_cannot_take_is_refused_before_any_step(data, vqgan_pat
 
 def test_the_weight_average_shares_the_frozen_vqgan_and_copies_the_gpt(trained):
     model, _ = load_transformer(str(trained[0] / "transformer_last.pt"))
-    average = runs.weight_average(model, 0.9).module
+    average = weight_average(model, 0.9).module
     assert average.vqgan is model.vqgan  # not a second copy of the frozen weights
     assert average.gpt is not model.gpt
     assert all(torch.equal(a, b) for a, b in zip(average.parameters(), model.parameters()))

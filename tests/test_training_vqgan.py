@@ -277,6 +277,24 @@ def test_a_run_directory_holding_a_run_is_not_overwritten_without_resume_or_over
     assert (tmp_path / "vqgan_last.pt").read_bytes() != before
 
 
+def test_overwrite_removes_the_previous_runs_files_before_anything_else(dataset, tmp_path,
+                                                                          shared_lpips,
+                                                                          monkeypatch):
+    train(dataset, tmp_path, "--max-steps", "4", "--sample-every", "2")
+    assert sorted(os.listdir(tmp_path / "samples")) == ["reconstructions_000002.png",
+                                                        "reconstructions_000004.png"]
+    train(dataset, tmp_path, "--max-steps", "2", "--sample-every", "2", "--overwrite")
+    assert os.listdir(tmp_path / "samples") == ["reconstructions_000002.png"]  # not the old 4
+    assert load_last(tmp_path)["step"] == 2
+
+    def stopped(*args, **kwargs):  # Ctrl-C before the replacing run's first checkpoint
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training_vqgan.data, "build_datasets", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset, tmp_path, "--max-steps", "2", "--overwrite")
+    assert os.listdir(tmp_path) == []  # no old checkpoint for --resume to continue
+
+
 def test_a_resume_with_other_data_is_refused_before_the_data_is_read(dataset, tmp_path,
                                                                      shared_lpips, monkeypatch):
     train(dataset, tmp_path, "--max-steps", "1")
@@ -693,7 +711,8 @@ def test_the_temporary_file_of_a_killed_checkpoint_write_is_removed_at_the_next_
         tmp_path, monkeypatch, capsys):
     """A kill -9 mid-write runs no clean-up: what atomic_save names its temporary file is what
     RunDirectory's stale-file clean-up looks for."""
-    utils.atomic_save({"kind": "vqgan_train", "step": 1}, str(tmp_path / "vqgan_last.pt"))
+    utils.atomic_save({"kind": "vqgan_train", "step": 1, "args": {}},
+                      str(tmp_path / "vqgan_last.pt"))
 
     def killed_midway(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
@@ -707,7 +726,7 @@ def test_the_temporary_file_of_a_killed_checkpoint_write_is_removed_at_the_next_
     left = [name for name in os.listdir(tmp_path) if name != "vqgan_last.pt"]
     assert len(left) == 1 and left[0].startswith(".tmp-")  # what the kill leaves
 
-    runs.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt", {"overwrite": True})
+    runs.RunDirectory(str(tmp_path), "vqgan_train", "vqgan_last.pt", {"resume": "last"})
     assert os.listdir(tmp_path) == ["vqgan_last.pt"]
     assert "removed 1 temporary file(s)" in capsys.readouterr().out
     assert utils.load_checkpoint(str(tmp_path / "vqgan_last.pt"), "vqgan_train")["step"] == 1
