@@ -256,7 +256,7 @@ def train(args, dist, device):
         raise utils.UserError(f"the VQGAN in {args.vqgan_checkpoint} was trained on "
                               f"{vqgan.config.resolution} px images; pass --image-size "
                               f"{vqgan.config.resolution} or leave it out")
-    precision = utils.resolve_precision(args.precision, device)
+    precision = utils.resolve_precision(args.precision, device, cpu_bf16="avx512_bf16")
     channels_last = utils.use_channels_last(args.channels_last, device)
     if channels_last:  # the frozen VQGAN's convolutions: encoding the cache, decoding grids
         vqgan.to(memory_format=torch.channels_last)

@@ -81,17 +81,19 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(name, device):
+def resolve_precision(name, device, cpu_bf16="amx_bf16"):
     """--precision -> 'fp32', 'bf16' or 'fp16' on `device`.
 
     auto: bf16 on a GPU that computes it natively (CUDA compute capability 8.0, Ampere, and
     later), fp16 with a GradScaler on older GPUs (torch.cuda.is_bf16_supported() also says yes
-    there, where bf16 is emulated and slow); bf16 on a CPU with AMX bf16 units (Intel Xeon
-    since Sapphire Rapids: the default stage-1 run took 14.5 min there against 20.7 in fp32, at
-    the same PSNR); fp32 on other CPUs and on MPS. That includes CPUs with AVX512-BF16 alone
-    (AMD Zen 4): bf16 ran both stages 1.4x as fast there, but the one stage-1 run ended 0.8 dB
-    below fp32's (README "Stage 1"). The others are taken as given: any CPU runs bf16 and fp16
-    autocast, which the tests use.
+    there, where bf16 is emulated and slow); bf16 on a CPU with the `cpu_bf16` feature of
+    torch.cpu.get_capabilities(), fp32 on other CPUs and on MPS. The default, AMX bf16 units
+    (Intel Xeon since Sapphire Rapids), is stage 1's rule: its default run took 14.5 min there
+    against 20.7 in fp32 at the same PSNR, while with AVX512-BF16 alone (AMD Zen 4) it ran 1.4x
+    as fast but ended 0.3-0.8 dB below fp32 on two seeds. Stage 2 passes "avx512_bf16" (which
+    AMX CPUs have too): its GPT trained in bf16 there as well as in fp32, 1.4x as fast (README
+    "Stage 2"). The others are taken as given: any CPU runs bf16 and fp16 autocast, which the
+    tests use.
     """
     if name not in PRECISIONS:
         raise UserError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
@@ -99,7 +101,7 @@ def resolve_precision(name, device):
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
-    if device.type == "cpu" and torch.cpu.get_capabilities().get("amx_bf16", False):
+    if device.type == "cpu" and torch.cpu.get_capabilities().get(cpu_bf16, False):
         return "bf16"
     return "fp32"
 

@@ -27,12 +27,12 @@ MACHINE_CPU = torch.cpu.get_capabilities()  # what this machine has, as a subpro
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_without_amx():
-    """--precision auto is bf16 on CPUs with AMX (utils.resolve_precision). The tests compare
-    float32 figures at tight tolerances, so they see the CPU of most laptops, where auto is fp32,
-    whatever this machine has: the bf16 tests ask for bf16 by name, the rule itself is tested
-    with both answers, and the torchrun tests pass --precision fp32 (their subprocesses see
-    MACHINE_CPU)."""
-    capabilities = {**MACHINE_CPU, "amx_bf16": False}
+    """--precision auto is bf16 on CPUs with AMX, and for stage 2 with AVX512-BF16 too
+    (utils.resolve_precision). The tests compare float32 figures at tight tolerances, so they
+    see the CPU of most laptops, where auto is fp32, whatever this machine has: the bf16 tests
+    ask for bf16 by name, the rule itself is tested with both answers, and the torchrun tests
+    pass --precision fp32 (their subprocesses see MACHINE_CPU)."""
+    capabilities = {**MACHINE_CPU, "amx_bf16": False, "avx512_bf16": False}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
         yield

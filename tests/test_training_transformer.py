@@ -357,6 +357,17 @@ def test_image_size_is_the_vqgans_resolution_unless_given_and_the_run_says_so(
     assert "lr 0.001 (--lr)" in printed and "precision fp32" in printed
 
 
+def test_stage_2_trains_in_bf16_on_a_cpu_with_avx512_bf16_and_its_tokens_keep_stage_1s_rule(
+        trained, data, vqgan_path, tmp_path, capsys, monkeypatch):
+    zen4 = {**torch.cpu.get_capabilities(), "amx_bf16": False, "avx512_bf16": True}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: zen4)
+    run_dir = fresh_run_with_cache_of(trained[0], tmp_path)  # encoded under stage 1's fp32
+    training_transformer.main(train_args(data, vqgan_path, run_dir, "--max-steps", "1"))
+    printed = capsys.readouterr().out
+    assert "precision bf16" in printed
+    assert len(os.listdir(run_dir / "token_cache")) == 1  # found (another key: a second file)
+
+
 # DensePose's part indices (its "I" channel) and the one each mirrors into, from its docs.
 DENSEPOSE_MIRROR = {0: 0, 1: 1, 2: 2, 3: 4, 4: 3, 5: 6, 6: 5, 7: 8, 8: 7, 9: 10, 10: 9, 11: 12,
                     12: 11, 13: 14, 14: 13, 15: 16, 16: 15, 17: 18, 18: 17, 19: 20, 20: 19,

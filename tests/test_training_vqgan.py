@@ -526,11 +526,13 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it_natively(monkeypa
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
         assert utils.resolve_precision("auto", cuda) == expected
     capabilities = torch.cpu.get_capabilities()
-    for amx, avx512, expected in ((False, False, "fp32"), (True, False, "bf16"),
-                                  (False, True, "fp32"), (True, True, "bf16")):
+    for amx, avx512, expected, stage_2 in ((False, False, "fp32", "fp32"),
+                                           (True, True, "bf16", "bf16"),
+                                           (False, True, "fp32", "bf16")):  # AMD Zen 4
         monkeypatch.setattr(torch.cpu, "get_capabilities",
                             lambda: {**capabilities, "amx_bf16": amx, "avx512_bf16": avx512})
         assert utils.resolve_precision("auto", cpu) == expected
+        assert utils.resolve_precision("auto", cpu, cpu_bf16="avx512_bf16") == stage_2
     assert utils.resolve_precision("bf16", cpu) == "bf16"  # as given: the CPU tests use it
     assert utils.resolve_precision("fp32", cpu) == "fp32"
     assert utils.grad_scaler(cpu, "fp16").is_enabled()
