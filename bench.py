@@ -30,6 +30,7 @@ import torch
 
 import cli
 import utils
+from mingpt import GPT, TRAINING_CPU_BF16, GPTConfig, int8_for_cpu
 from superres import add_superres_args
 from vqgan import PRESETS
 
@@ -128,7 +129,6 @@ def random_prefix_model(args, device):
     """A GPT the size of a pose transformer: codes + keypoint-cell tokens, a --prefix of
     condition tokens (17 keypoints; 64 or 256 codes of an f8 or f4 condition VQGAN at 64 px;
     256 parts)."""
-    from mingpt import GPT, GPTConfig
     prefix = args.prefix
     config = GPTConfig(vocab_size=args.n_embed + 33 * 33, block_size=prefix + args.tokens - 1,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
@@ -140,7 +140,6 @@ def random_prefix_model(args, device):
 
 @torch.no_grad()
 def bench_sample(args, device):
-    from mingpt import int8_for_cpu
     from sampling import sample_next
     model, cond = random_prefix_model(args, device)
     generator = torch.Generator(device=device)
@@ -199,7 +198,7 @@ def bench_transformer(args, device):
     model, cond = random_prefix_model(args, device)
     model.train()
     optimizer = model.configure_optimizer(0.01, 3e-4, (0.9, 0.95), device.type)
-    precision = utils.resolve_precision(args.precision, device)
+    precision = utils.resolve_precision(args.precision, device, cpu_bf16=TRAINING_CPU_BF16)
     tokens = torch.randint(0, args.n_embed, (args.batch_size, args.tokens), device=device)
     sequence = torch.cat([cond, tokens[:, :-1]], 1)
 

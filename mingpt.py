@@ -17,6 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The CPU feature under which --precision auto trains a GPT in bf16 (utils.resolve_precision):
+# bf16 dot products alone suffice, as the default GPT trained as well in bf16 as in fp32 on them.
+TRAINING_CPU_BF16 = "avx512_bf16"
 
 @dataclass
 class GPTConfig:

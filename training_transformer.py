@@ -41,6 +41,7 @@ import runs
 import utils
 from conditions import CONDITION_CONTENT, Content
 from distributed import wrap_ddp
+from mingpt import TRAINING_CPU_BF16
 from plots import plot_curves
 from poses import COCO17, condition_picture
 from sampling import add_sampling_args, sampling_options
@@ -256,7 +257,7 @@ def train(args, dist, device):
         raise utils.UserError(f"the VQGAN in {args.vqgan_checkpoint} was trained on "
                               f"{vqgan.config.resolution} px images; pass --image-size "
                               f"{vqgan.config.resolution} or leave it out")
-    precision = utils.resolve_precision(args.precision, device, cpu_bf16="avx512_bf16")
+    precision = utils.resolve_precision(args.precision, device, cpu_bf16=TRAINING_CPU_BF16)
     channels_last = utils.use_channels_last(args.channels_last, device)
     if channels_last:  # the frozen VQGAN's convolutions: encoding the cache, decoding grids
         vqgan.to(memory_format=torch.channels_last)

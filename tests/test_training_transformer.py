@@ -368,6 +368,17 @@ def test_stage_2_trains_in_bf16_on_a_cpu_with_avx512_bf16_and_its_tokens_keep_st
     assert len(os.listdir(run_dir / "token_cache")) == 1  # found (another key: a second file)
 
 
+def test_bench_times_stage_2_in_the_precision_its_training_resolves(monkeypatch, capsys):
+    """bench.py transformer timed float32 on an AVX512-BF16 CPU where stage 2 trains in bf16."""
+    import bench
+    zen4 = {**torch.cpu.get_capabilities(), "amx_bf16": False, "avx512_bf16": True}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: zen4)
+    bench.main(["transformer", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--n-embed",
+                "32", "--tokens", "6", "--prefix", "3", "--batch-size", "2", "--warmup", "0",
+                "--repeats", "1", "--threads", "1"])
+    assert "precision bf16" in capsys.readouterr().out
+
+
 # DensePose's part indices (its "I" channel) and the one each mirrors into, from its docs.
 DENSEPOSE_MIRROR = {0: 0, 1: 1, 2: 2, 3: 4, 4: 3, 5: 6, 6: 5, 7: 8, 8: 7, 9: 10, 10: 9, 11: 12,
                     12: 11, 13: 14, 14: 13, 15: 16, 16: 15, 17: 18, 18: 17, 19: 20, 20: 19,
