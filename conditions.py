@@ -57,17 +57,19 @@ def content_defaults(kind, num_labels, resolution=64):
     measurement: pose pictures on an f4 grid (16 x 16 tokens at 64 px; f8 smeared the arms and
     cost stage 2 a quarter of its PCK), part maps on an f8 grid (8 x 8 tokens) in and out with a
     channel per label; 256 codes, attention on the grid only, no LPIPS, no GAN. Each doubling of the
-    `resolution` above 64 px adds a halving level, so the grids stay 16 x 16 and 8 x 8 (at 256
-    px f4 would make a 4096-token prefix). Photos keep the preset's."""
+    `resolution` above 64 px adds a halving level, so the grids stay 16 x 16 and 8 x 8 at 64 x 2^k
+    px (at 256 px f4 would make a 4096-token prefix); other sizes get the grid of the largest
+    such size below them (96 px: 24 x 24 and 12 x 12). Photos keep the preset's."""
     if kind == "photos":
         return {}
     extra_levels = (1,) * max(0, (resolution // 64).bit_length() - 1)
-    defaults = dict(ch_mult=extra_levels + (1, 2, 4), attn_resolutions=(16,), n_embed=256,
-                    perceptual_weight=0.0, disc_weight=0.0, pixel_loss="l1", chroma_weight=0.0)
+    defaults = dict(ch_mult=extra_levels + (1, 2, 4), n_embed=256, perceptual_weight=0.0,
+                    disc_weight=0.0, pixel_loss="l1", chroma_weight=0.0)
     if kind == "part-maps":
-        defaults.update(ch_mult=extra_levels + (1, 2, 2, 4), attn_resolutions=(8,),
-                        in_channels=num_labels, out_ch=num_labels)
-    return defaults
+        defaults.update(ch_mult=extra_levels + (1, 2, 2, 4), in_channels=num_labels,
+                        out_ch=num_labels)
+    grid = resolution // 2 ** (len(defaults["ch_mult"]) - 1)
+    return dict(defaults, attn_resolutions=(grid,))
 
 
 # BT.601 RGB -> luma Y and the two colour differences Cb (blue - Y), Cr (red - Y), each in

@@ -345,7 +345,10 @@ def main(argv=None):
         sr_model, trained_sha256 = load_superres(args.superres, device)
         sr_dataset = superres_split(sr_model, vqgan, vars(args), args.split,
                                     utils.file_sha256(args.vqgan_checkpoint), trained_sha256)
-    detector, detector_path, no_detector = find_pose_detector(args, train_set, device)
+    no_poses = model is not None and pose_sampling_skip_reason(model, args.num_pose_samples,
+                                                               dataset)  # no detector is needed
+    detector, detector_path, no_detector = ((None, None, no_poses) if no_poses
+                                            else find_pose_detector(args, train_set, device))
     lpips = None
     if not args.no_lpips:
         lpips = LPIPSLoss(weights_path=args.lpips_weights, net="alex").to(device)

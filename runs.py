@@ -40,8 +40,8 @@ def add_run_args(parser):
                        help="continue a run: alone, from RUN_DIR's last checkpoint; or a path")
     group.add_argument("--overwrite", action="store_true",
                        help="start a new run in a --run-dir that holds one, deleting its "
-                            "checkpoints, metrics and grids first (its token or pair cache is "
-                            "reused)")
+                            "checkpoints, metrics and grids as the new run's first step starts "
+                            "(its token or pair cache is reused)")
     group.add_argument("--device", type=device_name, default="auto",
                        help="auto, cpu, cuda, cuda:1, mps")
     group.add_argument("--seed", type=int, default=0)
@@ -65,7 +65,7 @@ def add_run_args(parser):
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="autocast dtype: auto is bf16 on GPUs with native bf16 (compute "
                             "capability 8.0+), fp16 with a GradScaler on older GPUs, bf16 on "
-                            "CPUs with AMX, fp32 on other CPUs")
+                            "CPUs with AMX (stage 2: AVX512-BF16), fp32 on other CPUs")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory format for the convolutions (default: on with CUDA "
                             "and x86 CPUs)")
@@ -192,11 +192,9 @@ class RunDirectory:
     a folder that already holds a run is refused unless the run resumes or overwrites it
     (--resume, --overwrite), and a --resume whose checkpoint was trained on other data or by
     another number of processes is refused (check_resume) before any data is encoded; the
-    folder must take a file (checked by writing one, so that a read-only or full folder stops
-    the run before any training). Rank 0 (`is_main`) deletes the temporary files (.tmp-*.pt,
-    see atomic_save) that a write killed midway left, and with --overwrite the previous run's
-    files, so that none outlives it (a grid past the new run's last step, or a checkpoint that
-    --resume would continue after a stop before the first save); the caches stay.
+    folder, or the one it will be made in, must take a file (a read-only or full one stops the
+    run before any training); it is made by the run's first file (`path`), so that a refused
+    command leaves none. Rank 0 (`is_main`) deletes the .tmp-*.pt files of killed writes.
     """
 
     def __init__(self, root, kind, last_name, flags, world_size=1, is_main=True):
@@ -207,18 +205,18 @@ class RunDirectory:
                             "continue it, --overwrite to replace it, or another --run-dir")
         if resume:
             self.check_resume(resume, flags, world_size)
+        writable = os.path.abspath(root)
+        while not os.path.exists(writable):  # the folder the run's first file will be made in
+            writable = os.path.dirname(writable)
         try:
-            os.makedirs(root, exist_ok=True)
-            with tempfile.TemporaryFile(dir=root):
-                pass
+            tempfile.TemporaryFile(dir=writable).close()
         except OSError as error:
             raise UserError(f"cannot write into the run directory {root} ({error.strerror}); "
                             "choose another --run-dir, or fix its permissions or free space"
                             ) from None
         if is_main:
             self.remove_stale_temporaries()
-        if is_main and flags.get("overwrite") and not resume:
-            self.remove_previous_run()
+        self.replaces_run = is_main and bool(flags.get("overwrite")) and not resume
 
     def remove_stale_temporaries(self):
         stale = [os.path.join(folder, name) for folder, _, names in os.walk(self.root)
@@ -231,8 +229,12 @@ class RunDirectory:
                   f"interrupted write left in {self.root}")
 
     def remove_previous_run(self):
-        """--overwrite: the checkpoints (vqgan_last.pt and vqgan.pt, ...), metrics, curves and
-        grids of the run this one replaces."""
+        """--overwrite, as the new run's first step starts (TrainingLoop; a command refused
+        before then leaves the old run whole): the checkpoints (vqgan_last.pt, vqgan.pt, ...),
+        metrics, curves and grids of the run it replaces, so that none outlives it (a grid past
+        the new run's end, a checkpoint for --resume after a stop before the first save)."""
+        if not self.replaces_run:
+            return
         for name in (self.last_name, self.last_name.replace("_last", ""), "metrics.jsonl",
                      "loss_curves.png", "samples"):
             path = os.path.join(self.root, name)

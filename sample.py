@@ -208,7 +208,8 @@ def choose_class(args, config):
 
 def rows_to_sample(args, model, checkpoint, canvas, sliding):
     """(the Rows of the grid, the folder their names are relative to): the poses of --poses,
-    the --class, or the first --count validation examples (fitted whole onto a larger canvas)."""
+    the --class, or the first --count validation examples (fitted whole onto a larger canvas);
+    with --complete, the validation examples that may be its own (pose_for_image)."""
     config = model.config
     if args.poses is not None:
         if POSE_INPUT.get(config["condition"]) != "keypoints":
@@ -226,9 +227,16 @@ def rows_to_sample(args, model, checkpoint, canvas, sliding):
     if args.class_name is not None:
         return [Row(args.class_name)], None
     _, val_set = data.build_datasets(checkpoint["args"], progress=False)
-    items = [val_set[i] for i in range(min(args.count, len(val_set)))]
-    rows = [Row(item["path"], item.get("keypoints"), item.get("parts"), item["image"],
-                example.box) for item, example in zip(items, val_set.examples)]
+    indices = range(min(args.count, len(val_set)))
+    if args.complete is not None:  # its pose or part map: any validation example's, not only
+        wanted = os.path.basename(args.complete)  # the first --count ones'
+        indices = [i for i, example in enumerate(val_set.examples) if example.name == args.pose_key
+                   or os.path.basename(example.name.partition("#")[0]) == wanted]
+    rows = []
+    for i in indices:
+        item = val_set[i]
+        rows.append(Row(item["path"], item.get("keypoints"), item.get("parts"), item["image"],
+                        val_set.examples[i].box))
     if sliding:  # validation conditions are on the training square: pad it to the canvas
         square = (config["image_size"],) * 2
         rows = [row._replace(

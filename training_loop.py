@@ -130,6 +130,7 @@ class TrainingLoop:
         self.run, self.dist, self.step, self.total = run, dist, step, total
         self.steps_per_epoch = steps_per_epoch
         self.log_every, self.save_every, self.sample_every = log_every, save_every, sample_every
+        run.remove_previous_run()  # --overwrite: only now that every check has passed
         self.metrics = (MetricsLog(run.path("metrics.jsonl"), step if resumed else None)
                         if dist.is_main else None)
         self.desc, self.stopping = desc, False

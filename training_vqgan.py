@@ -27,7 +27,6 @@ vqgan.pt (the inference weights stage 2 loads), metrics.jsonl, loss_curves.png, 
 """
 import dataclasses
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -138,7 +137,7 @@ def describe_run(args, config, model, content, precision, channels_last, schedul
     print("\n".join(lines))
 
 
-@dataclass
+@dataclasses.dataclass
 class LossWeights:
     """Generator loss = pixel + perceptual x LPIPS + codebook x VQ loss + disc x lambda x GAN."""
 
@@ -349,12 +348,13 @@ def train(args, dist, device):
                 window_images += images.shape[0] * dist.world_size
             model.quantize.count_step()  # the dead-code window counts optimizer steps
             for key, value in sums.items():  # a NaN in D or the GAN term stops the run too;
-                # under fp16 an infinite lambda is a scaled gradient that overflowed, and the
-                # scaler skips that step itself
-                if key != "disc_lambda" or not scaler.is_enabled():
-                    loop.health.add(value)
+                counted = 1  # under fp16 a non-finite lambda is a scaled gradient that
+                if key == "disc_lambda" and scaler.is_enabled():  # overflowed: the scaler
+                    counted = torch.isfinite(value)  # skips that step, the window's mean too
+                    value = torch.where(counted, value, 0.0)
+                loop.health.add(value)
                 window_sums[key] = window_sums.get(key, 0) + value
-                window_steps[key] = window_steps.get(key, 0) + 1
+                window_steps[key] = window_steps.get(key, 0) + counted
             scaler.step(opt_g)
             if ema:
                 ema.update_parameters(model)
@@ -364,8 +364,8 @@ def train(args, dist, device):
 
             due = loop.end_step()
             if due.log:  # window means of the loss terms, like usage and perplexity
-                means = {key: float(dist.mean(value)) / window_steps[key]
-                         for key, value in window_sums.items()}
+                means = {key: float(dist.mean(value)) / float(window_steps[key])
+                         for key, value in window_sums.items() if window_steps[key]}
                 code_stats.counts = dist.sum(code_stats.counts)  # usage of every rank's codes
                 usage, perplexity = code_stats.usage, code_stats.perplexity
                 loop.log({**means, "usage": usage, "perplexity": perplexity, "lr": lr},

@@ -92,8 +92,8 @@ def resolve_precision(name, device, cpu_bf16="amx_bf16"):
     against 20.7 in fp32 at the same PSNR, while with AVX512-BF16 alone (AMD Zen 4) it ran 1.4x
     as fast but ended 0.3-0.8 dB below fp32 on two seeds. Stage 2 and its benchmark pass
     mingpt.TRAINING_CPU_BF16, "avx512_bf16" (which AMX CPUs have too): the GPT trained in bf16
-    there as well as in fp32, 1.4x as fast (README "Stage 2"). The others are taken as given: any CPU runs bf16 and fp16 autocast, which the
-    tests use.
+    there as well as in fp32, 1.4x as fast (README "Stage 2"). The others are taken as given:
+    any CPU runs bf16 and fp16 autocast, which the tests use.
     """
     if name not in PRECISIONS:
         raise UserError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")

@@ -64,12 +64,15 @@ def condition_vqgans(data, tmp_path_factory):
     return made
 
 
-def test_condition_grids_stay_16_and_8_codes_across_at_any_resolution():
+def test_condition_grids_stay_16_and_8_codes_across_at_64_x_2_to_the_k_px():
     """Each doubling above 64 px adds a halving level to the contents' defaults: at the paper
     preset's 256 px a pose picture is 16 x 16 codes (it was 64 x 64, a 4096-token prefix), with
-    the attention on that grid."""
-    for preset, size in (("small", 64), ("small", 128), ("paper", 256)):
-        for content, grid in (("keypoint-images", 16), ("part-maps", 8)):
+    the attention on that grid, at any size (at 32 and 96 px it was at 16 x 16 features, not on
+    the 8 x 8 or 24 x 24 grid)."""
+    for preset, size, grids in (("small", 64, (16, 8)), ("small", 128, (16, 8)),
+                                ("paper", 256, (16, 8)), ("small", 32, (8, 4)),
+                                ("small", 96, (24, 12))):
+        for content, grid in zip(("keypoint-images", "part-maps"), grids):
             config = config_from_args(training_vqgan.parse_args(
                 ["--preset", preset, "--image-size", str(size), "--content", content]))
             assert config.resolution // 2 ** (len(config.ch_mult) - 1) == grid

@@ -224,3 +224,19 @@ def test_bad_pose_detector_flags_stop_with_one_line(setup, tmp_path):
     with pytest.raises(utils.UserError, match="needs a place for the detector"):
         evaluate.main(["--vqgan-checkpoint", str(setup.vqgan), "--dataset-path", str(setup.data),
                        "--train-pose-detector", "--no-lpips", "--num-workers", "0"])
+
+
+def test_no_detector_is_trained_for_a_transformer_without_a_pose(setup, train_tiny_transformer,
+                                                                  tmp_path, monkeypatch):
+    """--train-pose-detector trained and saved a detector (800 steps by default) for a model
+    conditioned on nothing or a class, whose samples have no pose to score."""
+    unconditioned = train_tiny_transformer(setup.data, setup.vqgan, tmp_path / "none", 32,
+                                           "--condition", "none", "--val-fraction", VAL_FRACTION,
+                                           "--max-steps", "1", "--grid-examples", "1")
+    argv = evaluate_argv(setup, tmp_path / "x.json", "--train-pose-detector", "--pose-detector",
+                         str(tmp_path / "detector.pt"), "--num-pose-samples", "4")
+    argv[argv.index("--transformer-checkpoint") + 1] = str(unconditioned)
+    evaluate.main(argv)
+    results = json.loads((tmp_path / "x.json").read_text())
+    assert "no pose to follow" in results["pose_accuracy"]["skipped"]
+    assert not (tmp_path / "detector.pt").exists()

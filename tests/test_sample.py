@@ -335,6 +335,23 @@ def test_completion_of_a_coco_person_squares_the_photo_on_that_persons_box(
         keypoints=person["keypoints"][None]))
 
 
+def test_completion_finds_the_pose_of_any_validation_image_not_only_the_first_count(
+        checkpoint, parts_checkpoint, tmp_path, sampled):
+    """Only the first --count (8) validation examples were searched for the image's pose or
+    part map: past them a validation image was refused as having none."""
+    for model_path, key in ((checkpoint, "keypoints"), (parts_checkpoint, "parts")):
+        _, val_set = sample.data.build_datasets(
+            torch.load(model_path, weights_only=True)["args"], progress=False)
+        last = len(val_set) - 1
+        assert last >= 1  # beyond --count 1
+        del sampled[:]
+        run(model_path, tmp_path / key, "--complete", val_set.examples[last].image_path,
+            "--count", "1", "--num-samples", "1")
+        (call,) = sampled
+        assert torch.equal(call["cond"],
+                           call["model"].condition_tokens({key: val_set[last][key][None]}))
+
+
 def test_completion_for_a_part_map_model_needs_an_image_with_a_part_map(parts_checkpoint,
                                                                         data, tmp_path):
     outside_validation = str(data / "images" / "000002.png")

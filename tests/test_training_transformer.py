@@ -517,10 +517,12 @@ def test_guidance_a_model_cannot_take_is_refused_before_any_step(data, vqgan_pat
     """The grids' --guidance was refused at the first grid (step 500 by default), after
     training and before any checkpoint."""
     forwards = count_calls(monkeypatch, PoseTransformer, "forward")
+    run_dir = tmp_path / "run"
     with pytest.raises(UserError, match="--guidance 2 needs a model trained with --condition"):
-        training_transformer.main(train_args(data, vqgan_path, tmp_path, "--condition-dropout",
+        training_transformer.main(train_args(data, vqgan_path, run_dir, "--condition-dropout",
                                              "0", "--guidance", "2"))
     assert forwards == []
+    assert not run_dir.exists()  # a refused command leaves no empty run folder behind
 
 
 def test_the_weight_average_shares_the_frozen_vqgan_and_copies_the_gpt(trained):

@@ -7,6 +7,7 @@ Everything runs on the CPU with 32 px mannequins and a tiny VQGAN (ch 32, ch_mul
 import contextlib
 import copy
 import errno
+import json
 import math
 import os
 import re
@@ -249,6 +250,27 @@ def test_no_discriminator_forward_or_lambda_before_disc_start(dataset, tmp_path,
     assert f"precision fp32, channels_last {channels_last}, compile off" in printed
 
 
+def test_an_fp16_step_whose_lambda_overflowed_is_left_out_of_the_logged_mean(
+        dataset, tmp_path, monkeypatch, shared_lpips):
+    """Under fp16 the GradScaler skips a step whose scaled gradients overflowed, lambda's too;
+    that step's NaN made the window's logged lambda NaN, which is not JSON."""
+    returned, real_lambda = [], training_vqgan.adaptive_lambda
+
+    def overflowing_lambda(*args, **kwargs):  # the first GAN step's gradients overflow
+        weight = real_lambda(*args, **kwargs)
+        returned.append(float("nan") if not returned else float(weight))
+        return torch.full_like(weight, returned[-1])
+    monkeypatch.setattr(training_vqgan, "adaptive_lambda", overflowing_lambda)
+    train(dataset, tmp_path, "--max-steps", "4", "--disc-start", "0", "--log-every", "2",
+          "--precision", "fp16")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+               for line in lines]
+    lambdas = {r["step"]: r["disc_lambda"] for r in records if "disc_lambda" in r}
+    assert len(returned) == 4 and lambdas[2] == pytest.approx(returned[1])  # not NaN
+    assert lambdas[4] == pytest.approx((returned[2] + returned[3]) / 2)
+
+
 def test_disc_weight_zero_never_runs_the_discriminator_and_says_no_gan(dataset, tmp_path,
                                                                       monkeypatch, shared_lpips,
                                                                       capsys):
@@ -277,9 +299,9 @@ def test_a_run_directory_holding_a_run_is_not_overwritten_without_resume_or_over
     assert (tmp_path / "vqgan_last.pt").read_bytes() != before
 
 
-def test_overwrite_removes_the_previous_runs_files_before_anything_else(dataset, tmp_path,
-                                                                          shared_lpips,
-                                                                          monkeypatch):
+def test_overwrite_removes_the_previous_runs_files_once_the_new_run_starts(dataset, tmp_path,
+                                                                           shared_lpips,
+                                                                           monkeypatch):
     train(dataset, tmp_path, "--max-steps", "4", "--sample-every", "2")
     assert sorted(os.listdir(tmp_path / "samples")) == ["reconstructions_000002.png",
                                                         "reconstructions_000004.png"]
@@ -287,9 +309,16 @@ def test_overwrite_removes_the_previous_runs_files_before_anything_else(dataset,
     assert os.listdir(tmp_path / "samples") == ["reconstructions_000002.png"]  # not the old 4
     assert load_last(tmp_path)["step"] == 2
 
-    def stopped(*args, **kwargs):  # Ctrl-C before the replacing run's first checkpoint
+    # a command refused before training leaves the run it would have replaced whole (it was
+    # deleted before the data was even read)
+    files = sorted(os.listdir(tmp_path))
+    with pytest.raises(utils.UserError, match="--val-fraction"):
+        train(dataset, tmp_path, "--max-steps", "2", "--overwrite", "--val-fraction", "0.001")
+    assert sorted(os.listdir(tmp_path)) == files and load_last(tmp_path)["step"] == 2
+
+    def stopped(*args, **kwargs):  # Ctrl-C in the new run's first step, before its checkpoint
         raise KeyboardInterrupt
-    monkeypatch.setattr(training_vqgan.data, "build_datasets", stopped)
+    monkeypatch.setattr(training_vqgan.runs.Schedule, "apply", stopped)
     with pytest.raises(KeyboardInterrupt):
         train(dataset, tmp_path, "--max-steps", "2", "--overwrite")
     assert os.listdir(tmp_path) == []  # no old checkpoint for --resume to continue
