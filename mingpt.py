@@ -21,6 +21,7 @@ import torch.nn.functional as F
 # bf16 dot products alone suffice, as the default GPT trained as well in bf16 as in fp32 on them.
 TRAINING_CPU_BF16 = "avx512_bf16"
 
+
 @dataclass
 class GPTConfig:
     vocab_size: int  # input token ids

@@ -228,8 +228,8 @@ def rows_to_sample(args, model, checkpoint, canvas, sliding):
         return [Row(args.class_name)], None
     _, val_set = data.build_datasets(checkpoint["args"], progress=False)
     indices = range(min(args.count, len(val_set)))
-    if args.complete is not None:  # its pose or part map: any validation example's, not only
-        wanted = os.path.basename(args.complete)  # the first --count ones'
+    if args.complete is not None:  # its own pose may be any validation example's
+        wanted = os.path.basename(args.complete)
         indices = [i for i, example in enumerate(val_set.examples) if example.name == args.pose_key
                    or os.path.basename(example.name.partition("#")[0]) == wanted]
     rows = []
