@@ -231,12 +231,12 @@ class RunDirectory:
     def remove_previous_run(self):
         """--overwrite, as the new run's first step starts (TrainingLoop; a command refused
         before then leaves the old run whole): the checkpoints (vqgan_last.pt, vqgan.pt, ...),
-        metrics, curves and grids of the run it replaces, so that none outlives it (a grid past
-        the new run's end, a checkpoint for --resume after a stop before the first save)."""
+        curves and grids of the run it replaces (its metrics: MetricsLog starts them afresh), so
+        that none outlives it (a grid past the new run's end, a checkpoint for --resume)."""
         if not self.replaces_run:
             return
-        for name in (self.last_name, self.last_name.replace("_last", ""), "metrics.jsonl",
-                     "loss_curves.png", "samples"):
+        for name in (self.last_name, self.last_name.replace("_last", ""), "loss_curves.png",
+                     "samples"):
             path = os.path.join(self.root, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
