@@ -5,14 +5,14 @@
         --transformer-checkpoint runs/transformer/transformer_last.pt --train-pose-detector
 
 The data flags are the trainers' (data.add_data_args); those not given are the transformer
-run's, so that its held-out split is the one scored, else the defaults (the synthetic
-mannequins); --image-size is the VQGAN's resolution. Prints a table and, with --json OUT,
-writes the same numbers (keys in `main`) plus a code-frequency histogram OUT_codes.png (or
---histogram PNG, drawn by plots.py). Everything is seeded: two runs with the same flags, batch
-size and device give identical numbers. Images are encoded once, by VQGAN.image_tokens (under
-the device's automatic precision, as the token cache and sample.py encode them): the code
-histogram counts those tokens, the reconstructions decode them and the transformer scores them.
-Metrics are computed in float32 without autocast.
+run's, so that its held-out split is the one scored (without a transformer, the --superres
+model's), else the defaults (the synthetic mannequins); --image-size is the VQGAN's resolution.
+Prints a table and, with --json OUT, writes the same numbers (keys in `main`) plus a
+code-frequency histogram OUT_codes.png (or --histogram PNG, drawn by plots.py). Everything is
+seeded: two runs with the same flags, batch size and device give identical numbers. Images
+are encoded once, by VQGAN.image_tokens (under the device's automatic precision, as the token
+cache and sample.py encode them): the code histogram counts those tokens, the reconstructions
+decode them and the transformer scores them. Metrics are computed in float32 without autocast.
 
 Reconstruction: PSNR, SSIM, LPIPS (AlexNet) and L1, and on data with part maps the figure's and
 the backdrop's PSNR and colour error (image_metrics.py says how each is computed); codebook
@@ -292,6 +292,9 @@ def print_table(results):
               f"threshold {pose['threshold']})")
         row("samples", pose["sample_iou"])
         row("ceiling: VQGAN reconstructions", pose["ceiling_iou"])
+        if pose["other_person_iou"] is not None:
+            row("another person, same pose", pose["other_person_iou"], "{:.4f}",
+                f" ({pose['other_person_over_ceiling']:.3f} of the ceiling)")
         row("floor: samples vs other poses", pose["floor_iou"])
         row("real images (measurement check)", pose["real_iou"])
         row("samples / ceiling", pose["sample_over_ceiling"], "{:.3f}")
@@ -332,7 +335,10 @@ def main(argv=None):
     elif args.image_size != resolution:
         raise utils.UserError(f"the VQGAN in {args.vqgan_checkpoint} works on {resolution} px "
                               f"images; pass --image-size {resolution} or leave it out")
-    runs.take_run_data_flags(args, checkpoint["args"] if model is not None else {},
+    sr_flags = {}  # the data a --superres model was trained on: scored without a transformer
+    if args.superres:  # its file checked before any work
+        sr_model, trained_sha256, sr_flags = load_superres(args.superres, device)
+    runs.take_run_data_flags(args, checkpoint["args"] if model is not None else sr_flags,
                              args.data_defaults)
     is_class_model = model is not None and model.condition == "class"
     train_set, val_set = data.build_datasets(args, class_labels=is_class_model)
@@ -341,8 +347,7 @@ def main(argv=None):
         raise utils.UserError(f"the transformer knows the classes {model.class_names}, but "
                               f"{dataset.root} has the class folders {dataset.class_names}")
 
-    if args.superres:  # its checks before any work: a wrong file or size fails in seconds
-        sr_model, trained_sha256 = load_superres(args.superres, device)
+    if args.superres:  # its checks before any work: a wrong size fails in seconds
         sr_dataset = superres_split(sr_model, vqgan, vars(args), args.split,
                                     utils.file_sha256(args.vqgan_checkpoint), trained_sha256)
     no_poses = model is not None and pose_sampling_skip_reason(model, args.num_pose_samples,

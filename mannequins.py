@@ -169,6 +169,11 @@ def sample_body(rng):
     }
 
 
+# the keys of sample_body that build_skeleton reads: they fix where the joints are
+SKELETON_LENGTHS = ("head_radius", "neck", "torso", "shoulder_half", "hip_half", "upper_arm",
+                    "lower_arm", "upper_leg", "lower_leg")
+
+
 def sample_outfit(rng, backdrop, legs):
     """Colours of skin, hair and clothes, and the cut of the clothes."""
     skin = contrasting(rng, palette_colour(SKIN_TONES), backdrop)
@@ -510,10 +515,13 @@ def far_side_hidden(yaw):
     return hidden
 
 
-def render_mannequin(rng, image_size=64):
+def render_mannequin(rng, image_size=64, restyle=None):
     """One random figure: (PIL RGB image, keypoints float32 (17, 3), part map uint8 (H, W)).
 
-    See the module docstring for the keypoint and label conventions.
+    See the module docstring for the keypoint and label conventions. restyle: a second
+    generator that draws another person (build, clothes, colours, backdrop) in the very pose,
+    limb lengths and place in the frame that `rng` gives, so at the same keypoints: what a
+    sampler that follows the pose perfectly could draw (evaluate.py's pose fidelity).
     """
     body = sample_body(rng)
     pose = sample_pose(rng)
@@ -525,6 +533,10 @@ def render_mannequin(rng, image_size=64):
     margins = np.array([1.2 * body["head_radius"] if name == "hair" else body["thigh_radius"]
                         for name in names])
     scale, xy = frame(rng, xy, margins, image_size)
+    if restyle is not None:  # the lengths build_skeleton reads stay, so the joints stay
+        body = {**sample_body(restyle), **{key: body[key] for key in SKELETON_LENGTHS}}
+        background, backdrop = sample_background(restyle, image_size)
+        outfit = sample_outfit(restyle, backdrop, pose["legs"])
     points, depths = dict(zip(names, xy)), dict(zip(names, depth))
     hidden = far_side_hidden(pose["yaw"])
     parts = body_parts(points, depths, body, outfit, pose["yaw"], pose["roll"], scale, hidden)
@@ -555,6 +567,24 @@ def write_one(folder, image_size, seed, digits, index):
     image.save(os.path.join(folder, name))
     Image.fromarray(part_map).save(os.path.join(folder, "parts", name))
     return name, [[round(float(x), 2), round(float(y), 2), int(v)] for x, y, v in keypoints]
+
+
+def same_pose_other_person(folder, name, seed=0):
+    """Picture `name` (images/NNNNNN.png) of the mannequin set in `folder`, drawn as another
+    person in the same pose (render_mannequin's restyle; seeded by `seed` and the index), or
+    None when `folder` holds no set of this generator."""
+    try:
+        with open(os.path.join(folder, "mannequins.json")) as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return None
+    stem = os.path.splitext(os.path.basename(name))[0]
+    if settings.get("generator_version") != GENERATOR_VERSION or not stem.isdigit():
+        return None
+    index = int(stem)
+    image, _, _ = render_mannequin(np.random.default_rng([settings["seed"], index]),
+                                   settings["image_size"], np.random.default_rng([seed, 1, index]))
+    return image
 
 
 def is_finished_set(folder, settings):

@@ -14,6 +14,10 @@ the samples' IoU:
            expected to follow the pose better than the tokenizer can draw it;
   floor    the same samples scored against an unrelated pose's silhouette (a fixed, seeded
            derangement of the poses): what any person-shaped picture gets by chance.
+  another person in the same pose (mannequin sets only): the renderer draws each pose again
+           with another build, clothes and backdrop (same keypoints), through the VQGAN like
+           the ceiling: what a sampler that follows the pose perfectly would score, below the
+           ceiling because the pose does not fix how wide a body or a skirt is.
 A pose-following model has samples/ceiling near 1 and samples/floor well above 1.
 
 Real photographs have no part maps and busy backgrounds, so pose fidelity is skipped there (with
@@ -33,9 +37,11 @@ labelled). Reported over all labelled joints and per group (head, arms, legs), b
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+import mannequins
 import pose_detector
 import utils
 from data import unflipped_batches
@@ -84,6 +90,8 @@ class PoseSamples:
     parts: torch.Tensor  # (N, S, S) part labels, or None when the data has no part maps
     partner: torch.Tensor  # (N,) a derangement: the unrelated pose each sample is floored with
     sampling: dict
+    other_person: torch.Tensor = None  # (N, 3, S, S): another person in each pose, through tokens
+    # and decoder too (mannequin sets only, else None)
 
 
 def pose_sampling_skip_reason(model, num_poses, dataset):
@@ -104,25 +112,41 @@ def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0,
     count = min(num_poses, len(dataset))
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    pictures = {"samples": [], "reconstructions": [], "real": [], "keypoints": [], "parts": []}
+    pictures = {"samples": [], "reconstructions": [], "other_person": [], "real": [],
+                "keypoints": [], "parts": []}
     for batch in tqdm(unflipped_batches(dataset, batch_size, count=count), desc="pose samples",
                       leave=False):
         images = batch["image"].to(device)
         tokens = model.sample(model.condition_tokens(batch), top_k=top_k, top_p=top_p,
                               temperature=temperature, generator=generator, guidance=guidance)
+        drawn = {"samples": tokens, "reconstructions": model.image_tokens(images)}
+        others = other_people(dataset, batch["path"], seed)
+        if others is not None:
+            drawn["other_person"] = model.image_tokens(others.to(device))
         # clamped, as a picture and the reconstruction metrics are; the reconstructions through
-        # tokens like the samples, so that both are drawn by the very same decoder path
-        for key, drawn in (("samples", tokens), ("reconstructions", model.image_tokens(images))):
-            pictures[key].append(model.decode(drawn).float().clamp(-1, 1).cpu())
+        # tokens like the samples, so that all are drawn by the very same decoder path
+        for key, codes in drawn.items():
+            pictures[key].append(model.decode(codes).float().clamp(-1, 1).cpu())
         pictures["real"].append(batch["image"])
         for key in ("keypoints", "parts"):
             if key in batch:
                 pictures[key].append(batch[key])
-    stacked = {key: torch.cat(chunks) if chunks else None for key, chunks in pictures.items()}
+    stacked = {key: torch.cat(chunks) if len(chunks) == len(pictures["samples"]) else None
+               for key, chunks in pictures.items()}
     return PoseSamples(condition=model.condition, **stacked,
                        partner=derangement(count, torch.Generator().manual_seed(seed)),
                        sampling={"top_k": top_k, "top_p": top_p, "temperature": temperature,
                                  "guidance": model.resolve_guidance(guidance), "seed": seed})
+
+
+def other_people(dataset, names, seed):
+    """(N, 3, S, S) in [-1, 1]: the mannequins `names` of `dataset`, each drawn as another person
+    in the same pose (mannequins.same_pose_other_person), or None for other data."""
+    pictures = [mannequins.same_pose_other_person(dataset.root, name, seed) for name in names]
+    if any(p is None or p.size != (dataset.image_size, dataset.image_size) for p in pictures):
+        return None
+    return torch.stack([utils.from_uint8(torch.from_numpy(np.array(picture)).permute(2, 0, 1))
+                        for picture in pictures])
 
 
 def evaluate_pose_fidelity(poses, threshold=SILHOUETTE_THRESHOLD):
@@ -135,9 +159,13 @@ def evaluate_pose_fidelity(poses, threshold=SILHOUETTE_THRESHOLD):
     sample_iou = iou(samples, truth).mean().item()
     ceiling_iou = iou(reconstructions, truth).mean().item()
     floor_iou = iou(samples, truth[poses.partner]).mean().item()
+    other_iou = (None if poses.other_person is None else iou(
+        silhouette(utils.denormalize(poses.other_person), threshold), truth).mean().item())
     return {"condition": poses.condition, "num_poses": len(samples), "threshold": threshold,
             "sample_iou": sample_iou, "ceiling_iou": ceiling_iou, "floor_iou": floor_iou,
-            "real_iou": iou(real, truth).mean().item(),
+            "real_iou": iou(real, truth).mean().item(), "other_person_iou": other_iou,
+            "other_person_over_ceiling": (other_iou / ceiling_iou if other_iou is not None
+                                          and ceiling_iou > 0 else None),
             "sample_over_ceiling": sample_iou / ceiling_iou if ceiling_iou > 0 else None,
             "sample_over_floor": sample_iou / floor_iou if floor_iou > 0 else None,
             "sampling": poses.sampling}

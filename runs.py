@@ -108,8 +108,8 @@ def take_run_data_flags(args, trained_args, defaults):
                and not same_flag(k, trained_args[k], given[k])]
     if changed:
         details = ", ".join(f"--{k.replace('_', '-')} {trained_args[k]!r}" for k in changed)
-        print(f"warning: the transformer was trained with {details}; with other data settings "
-              "the evaluated split may hold its training images", file=sys.stderr)
+        print(f"warning: the model was trained with {details}; with other data settings the "
+              "evaluated split may hold its training images", file=sys.stderr)
 
 
 # Flags a resumed run may change without a warning: where it runs, logs and writes (stage 2's

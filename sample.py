@@ -280,7 +280,7 @@ def load_matching_superres(path, model, checkpoint_path, vqgan_sha256, device):
     (`vqgan_sha256`; else a warning)."""
     if path is None:
         return None
-    superres, trained_sha256 = load_superres(path, device)
+    superres, trained_sha256, _ = load_superres(path, device)
     size = model.config["image_size"]
     if superres.config.in_size != size:
         raise utils.UserError(f"--superres {path} enlarges {superres.config.in_size} px pictures "

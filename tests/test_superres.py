@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import evaluate
 import sample
 import superres
@@ -178,8 +179,9 @@ def test_stop_and_resume_gives_the_same_weights_as_one_unbroken_run(data64, vqga
     assert [r["step"] for r in records if "val_psnr" in r] == [7, 10]  # each epoch and the end
     grid = Image.open(unbroken / "samples" / "superres_000010.png")
     assert grid.size == (4 * 66 + 2, 6 * 66 + 2)  # input | bicubic | ours | original, 64 px
-    model, sha = load_superres(str(unbroken / "superres.pt"))
+    model, sha, flags = load_superres(str(unbroken / "superres.pt"))
     assert sha == utils.file_sha256(vqgan_path) and model.config.in_size == 32
+    assert flags["dataset_path"] == str(data64) and flags["val_fraction"] == 0.2
 
 
 # ---- sample.py --superres ------------------------------------------------------------------
@@ -279,6 +281,24 @@ def test_evaluate_superres_scores_an_untrained_generator_exactly_as_bicubic(data
     assert results["bicubic_of_original_psnr_db"] > results["bicubic_psnr_db"] + 5
     assert 0 < results["bicubic_ssim"] < results["bicubic_of_original_ssim"] <= 1
     assert "bicubic(downscaled original)" in capsys.readouterr().out
+
+
+def test_an_l1_run_needs_no_lpips_and_evaluate_scores_the_data_it_was_trained_on(
+        data64, vqgan_path, tmp_path, monkeypatch):
+    # it loaded VGG16 for a loss it never used; evaluate.py --superres without a transformer
+    # scored the default mannequins (writing 4000 of them) unless the data flags were repeated
+    def refused(*args, **kwargs):
+        raise AssertionError("not to be called here")
+    monkeypatch.setattr(training_superres, "LPIPSLoss", refused)  # the L1 alone: no VGG16
+    run = train(data64, vqgan_path, tmp_path / "run", "--max-steps", "1", "--disc-start", "5",
+                "--perceptual-weight", "0")
+    monkeypatch.setattr(data.mannequins, "write_dataset", refused)  # the default mannequins
+    for checkpoint in ("superres.pt", "superres_last.pt"):
+        results = evaluate.main(["--vqgan-checkpoint", vqgan_path, "--no-lpips", "--device",
+                                 "cpu", "--num-workers", "0", "--superres",
+                                 str(run / checkpoint)])
+        assert results["dataset_path"] == str(data64)
+        assert results["superres"]["num_images"] == 9  # --val-fraction 0.2 of 40, as trained
 
 
 # ---- found by a review: flags it ignored, late refusals, unmatched inputs ---------------------
