@@ -28,7 +28,7 @@ from poses import (COCO17, LAYOUTS, MANNEQUIN_PARTS, flip_example, part_labels_v
 from utils import UserError, file_sha256, stable_hash
 
 # The data flags that decide which images fall in which split (and how they are squared): a
-# token cache is keyed by them, evaluate.py warns when a transformer was trained on others, and
+# token cache is keyed by them, evaluate.py warns when a model was trained on others, and
 # a resumed run must keep them (runs.DATA_ORDER_FLAGS).
 SPLIT_FLAGS = ("dataset_path", "image_size", "val_fraction", "resize_mode", "pose_layout",
                "coco_annotations")

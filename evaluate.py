@@ -127,7 +127,7 @@ def parse_args(argv=None):
                         help="stage-2 transformer_last.pt trained on that VQGAN (optional)")
     data.add_data_args(parser)
     parser.set_defaults(image_size=None)  # the VQGAN's resolution
-    defaults = runs.defer_data_flags(parser)  # the transformer run's unless given
+    defaults = runs.defer_data_flags(parser)  # the scored run's unless given (main)
     parser.add_argument("--superres", default=None, metavar="CHECKPOINT",
                         help="a stage-3 superres.pt trained behind this VQGAN: score it and "
                              "bicubic upscaling at its output size")
@@ -293,8 +293,8 @@ def print_table(results):
         row("samples", pose["sample_iou"])
         row("ceiling: VQGAN reconstructions", pose["ceiling_iou"])
         if pose["other_person_iou"] is not None:
-            row("another person, same pose", pose["other_person_iou"], "{:.4f}",
-                f" ({pose['other_person_over_ceiling']:.3f} of the ceiling)")
+            row("another person, same pose", pose["other_person_iou"])
+            row("another person / ceiling", pose["other_person_over_ceiling"], "{:.3f}")
         row("floor: samples vs other poses", pose["floor_iou"])
         row("real images (measurement check)", pose["real_iou"])
         row("samples / ceiling", pose["sample_over_ceiling"], "{:.3f}")
@@ -335,11 +335,13 @@ def main(argv=None):
     elif args.image_size != resolution:
         raise utils.UserError(f"the VQGAN in {args.vqgan_checkpoint} works on {resolution} px "
                               f"images; pass --image-size {resolution} or leave it out")
-    sr_flags = {}  # the data a --superres model was trained on: scored without a transformer
-    if args.superres:  # its file checked before any work
-        sr_model, trained_sha256, sr_flags = load_superres(args.superres, device)
+    sr_model, trained_sha256, sr_flags = (load_superres(args.superres, device) if args.superres
+                                          else (None, None, {}))  # its file checked first
     runs.take_run_data_flags(args, checkpoint["args"] if model is not None else sr_flags,
                              args.data_defaults)
+    if args.superres:  # its checks before any other work: a wrong size fails in seconds
+        sr_dataset = superres_split(sr_model, vqgan, vars(args), args.split,
+                                    utils.file_sha256(args.vqgan_checkpoint), trained_sha256)
     is_class_model = model is not None and model.condition == "class"
     train_set, val_set = data.build_datasets(args, class_labels=is_class_model)
     dataset = val_set if args.split == "val" else train_set
@@ -347,9 +349,6 @@ def main(argv=None):
         raise utils.UserError(f"the transformer knows the classes {model.class_names}, but "
                               f"{dataset.root} has the class folders {dataset.class_names}")
 
-    if args.superres:  # its checks before any work: a wrong size fails in seconds
-        sr_dataset = superres_split(sr_model, vqgan, vars(args), args.split,
-                                    utils.file_sha256(args.vqgan_checkpoint), trained_sha256)
     no_poses = model is not None and pose_sampling_skip_reason(model, args.num_pose_samples,
                                                                dataset)  # no detector is needed
     detector, detector_path, no_detector = ((None, None, no_poses) if no_poses

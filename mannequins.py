@@ -533,7 +533,7 @@ def render_mannequin(rng, image_size=64, restyle=None):
     margins = np.array([1.2 * body["head_radius"] if name == "hair" else body["thigh_radius"]
                         for name in names])
     scale, xy = frame(rng, xy, margins, image_size)
-    if restyle is not None:  # the lengths build_skeleton reads stay, so the joints stay
+    if restyle is not None:  # the joints are placed; keep the sizes drawn around them
         body = {**sample_body(restyle), **{key: body[key] for key in SKELETON_LENGTHS}}
         background, backdrop = sample_background(restyle, image_size)
         outfit = sample_outfit(restyle, backdrop, pose["legs"])
@@ -571,8 +571,8 @@ def write_one(folder, image_size, seed, digits, index):
 
 def same_pose_other_person(folder, name, seed=0):
     """Picture `name` (images/NNNNNN.png) of the mannequin set in `folder`, drawn as another
-    person in the same pose (render_mannequin's restyle; seeded by `seed` and the index), or
-    None when `folder` holds no set of this generator."""
+    person in the same pose (render_mannequin's restyle; seeded by `seed` and the index):
+    (PIL image, keypoints (17, 3)), or None when `folder` holds no set of this generator."""
     try:
         with open(os.path.join(folder, "mannequins.json")) as f:
             settings = json.load(f)
@@ -582,9 +582,10 @@ def same_pose_other_person(folder, name, seed=0):
     if settings.get("generator_version") != GENERATOR_VERSION or not stem.isdigit():
         return None
     index = int(stem)
-    image, _, _ = render_mannequin(np.random.default_rng([settings["seed"], index]),
-                                   settings["image_size"], np.random.default_rng([seed, 1, index]))
-    return image
+    image, keypoints, _ = render_mannequin(np.random.default_rng([settings["seed"], index]),
+                                           settings["image_size"],
+                                           np.random.default_rng([seed, 1, index]))
+    return image, keypoints
 
 
 def is_finished_set(folder, settings):

@@ -14,10 +14,11 @@ the samples' IoU:
            expected to follow the pose better than the tokenizer can draw it;
   floor    the same samples scored against an unrelated pose's silhouette (a fixed, seeded
            derangement of the poses): what any person-shaped picture gets by chance.
-  another person in the same pose (mannequin sets only): the renderer draws each pose again
-           with another build, clothes and backdrop (same keypoints), through the VQGAN like
-           the ceiling: what a sampler that follows the pose perfectly would score, below the
-           ceiling because the pose does not fix how wide a body or a skirt is.
+  another person in the same pose (keypoint-conditioned models on a mannequin set): the
+           renderer draws each pose again with another build, clothes and backdrop (the same
+           keypoints), through the VQGAN like the ceiling: what a sampler that follows the
+           keypoints exactly scores with one random person, below the ceiling since keypoints
+           do not fix how wide a body or a skirt is.
 A pose-following model has samples/ceiling near 1 and samples/floor well above 1.
 
 Real photographs have no part maps and busy backgrounds, so pose fidelity is skipped there (with
@@ -45,6 +46,7 @@ import mannequins
 import pose_detector
 import utils
 from data import unflipped_batches
+from transformer import POSE_INPUT
 
 SILHOUETTE_THRESHOLD = 0.2  # RGB distance in [0, 1] units from the border's median colour
 
@@ -91,7 +93,7 @@ class PoseSamples:
     partner: torch.Tensor  # (N,) a derangement: the unrelated pose each sample is floored with
     sampling: dict
     other_person: torch.Tensor = None  # (N, 3, S, S): another person in each pose, through tokens
-    # and decoder too (mannequin sets only, else None)
+    # and decoder too (keypoint conditions on mannequin sets only, else None)
 
 
 def pose_sampling_skip_reason(model, num_poses, dataset):
@@ -120,7 +122,8 @@ def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0,
         tokens = model.sample(model.condition_tokens(batch), top_k=top_k, top_p=top_p,
                               temperature=temperature, generator=generator, guidance=guidance)
         drawn = {"samples": tokens, "reconstructions": model.image_tokens(images)}
-        others = other_people(dataset, batch["path"], seed)
+        others = (other_people(dataset, batch, seed)
+                  if POSE_INPUT.get(model.condition) == "keypoints" else None)
         if others is not None:
             drawn["other_person"] = model.image_tokens(others.to(device))
         # clamped, as a picture and the reconstruction metrics are; the reconstructions through
@@ -131,22 +134,26 @@ def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0,
         for key in ("keypoints", "parts"):
             if key in batch:
                 pictures[key].append(batch[key])
-    stacked = {key: torch.cat(chunks) if len(chunks) == len(pictures["samples"]) else None
-               for key, chunks in pictures.items()}
+    stacked = {key: torch.cat(chunks) if chunks and len(chunks) == len(pictures["samples"])
+               else None for key, chunks in pictures.items()}
     return PoseSamples(condition=model.condition, **stacked,
                        partner=derangement(count, torch.Generator().manual_seed(seed)),
                        sampling={"top_k": top_k, "top_p": top_p, "temperature": temperature,
                                  "guidance": model.resolve_guidance(guidance), "seed": seed})
 
 
-def other_people(dataset, names, seed):
-    """(N, 3, S, S) in [-1, 1]: the mannequins `names` of `dataset`, each drawn as another person
-    in the same pose (mannequins.same_pose_other_person), or None for other data."""
-    pictures = [mannequins.same_pose_other_person(dataset.root, name, seed) for name in names]
-    if any(p is None or p.size != (dataset.image_size, dataset.image_size) for p in pictures):
+def other_people(dataset, batch, seed):
+    """(N, 3, S, S) in [-1, 1]: the batch's mannequins, each drawn as another person in the
+    same pose (mannequins.same_pose_other_person), or None for other data: anything but a
+    mannequin set read at its own size, with the very keypoints of the batch."""
+    drawn = [mannequins.same_pose_other_person(dataset.root, name, seed) for name in batch["path"]]
+    if any(d is None or d[0].size != (dataset.image_size, dataset.image_size) for d in drawn):
         return None
-    return torch.stack([utils.from_uint8(torch.from_numpy(np.array(picture)).permute(2, 0, 1))
-                        for picture in pictures])
+    joints = torch.from_numpy(np.stack([keypoints[:, :2] for _, keypoints in drawn]))
+    if not torch.allclose(joints, batch["keypoints"][..., :2].float(), atol=0.01):
+        return None  # a renamed or edited set
+    return torch.stack([utils.from_uint8(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+                        for image, _ in drawn])
 
 
 def evaluate_pose_fidelity(poses, threshold=SILHOUETTE_THRESHOLD):

@@ -84,8 +84,8 @@ def add_run_args(parser):
 DATA_ORDER_FLAGS = SPLIT_FLAGS + ("flip", "seed", "batch_size", "grad_accum")
 
 
-# The data flags that decide what a run's split holds; evaluate.py takes a transformer run's own
-# for those its command line does not give (defer_data_flags, take_run_data_flags).
+# The data flags that decide what a run's split holds; evaluate.py takes the scored run's own (a
+# transformer's, else a --superres model's) where its command line gives none (take_run_data_flags).
 RUN_DATA_FLAGS = tuple(flag for flag in SPLIT_FLAGS if flag != "image_size") + ("part_labels",)
 NOT_GIVEN = object()
 

@@ -141,13 +141,13 @@ def downscale(images, scale):
     return F.avg_pool2d(images, scale)
 
 
-def save_superres(model, path, vqgan_sha256=None, data_flags=None):
+def save_superres(model, path, vqgan_sha256=None, args=None):
     """Write the inference checkpoint {"kind": "superres", "config", "state_dict",
     "vqgan_sha256": the content hash of the VQGAN whose pictures it learned to enlarge,
-    "data_flags": the data flags it was trained with (evaluate.py scores that data's split)}."""
+    "args": the flags of its training (evaluate.py scores the split of their data)}."""
     atomic_save({"kind": "superres", "config": dataclasses.asdict(model.config),
                  "state_dict": model.state_dict(), "vqgan_sha256": vqgan_sha256,
-                 "data_flags": data_flags or {}}, path)
+                 "args": args or {}}, path)
 
 
 def superres_from_checkpoint_dict(checkpoint):
@@ -166,12 +166,11 @@ def superres_from_checkpoint_dict(checkpoint):
 def load_superres(path, device="cpu"):
     """superres.pt (or a training run's superres_last.pt) -> (SuperResolution in eval mode, the
     content hash of the VQGAN it was trained behind, the flags of its training: {} for a file
-    from before superres.pt kept its data flags)."""
+    from before superres.pt kept them)."""
     checkpoint = load_checkpoint(path, ("superres", "superres_train"))
     model = superres_from_checkpoint_dict(checkpoint).to(device).eval()
-    trained_flags = checkpoint.get("data_flags") or checkpoint.get("args") or {}
     return (model, checkpoint.get("vqgan_sha256") or checkpoint["config"].get("vqgan_sha256"),
-            trained_flags)
+            checkpoint.get("args", {}))
 
 
 def warn_if_other_vqgan(trained_sha256, vqgan_sha256):

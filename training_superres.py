@@ -280,8 +280,7 @@ def train(args, dist, device):
     for dataset in (train_set, val_set):
         require_resolution(dataset.examples, args.image_size, dataset.resize_mode)
     sampler = data.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
-    lpips = (LPIPSLoss(weights_path=args.lpips_weights).to(device)
-             if args.perceptual_weight > 0 else None)  # the L1 alone needs no VGG16 weights
+    lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
     run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt",
                             runs.plain_args(args))  # after the checks: no empty folder
     if args.perceptual_start is None:  # a resumed run keeps its own (runs from before it: 0)
@@ -363,8 +362,7 @@ def train(args, dist, device):
             if due.save:
                 run.save_state(loop.step, run_config, flags, 1, states,
                                vqgan_checkpoint=os.path.abspath(args.vqgan_checkpoint))
-                save_superres(model, run.path("superres.pt"), vqgan_sha256,
-                              {flag: flags[flag] for flag in runs.RUN_DATA_FLAGS})
+                save_superres(model, run.path("superres.pt"), vqgan_sha256, flags)
                 plot_curves(loop.records(), [
                     ("losses", ["l1", "perceptual", "generator", "discriminator"]),
                     ("validation PSNR (dB)", ["val_psnr", "val_psnr_bicubic"])],

@@ -283,16 +283,15 @@ def test_evaluate_superres_scores_an_untrained_generator_exactly_as_bicubic(data
     assert "bicubic(downscaled original)" in capsys.readouterr().out
 
 
-def test_an_l1_run_needs_no_lpips_and_evaluate_scores_the_data_it_was_trained_on(
+@needs_lpips
+def test_evaluate_superres_alone_scores_the_data_the_model_was_trained_on(
         data64, vqgan_path, tmp_path, monkeypatch):
-    # it loaded VGG16 for a loss it never used; evaluate.py --superres without a transformer
-    # scored the default mannequins (writing 4000 of them) unless the data flags were repeated
+    # it scored the default mannequins (writing 4000 of them) unless the data flags were repeated
+    run = train(data64, vqgan_path, tmp_path / "run", "--max-steps", "1", "--disc-start", "5")
+
     def refused(*args, **kwargs):
-        raise AssertionError("not to be called here")
-    monkeypatch.setattr(training_superres, "LPIPSLoss", refused)  # the L1 alone: no VGG16
-    run = train(data64, vqgan_path, tmp_path / "run", "--max-steps", "1", "--disc-start", "5",
-                "--perceptual-weight", "0")
-    monkeypatch.setattr(data.mannequins, "write_dataset", refused)  # the default mannequins
+        raise AssertionError("evaluate.py fell back to the default mannequins")
+    monkeypatch.setattr(data.mannequins, "write_dataset", refused)
     for checkpoint in ("superres.pt", "superres_last.pt"):
         results = evaluate.main(["--vqgan-checkpoint", vqgan_path, "--no-lpips", "--device",
                                  "cpu", "--num-workers", "0", "--superres",
