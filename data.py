@@ -22,7 +22,7 @@ from tqdm import tqdm
 import mannequins
 from cli import non_negative_int, positive_int, unit_fraction
 from images import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, PARTS_FOLDER, Example,
-                    UnreadableImage, find_images, prepare_example)
+                    UnreadableImage, find_images, prepare_example, to_tensor)
 from poses import (COCO17, LAYOUTS, MANNEQUIN_PARTS, flip_example, part_labels_value,
                    read_poses_json, resolve_layout, resolve_part_labelling)
 from utils import UserError, file_sha256, stable_hash
@@ -264,9 +264,7 @@ class PoseImageDataset(torch.utils.data.Dataset):
         if flip:
             image, keypoints, parts = flip_example(image, keypoints, parts, self.layout or COCO17,
                                                    self.part_labels)
-        out = {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-               .float().div(127.5).sub(1.0),  # (3, S, S) in [-1, 1]
-               "path": example.name}
+        out = {"image": to_tensor(image), "path": example.name}  # (3, S, S) in [-1, 1]
         if keypoints is not None:
             out["keypoints"] = torch.from_numpy(keypoints.copy())  # (K, 3)
         if parts is not None:

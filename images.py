@@ -1,6 +1,7 @@
 """Image files: reading any picture as RGB, part maps, finding the images of a folder,
-turning one example into the training square (`prepare_example`), and checking that the
-squares are large enough (`require_resolution`, stage 3).
+turning one example into the training square (`prepare_example`) and a picture into the
+models' tensor (`to_tensor`), and checking that the squares are large enough
+(`require_resolution`, stage 3).
 
 The first step of the pipeline: data.py lists a dataset's examples and calls prepare_example
 for each; sample.py reads the image it completes the same way. Keypoints and part maps are
@@ -10,11 +11,12 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from poses import (MANNEQUIN_PARTS, PART_LABELLINGS, check_keypoints_inside, frame_box,
                    reframe_keypoints, reframe_picture)
-from utils import UserError
+from utils import UserError, from_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 PARTS_FOLDER = "parts"  # DIR/parts/<relative image path with .png> holds the part label maps
@@ -158,6 +160,11 @@ def prepare_example(example, size, resize_mode, max_pixels, part_labels=MANNEQUI
         labels = Image.fromarray(labels.astype(np.uint8))
         parts = np.asarray(reframe_picture(labels, box, square, 0, Image.NEAREST))
     return image_array, keypoints, parts
+
+
+def to_tensor(picture):
+    """A picture (uint8 (H, W, 3) array or PIL image) -> (3, H, W) float tensor in [-1, 1]."""
+    return from_uint8(torch.from_numpy(np.array(picture)).permute(2, 0, 1))
 
 
 def require_resolution(examples, size, resize_mode):

@@ -569,32 +569,32 @@ def write_one(folder, image_size, seed, digits, index):
     return name, [[round(float(x), 2), round(float(y), 2), int(v)] for x, y, v in keypoints]
 
 
-def same_pose_other_person(folder, name, seed=0):
-    """Picture `name` (images/NNNNNN.png) of the mannequin set in `folder`, drawn as another
-    person in the same pose (render_mannequin's restyle; seeded by `seed` and the index):
-    (PIL image, keypoints (17, 3)), or None when `folder` holds no set of this generator."""
+def same_pose_other_people(folder, names, image_size, seed=0):
+    """Pictures `names` (images/NNNNNN.png) of the mannequin set in `folder`, each drawn as
+    another person in the same pose (render_mannequin's restyle; seeded by `seed` and the
+    index): [(PIL image, keypoints (17, 3))], or None when `folder` holds no set of this
+    generator at `image_size`."""
+    settings = written_settings(folder)
+    stems = [os.path.splitext(os.path.basename(name))[0] for name in names]
+    if (settings is None or settings.get("generator_version") != GENERATOR_VERSION
+            or settings["image_size"] != image_size or not all(map(str.isdigit, stems))):
+        return None
+    return [render_mannequin(np.random.default_rng([settings["seed"], int(stem)]), image_size,
+                             np.random.default_rng([seed, 1, int(stem)]))[:2] for stem in stems]
+
+
+def written_settings(folder):
+    """The settings in folder's mannequins.json, or None where there is none."""
     try:
         with open(os.path.join(folder, "mannequins.json")) as f:
-            settings = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
         return None
-    stem = os.path.splitext(os.path.basename(name))[0]
-    if settings.get("generator_version") != GENERATOR_VERSION or not stem.isdigit():
-        return None
-    index = int(stem)
-    image, keypoints, _ = render_mannequin(np.random.default_rng([settings["seed"], index]),
-                                           settings["image_size"],
-                                           np.random.default_rng([seed, 1, index]))
-    return image, keypoints
 
 
 def is_finished_set(folder, settings):
     """Does folder hold a complete set made with these settings? (Sets appear whole, by rename.)"""
-    try:
-        with open(os.path.join(folder, "mannequins.json")) as f:
-            written = json.load(f)
-    except (OSError, ValueError):
-        return False
+    written = written_settings(folder)
     return (written == settings and os.path.isfile(os.path.join(folder, "poses.json"))
             and len(os.listdir(os.path.join(folder, "images"))) == settings["count"])
 

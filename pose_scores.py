@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import images
 import mannequins
 import pose_detector
 import utils
@@ -144,16 +145,16 @@ def generate_pose_samples(model, dataset, num_poses, batch_size, device, seed=0,
 
 def other_people(dataset, batch, seed):
     """(N, 3, S, S) in [-1, 1]: the batch's mannequins, each drawn as another person in the
-    same pose (mannequins.same_pose_other_person), or None for other data: anything but a
+    same pose (mannequins.same_pose_other_people), or None for other data: anything but a
     mannequin set read at its own size, with the very keypoints of the batch."""
-    drawn = [mannequins.same_pose_other_person(dataset.root, name, seed) for name in batch["path"]]
-    if any(d is None or d[0].size != (dataset.image_size, dataset.image_size) for d in drawn):
+    drawn = mannequins.same_pose_other_people(dataset.root, batch["path"], dataset.image_size,
+                                              seed)
+    if drawn is None:
         return None
     joints = torch.from_numpy(np.stack([keypoints[:, :2] for _, keypoints in drawn]))
     if not torch.allclose(joints, batch["keypoints"][..., :2].float(), atol=0.01):
         return None  # a renamed or edited set
-    return torch.stack([utils.from_uint8(torch.from_numpy(np.array(image)).permute(2, 0, 1))
-                        for image, _ in drawn])
+    return torch.stack([images.to_tensor(image) for image, _ in drawn])
 
 
 def evaluate_pose_fidelity(poses, threshold=SILHOUETTE_THRESHOLD):

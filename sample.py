@@ -260,7 +260,7 @@ def completion_row(args, model, checkpoint, rows, names_folder):
     image, _, _ = images.prepare_example(example, model.config["image_size"],
                                          checkpoint["resize_mode"], checkpoint["args"].get(
                                              "max_image_pixels", images.DEFAULT_MAX_IMAGE_PIXELS))
-    image = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, S, S)
+    image = images.to_tensor(image)  # (3, S, S) in [-1, 1]
     if needs == "keypoints" and matching is None:
         raise utils.UserError(f"--complete {args.complete}: this model needs the image's pose; "
                               f"give --poses with an entry for it (its path relative to the "
