@@ -97,7 +97,6 @@ class StopRequest:
         signal.signal(signal.SIGINT, self._previous)
 
 
-
 class Due(NamedTuple):
     """What is due after a step: log on every rank; validate, sample and save on rank 0 only."""
 
@@ -119,7 +118,8 @@ class TrainingLoop:
                 if due.validate / due.sample / due.save: ...         # rank 0
         return loop.stopped_at
 
-    Every --log-every steps and at the last one the ranks log (and agree on a Ctrl-C); rank 0
+    The ranks log every --log-every steps, at the last one and where Ctrl-C stops the run (which
+    several ranks agree on at the log steps), so that the logged windows cover every step; rank 0
     validates at each epoch's end, samples every --sample-every and saves every --save-every
     steps, all three at the last step too, and saves when stopped. Nothing is logged or saved
     past a NaN.
@@ -157,6 +157,7 @@ class TrainingLoop:
         log = self.step % self.log_every == 0 or last
         save = self.step % self.save_every == 0 or last
         self.stopping = self.stop.should_stop(self.dist, log)
+        log = log or self.stopping  # a stopped run logs its last, partial window too
         if log or save or self.stopping:  # never log or save past a NaN
             self.health.check(self.step, self.run.path(self.run.last_name), self.dist)
         return Due(log, main and (self.step % self.steps_per_epoch == 0 or last),

@@ -574,15 +574,25 @@ def test_stopped_and_resumed_run_ends_exactly_like_an_uninterrupted_one(resumed)
         assert all(torch.equal(value, b["state"][index][name]) for name, value in state.items())
 
 
+def logged_losses(run_dir):
+    return {r["step"]: r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+            if "loss" in r}
+
+
 def test_resumed_run_logs_the_mean_loss_and_lr_of_its_own_steps(resumed):
     whole_dir, split_dir, *_ = resumed
-    per_step = {r["step"]: r for r in utils.read_jsonl(os.path.join(whole_dir, "metrics.jsonl"))
-                if "loss" in r}
-    (last,) = [r for r in utils.read_jsonl(os.path.join(split_dir, "metrics.jsonl"))
-               if "loss" in r]
-    assert last["step"] == 6
+    per_step, last = logged_losses(whole_dir), logged_losses(split_dir)[6]
     assert last["loss"] == pytest.approx((per_step[5]["loss"] + per_step[6]["loss"]) / 2)
     assert last["lr"] == pytest.approx(per_step[6]["lr"])
+
+
+def test_a_stopped_run_logs_the_steps_before_its_stop_so_that_no_step_goes_unlogged(resumed):
+    whole_dir, split_dir, stopped_at, _ = resumed
+    per_step, split = logged_losses(whole_dir), logged_losses(split_dir)
+    assert sorted(split) == [stopped_at, 6]  # --log-every 100: the stop's row and the last
+    assert split[stopped_at]["loss"] == pytest.approx(
+        sum(per_step[step]["loss"] for step in range(1, stopped_at + 1)) / stopped_at)
+    assert split[stopped_at]["lr"] == pytest.approx(per_step[stopped_at]["lr"])
 
 
 def test_resuming_a_run_that_reached_its_max_steps_trains_nothing_and_says_so(

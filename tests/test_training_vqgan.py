@@ -840,7 +840,7 @@ def test_ctrl_c_saves_at_the_current_step_and_exits_130_saying_how_to_resume(
 
     monkeypatch.setattr(training_vqgan, "generator_backward", press_ctrl_c_in_step_2)
     handler_before = signal.getsignal(signal.SIGINT)
-    # default --log-every 50: no metrics line exists yet when it stops
+    # default --log-every 50: the stop writes the only metrics line, for its two steps
     with pytest.raises(SystemExit) as stop:  # as the command line ends
         utils.run_cli(lambda: train(dataset, tmp_path, "--max-steps", "20"))
 
@@ -848,13 +848,14 @@ def test_ctrl_c_saves_at_the_current_step_and_exits_130_saying_how_to_resume(
     assert calls["n"] == 2
     assert load_last(tmp_path)["step"] == 2
     assert load_vqgan(str(tmp_path / "vqgan.pt")).config.n_embed == 32
+    assert [r["step"] for r in utils.read_jsonl(tmp_path / "metrics.jsonl")] == [2]
     printed = capsys.readouterr()
     assert printed.err.strip().splitlines()[-1] == (
         "stopped at step 2; continue with the same command plus --resume")
-    # only the outputs that exist: no metrics were logged and no grid drawn by step 2
+    # only the outputs that exist: no grid was drawn by step 2
     assert printed.out.strip().splitlines()[-1] == (
         f"stage 1 outputs in {tmp_path}: vqgan.pt (for stage 2), vqgan_last.pt (--resume), "
-        "loss_curves.png")
+        "metrics.jsonl, loss_curves.png")
     assert signal.getsignal(signal.SIGINT) is handler_before
 
 
