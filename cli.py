@@ -86,6 +86,17 @@ def sampling_scale(text):
     return value
 
 
+def comma_ints(text):
+    """'1,2,2' -> (1, 2, 2); '' -> (); an argument type: each entry an integer >= 1."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = None
+    if values is None or any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def device_name(text):
     """'auto', or a device this code runs on: cpu, cuda, cuda:N, mps (availability is checked
     by pick_device)."""

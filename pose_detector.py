@@ -29,6 +29,7 @@ labelled). Only joints labelled in the pose (v > 0) are counted, whole and per j
 (`joint_groups`).
 """
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -321,6 +322,13 @@ def obtain_pose_detector(path, train_set, config, training, device, train, num_w
         same_settings = (checkpoint["config"] == asdict(config)
                          and checkpoint["training"] == asdict(training))
         if not differs and (same_settings or not train):
+            if not same_settings:  # the --pose-detector-* flags train a detector, not read one
+                saved = {**checkpoint["config"], **checkpoint["training"]}
+                other = sorted(k for k, v in {**asdict(config), **asdict(training)}.items()
+                               if saved.get(k) != v)
+                print(f"warning: {path} was trained with other settings ({', '.join(other)}) "
+                      "than these; it is used as it is (--train-pose-detector retrains it)",
+                      file=sys.stderr)
             return detector_from_checkpoint(checkpoint, device)
         if not train:
             raise utils.UserError(f"the pose detector {path} was trained on other data "

@@ -112,12 +112,12 @@ def take_run_data_flags(args, trained_args, defaults):
               "evaluated split may hold its training images", file=sys.stderr)
 
 
-# Flags a resumed run may change without a warning: where it runs, logs and writes (stage 2's
-# weight average and condition dropout, stage 3's LPIPS start: resolved later from the run's)
+# Flags a resumed run may change unwarned (where it runs, logs, writes), and those that a trainer
+# takes from the run's own when not given (stage 2's EMA, condition dropout; stage 3's LPIPS start)
 UNCHECKED_FLAGS = ("resume", "overwrite", "run_dir", "device", "max_steps", "epochs",
                    "log_every", "save_every", "sample_every", "num_workers", "lpips_weights",
-                   "grid_examples", "default_max_steps", "ema_decay", "condition_dropout",
-                   "perceptual_start")
+                   "grid_examples", "default_max_steps")
+FROM_THE_RUN = ("ema_decay", "condition_dropout", "perceptual_start")
 
 
 def plain_args(args):
@@ -166,8 +166,7 @@ class Schedule:
                                 "--grad-accum")
         else:
             total = flags.default_max_steps
-        length = (f"--max-steps {flags.max_steps}" if flags.max_steps is not None
-                  else f"{total} steps")
+        length = f"--max-steps {total}" if flags.max_steps is not None else f"{total} steps"
         return cls(learning_rate(flags, world_size), total, flags.warmup_steps,
                    flags.min_lr_ratio, length)
 
@@ -327,7 +326,8 @@ class RunDirectory:
                             f"this run has {world_size}; an exact resume needs the same number "
                             f"(torchrun --nproc_per_node {saved_world_size})")
         retuned = [k for k in sorted(set(saved) & set(flags)) if k not in UNCHECKED_FLAGS
-                   and k not in DATA_ORDER_FLAGS and not same_flag(k, saved[k], flags[k])]
+                   and k not in DATA_ORDER_FLAGS and not (k in FROM_THE_RUN and flags[k] is None)
+                   and not same_flag(k, saved[k], flags[k])]
         if retuned:
             print("warning: --resume goes on with other training flags than the run's own: "
                   + ", ".join(f"--{k.replace('_', '-')} {flags[k]!r} (was {saved[k]!r})"

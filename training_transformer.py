@@ -261,9 +261,6 @@ def train(args, dist, device):
                               f"{vqgan.config.resolution} px images; pass --image-size "
                               f"{vqgan.config.resolution} or leave it out")
     precision = utils.resolve_precision(args.precision, device, cpu_bf16=TRAINING_CPU_BF16)
-    channels_last = utils.use_channels_last(args.channels_last, device)
-    if channels_last:  # the frozen VQGAN's convolutions: encoding the cache, decoding grids
-        vqgan.to(memory_format=torch.channels_last)
     run = runs.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt",
                             runs.plain_args(args), dist.world_size, is_main=dist.is_main)
     with dist.main_first():  # rank 0 generates the default data before the others read it
@@ -292,6 +289,9 @@ def train(args, dist, device):
         prefixes = (load_condition_cache(run, model, cache, condition_sha256) if condition_vqgan
                     else {split: condition_prefixes(model, cache[split])
                           for split in ("train", "val")})
+    channels_last = utils.use_channels_last(args.channels_last, device)
+    if channels_last:  # the grids' decoding only: the cache was encoded as evaluate.py encodes
+        vqgan.to(memory_format=torch.channels_last)
     train_tokens, val_tokens = cache["train"]["tokens"], cache["val"]["tokens"][:, 0]
     train_prefixes, val_prefixes = prefixes["train"], prefixes["val"][:, 0]  # (N, F, P), (N, P)
 

@@ -6,7 +6,6 @@
 * checkpoints written atomically and loaded safely, with a check of their kind;
 * PSNR and image grids, always de-normalised from the models' [-1, 1].
 """
-import contextlib
 import hashlib
 import json
 import os
@@ -107,11 +106,11 @@ def resolve_precision(name, device, cpu_bf16="amx_bf16"):
 
 
 def autocast_context(device, precision="auto"):
-    """Autocast in the resolved precision's dtype on `device`; no autocast for fp32."""
+    """Autocast in the resolved precision's dtype on `device`; for fp32 autocast off, also
+    inside an outer autocast (VQGAN.image_tokens within a bf16 training step)."""
     precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES.get(precision),
+                          enabled=precision != "fp32")
 
 
 def grad_scaler(device, precision="auto"):

@@ -19,8 +19,8 @@ import torch.nn as nn
 from codebook import Codebook
 from decoder import Decoder
 from encoder import Encoder
-from cli import (ArgumentParser, non_negative_float, non_negative_int, output_file, positive_int,
-                 unit_fraction)
+from cli import (ArgumentParser, comma_ints, non_negative_float, non_negative_int, output_file,
+                 positive_int, unit_fraction)
 from utils import UserError, atomic_save, autocast_context, load_checkpoint, require_file, run_cli
 
 
@@ -79,17 +79,6 @@ PRESETS = {
 }
 
 
-def comma_ints(text):
-    """'1,2,2' -> (1, 2, 2); '' -> (); an argument type: each entry an integer >= 1."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = None
-    if values is None or any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}")
-    return values
-
-
 # the argument type of each number field; the others are integers >= 1
 FIELD_TYPES = {"lookup_dim": non_negative_int, "dropout": unit_fraction, "beta": non_negative_float}
 
@@ -118,12 +107,22 @@ def add_vqgan_args(parser):
 
 def config_from_args(args):
     """The preset, with every flag that was given; the resolution is --image-size when given,
-    else the preset's (256 px for paper, 64 px for small)."""
+    else the preset's (256 px for paper, 64 px for small). Both presets attend on their token
+    grid: where the preset's attention size is no feature-map size of the model (small's 16 at
+    128 px), attention moves to the token grid; a given size that is none is refused."""
     overrides = {field.name: getattr(args, field.name) for field in dataclasses.fields(VQGANConfig)
                  if getattr(args, field.name, None) is not None}
     if getattr(args, "image_size", None) is not None:
         overrides["resolution"] = args.image_size
-    return dataclasses.replace(PRESETS[args.preset], **overrides)
+    config = dataclasses.replace(PRESETS[args.preset], **overrides)
+    sizes = [config.resolution >> level for level in range(len(config.ch_mult))]  # full size to token grid
+    if set(config.attn_resolutions) <= set(sizes):
+        return config
+    if "attn_resolutions" in overrides:
+        raise UserError(f"--attn-resolutions {','.join(map(str, config.attn_resolutions))}: this "
+                        f"model's feature maps are {', '.join(map(str, sizes))} px; choose among "
+                        "them, or '' for no attention")
+    return dataclasses.replace(config, attn_resolutions=(sizes[-1],))
 
 
 class VQGAN(nn.Module):

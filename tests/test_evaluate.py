@@ -20,6 +20,7 @@ import plots
 import pose_scores
 import runs
 import utils
+import vqgan as vqgan_module
 from data import PoseImageDataset, unflipped_batches
 from transformer import PoseTransformer, load_transformer
 from vqgan import VQGAN, VQGANConfig, save_vqgan
@@ -451,14 +452,13 @@ def test_reported_numbers_equal_a_direct_computation(report, trained, val_set):
 def test_one_encoding_gives_the_histogram_the_reconstructions_and_the_bits_per_token(
         trained, dataset_dir, val_set, tmp_path, monkeypatch):
     """On a GPU the encoder runs under autocast, which can pick other codes than float32: the
-    histogram must count the very tokens whose likelihood is reported. bf16 autocast around
-    VQGAN.image_tokens plays that GPU here; each image is encoded once."""
+    histogram must count the very tokens whose likelihood is reported. A bf16 automatic
+    precision for VQGAN.image_tokens plays that GPU here; each image is encoded once."""
     encoded, scored = [], []
     real_tokens, real_forward = VQGAN.image_tokens, PoseTransformer.forward
 
     def bf16_tokens(vqgan, images):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            tokens = real_tokens(vqgan, images)
+        tokens = real_tokens(vqgan, images)
         encoded.append(tokens.flatten(1))
         return tokens
 
@@ -467,6 +467,8 @@ def test_one_encoding_gives_the_histogram_the_reconstructions_and_the_bits_per_t
         return real_forward(model, cond, tokens, *args, **kwargs)
 
     monkeypatch.setattr(VQGAN, "image_tokens", bf16_tokens)
+    monkeypatch.setattr(vqgan_module, "autocast_context",
+                        lambda device: torch.autocast(device.type, dtype=torch.bfloat16))
     monkeypatch.setattr(PoseTransformer, "forward", watched_forward)
     results = evaluate.main(evaluate_args(trained, dataset_dir, tmp_path / "eval.json")
                             + ["--num-pose-samples", "1"])

@@ -178,7 +178,8 @@ def test_perfect_samples_score_the_ceiling_and_far_above_the_floor(trained, val_
     assert accuracy["floor"]["all"] < 0.25 * accuracy["ceiling"]["all"]
 
 
-def test_the_cached_detector_is_reused_and_refused_for_other_data(trained, setup, tmp_path):
+def test_the_cached_detector_is_reused_and_refused_for_other_data(trained, setup, tmp_path,
+                                                                  capsys):
     path = setup.folder / "transformer" / "pose_detector.pt"
     assert trained["pose_accuracy"]["detector"] == str(path)
     written = path.stat().st_mtime_ns
@@ -187,6 +188,13 @@ def test_the_cached_detector_is_reused_and_refused_for_other_data(trained, setup
                                 "--num-pose-samples", "2"))
     assert path.stat().st_mtime_ns == written
     assert "ceiling" in json.loads((tmp_path / "again.json").read_text())["pose_accuracy"]
+    assert "warning" not in capsys.readouterr().err
+    # other settings without --train-pose-detector: the file as it is, saying that it differs
+    evaluate.main(evaluate_argv(setup, tmp_path / "again.json", "--pose-detector-steps", "151",
+                                "--pose-detector-width", "8", "--num-pose-samples", "2"))
+    assert path.stat().st_mtime_ns == written
+    assert (f"warning: {path} was trained with other settings (steps, width) than these; it is "
+            "used as it is (--train-pose-detector retrains it)") in capsys.readouterr().err
     other = evaluate_argv(setup, tmp_path / "again.json")
     other[other.index("--val-fraction") + 1] = "0.3"  # other training images
     with pytest.raises(utils.UserError, match="trained on other data.*examples_hash"):

@@ -331,13 +331,14 @@ def test_lpips_joins_the_l1_at_perceptual_start(data64, vqgan_path, tmp_path, ca
 
 @needs_lpips
 def test_a_resumed_run_keeps_its_own_lpips_start_and_an_older_run_had_lpips_throughout(
-        data64, vqgan_path, tmp_path):
+        data64, vqgan_path, tmp_path, capsys):
     def lpips_steps(run):
         return [r["step"] for r in utils.read_jsonl(run / "metrics.jsonl") if "perceptual" in r]
     run = train(data64, vqgan_path, tmp_path / "own", "--max-steps", "2",
                 "--perceptual-start", "3", "--disc-start", "1000")
     train(data64, vqgan_path, run, "--max-steps", "5", "--resume", "--disc-start", "1000")
     assert lpips_steps(run) == [4, 5]  # its own 3, not the default 650
+    assert "warning" not in capsys.readouterr().err  # not given: no change to warn about
     older = train(data64, vqgan_path, tmp_path / "older", "--max-steps", "2",
                   "--perceptual-start", "100", "--disc-start", "1000")
     checkpoint = torch.load(older / "superres_last.pt", weights_only=True)

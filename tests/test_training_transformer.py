@@ -533,6 +533,22 @@ def test_the_weight_average_shares_the_frozen_vqgan_and_copies_the_gpt(trained):
     assert all(torch.equal(a, b) for a, b in zip(average.parameters(), model.parameters()))
 
 
+def test_the_token_cache_is_encoded_by_the_vqgan_as_evaluate_and_sample_load_it(
+        data, vqgan_path, tmp_path, monkeypatch):
+    """channels_last runs other convolution kernels, whose bf16 roundings pick other codes now
+    and then: the cache must hold the tokens that evaluate.py and --complete encode (NCHW)."""
+    formats, encode = [], training_transformer.load_token_cache
+
+    def recording(run, model, *args, **kwargs):
+        formats.append(model.vqgan.encoder.conv_in.weight.is_contiguous())  # NCHW
+        return encode(run, model, *args, **kwargs)
+    monkeypatch.setattr(training_transformer, "load_token_cache", recording)
+    training_transformer.main(train_args(data, vqgan_path, tmp_path / "run", "--channels-last",
+                                         "--max-steps", "1"))
+    assert formats == [True]
+    assert load_vqgan(str(vqgan_path)).encoder.conv_in.weight.is_contiguous()
+
+
 @pytest.fixture(scope="module")
 def resumed(data, vqgan_path, tmp_path_factory):
     """Six steps in one run, and the same six stopped by Ctrl-C after four (the command's exit

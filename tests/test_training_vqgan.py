@@ -4,7 +4,6 @@ Ctrl-C stop cleanly, wrong --resume files are refused, and a tiny run learns.
 
 Everything runs on the CPU with 32 px mannequins and a tiny VQGAN (ch 32, ch_mult 1,2).
 """
-import contextlib
 import copy
 import errno
 import json
@@ -529,6 +528,18 @@ def test_vqgan_pt_holds_the_moving_average_of_the_trained_weights(dataset, tmp_p
 
 
 @needs_lpips
+def test_a_resume_with_another_lpips_start_warns_like_any_other_changed_loss_flag(
+        dataset, tmp_path, shared_lpips, capsys):
+    train(dataset, tmp_path, "--max-steps", "1")  # run_args: --perceptual-start 0
+    capsys.readouterr()
+    train(dataset, tmp_path, "--max-steps", "2", "--resume")
+    assert "warning" not in capsys.readouterr().err
+    train(dataset, tmp_path, "--max-steps", "3", "--resume", "--perceptual-start", "800")
+    assert ("warning: --resume goes on with other training flags than the run's own: "
+            "--perceptual-start 800 (was 0)") in capsys.readouterr().err
+
+
+@needs_lpips
 def test_resume_keeps_the_moving_average_and_refuses_another_decay(dataset, tmp_path,
                                                                   shared_lpips):
     common = ["--ema-decay", "0.7", "--disc-start", "2"]
@@ -567,7 +578,11 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it_natively(monkeypa
     assert utils.grad_scaler(cpu, "fp16").is_enabled()
     assert not utils.grad_scaler(cpu, "bf16").is_enabled()
     assert not utils.grad_scaler(cpu, "auto").is_enabled()
-    assert isinstance(utils.autocast_context(cpu, "fp32"), contextlib.nullcontext)
+    a = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 turns an outer autocast off
+        with utils.autocast_context(cpu, "fp32"):
+            assert (a @ a).dtype == torch.float32
+        assert (a @ a).dtype == torch.bfloat16
     with utils.autocast_context(cpu, "fp16"):
         assert torch.get_autocast_dtype("cpu") == torch.float16
         assert torch.is_autocast_enabled("cpu")

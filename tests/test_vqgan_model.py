@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from encoder import AttnBlock
+import utils
 from utils import UserError, atomic_save
 from vqgan import (PRESETS, VQGAN, VQGANConfig, add_vqgan_args, config_from_args, load_vqgan,
                    save_vqgan)
@@ -98,6 +99,28 @@ def test_flags_override_the_preset():
         parser.parse_args(["--resolution", "32"])
 
 
+def test_attention_stays_on_a_feature_map_that_exists_at_every_image_size():
+    parser = argparse.ArgumentParser()
+    add_vqgan_args(parser)
+    parser.add_argument("--image-size", type=int, default=None)
+
+    def attention_blocks(*flags):  # self-attention layers outside the middle blocks
+        model = VQGAN(config_from_args(parser.parse_args(list(flags))))
+        return sum(isinstance(m, AttnBlock) for m in model.modules()) - 2, model.token_grid_size
+
+    assert attention_blocks("--preset", "small") == (3, 16)  # 1 encoder + 2 decoder, 16 x 16
+    # small at 128 px has no 16 x 16 feature map: its attention moves to the 32 x 32 token grid
+    assert attention_blocks("--preset", "small", "--image-size", "128") == (3, 32)
+    assert config_from_args(parser.parse_args(["--image-size", "128"])).attn_resolutions == (32,)
+    # where the preset's size exists, it stays (the paper's 16 at 128 px: a level above the grid)
+    assert config_from_args(parser.parse_args(["--preset", "paper", "--image-size", "128"])
+                            ).attn_resolutions == (16,)
+    assert attention_blocks("--preset", "small", "--image-size", "32") == (3, 8)
+    with pytest.raises(UserError, match="--attn-resolutions 16: this model's feature maps are "
+                                        "128, 64, 32 px"):
+        config_from_args(parser.parse_args(["--image-size", "128", "--attn-resolutions", "16"]))
+
+
 def test_a_config_that_cannot_work_is_a_user_error():
     with pytest.raises(UserError, match="divisible"):
         dataclasses.replace(TINY, resolution=15)
@@ -187,3 +210,18 @@ def test_groupnorm_runs_in_float32_under_the_cpus_bf16_autocast():
         expected = torch.nn.functional.group_norm(x.float(), norm.num_groups, norm.weight,
                                                   norm.bias, norm.eps)
         assert y.dtype == torch.float32 and torch.allclose(y, expected, atol=1e-5)
+
+
+def test_image_tokens_are_the_same_inside_a_training_steps_autocast():
+    """A condition VQGAN encodes the empty pose inside stage 2's bf16 step; sample.py and
+    evaluate.py encode it outside any autocast: both must give the same tokens."""
+    torch.manual_seed(0)
+    model, cpu = VQGAN(TINY).eval(), torch.device("cpu")
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = model.image_tokens(images)
+    outside = model.image_tokens(images)
+    if utils.resolve_precision("auto", cpu) == "fp32":  # else both bf16: equal either way
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not torch.equal(model.encode(images)[2], outside)  # bf16 would differ here
+    assert torch.equal(inside, outside)
