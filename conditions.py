@@ -26,10 +26,11 @@ from utils import UserError, denormalize, psnr
 
 def keypoint_cells(keypoints, grid, image_size):
     """(B, K, 3) x, y, v in pixels of an image_size square -> (B, K) cell row * G + col on the
-    G x G grid (G = `grid`), or G * G when not visible (v == 0, off the image or NaN)."""
+    G x G grid (G = `grid`), or G * G when not visible (v == 0, off the image or NaN). The image
+    is [0, size] in x and y, its edges included (poses.reframe_keypoints)."""
     G, size = grid, image_size
     x, y, v = keypoints.nan_to_num(-1.0).unbind(dim=-1)  # (B, K) each; NaN -> outside
-    visible = (v > 0) & (x >= 0) & (x < size) & (y >= 0) & (y < size)
+    visible = (v > 0) & (x >= 0) & (x <= size) & (y >= 0) & (y <= size)
     col = (x * G / size).floor().long().clamp(0, G - 1)
     row = (y * G / size).floor().long().clamp(0, G - 1)
     return torch.where(visible, row * G + col, G * G)

@@ -93,7 +93,8 @@ def read_coco_annotations(path, root, min_keypoints, margin):
         box = (int(round(x + w / 2 - side / 2)), int(round(y + h / 2 - side / 2)), side)
         image_path = os.path.join(root, image["file_name"])
         examples.append(Example(name=f"{image['file_name']}#person{annotation.get('id')}",
-                                image_path=image_path, keypoints=keypoints, box=box))
+                                image_path=image_path, keypoints=keypoints, box=box,
+                                annotated_size=(image.get("width"), image.get("height"))))
     if not examples:
         raise UserError(f"{path} has no person with at least {min_keypoints} labelled keypoints")
     missing = sorted({e.image_path for e in examples if not os.path.isfile(e.image_path)})

@@ -40,6 +40,14 @@ class Example:
     part_path: str = None
     box: tuple = None  # (x0, y0, side): the square region (may reach outside the image)
     pose_source: str = None  # the poses.json its keypoints come from, checked against the image
+    annotated_size: tuple = None  # (width, height) its COCO entry gives, checked likewise
+
+
+def image_name(example_name):
+    """An Example.name -> the relative path of its image: a COCO person's '#person<id>' cut off
+    (a '#' of the file's own name stays)."""
+    path, marker, _ = example_name.rpartition("#person")
+    return path if marker else example_name
 
 
 def to_rgb(image):
@@ -49,7 +57,7 @@ def to_rgb(image):
         if image.mode.startswith("I;16") or array.max() > 255:
             array = array / 257.0  # 16-bit range -> 8-bit range
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
+    if "transparency" in image.info:  # a palette entry or (L, RGB) one colour marked transparent
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
@@ -136,6 +144,12 @@ def prepare_example(example, size, resize_mode, max_pixels, part_labels=MANNEQUI
     if example.pose_source is not None:
         check_keypoints_inside(example.keypoints, (width, height), example.name,
                                example.pose_source)
+    annotated = example.annotated_size
+    if annotated is not None and None not in annotated and tuple(annotated) != (width, height):
+        raise UserError(f"{example.image_path} is {width}x{height} as displayed (EXIF orientation "
+                        f"applied), but its COCO entry says {annotated[0]}x{annotated[1]}, so its "
+                        "keypoints would land elsewhere; correct the entry's width and height, "
+                        "or the file's orientation")
     square = (size, size)
     box = (example.box + example.box[2:] if example.box  # (x0, y0, side, side)
            else frame_box((width, height), square, resize_mode))

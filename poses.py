@@ -285,13 +285,14 @@ def reframe_keypoints(keypoints, box, canvas):
     the image's region `box` (x0, y0, width, height), as training and sample.py place poses.
 
     Coordinates are continuous: pixel column j covers [j, j + 1). Keypoints that land outside
-    the canvas become invisible (v = 0).
+    the canvas, [0, width] x [0, height] with its edges (as check_keypoints_inside: a flip maps
+    x = 0 to x = width), become invisible (v = 0).
     """
     (x0, y0, box_w, box_h), (canvas_w, canvas_h) = box, canvas
     out = keypoints.astype(np.float32).copy()
     out[:, 0] = (keypoints[:, 0] - x0) * (canvas_w / box_w)
     out[:, 1] = (keypoints[:, 1] - y0) * (canvas_h / box_h)
-    outside = (out[:, 0] < 0) | (out[:, 0] >= canvas_w) | (out[:, 1] < 0) | (out[:, 1] >= canvas_h)
+    outside = (out[:, 0] < 0) | (out[:, 0] > canvas_w) | (out[:, 1] < 0) | (out[:, 1] > canvas_h)
     out[outside, 2] = 0
     return out
 

@@ -134,9 +134,11 @@ def output_stems(names):
     """One output path stem per pose, unique and inside --out: the pose's relative path without
     its extension ('a/x.jpg' -> 'a/x', so that a/x.jpg and b/x.jpg stay apart), a COCO person's
     id appended ('x.jpg#person7' -> 'x_person7'); poses whose stems would still clash (x.jpg and
-    x.png) keep their extension ('x_jpg', 'x_png')."""
+    x.png) keep their extension ('x_jpg', 'x_png'), and any still alike (a.png beside
+    a_png.jpg) are numbered ('a_png', 'a_png_2')."""
     def stem(name, keep_extension):
-        path, _, person = name.partition("#")
+        path = images.image_name(name)
+        person = name[len(path) + 1:]  # 'person7', or '' for an image's own pose
         parts = [part for part in path.replace("\\", "/").split("/")
                  if part not in ("", ".", "..")]  # never outside --out
         base, extension = os.path.splitext("/".join(parts) or "sample")
@@ -146,7 +148,17 @@ def output_stems(names):
 
     stems = [stem(name, False) for name in names]
     clashing = {s for s in stems if stems.count(s) > 1}
-    return [stem(name, True) if s in clashing else s for name, s in zip(names, stems)]
+    stems = [stem(name, True) if s in clashing else s for name, s in zip(names, stems)]
+    taken, unique = set(stems), []
+    for s in stems:
+        if s in unique:  # its first pose keeps it; the next gets the first free number
+            number = 2
+            while f"{s}_{number}" in taken:
+                number += 1
+            s = f"{s}_{number}"
+            taken.add(s)
+        unique.append(s)
+    return unique
 
 
 def pose_for_image(rows, image_path, base_folder, pose_key):
@@ -168,7 +180,7 @@ def pose_for_image(rows, image_path, base_folder, pose_key):
         return by_name[relative]
     file_name = os.path.basename(image_path)
     candidates = [name for name in by_name
-                  if os.path.basename(name.partition("#")[0]) == file_name]
+                  if os.path.basename(images.image_name(name)) == file_name]
     if len(candidates) > 1:
         listed = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
         raise utils.UserError(f"--complete {image_path}: {len(candidates)} poses could be its own "
@@ -231,7 +243,7 @@ def rows_to_sample(args, model, checkpoint, canvas, sliding):
     if args.complete is not None:  # its own pose may be any validation example's
         wanted = os.path.basename(args.complete)
         indices = [i for i, example in enumerate(val_set.examples) if example.name == args.pose_key
-                   or os.path.basename(example.name.partition("#")[0]) == wanted]
+                   or os.path.basename(images.image_name(example.name)) == wanted]
     rows = []
     for i in indices:
         item = val_set[i]

@@ -139,7 +139,7 @@ class TrainingLoop:
         self.health, self.stop = FiniteCheck(), StopRequest()
         self.progress = tqdm(total=self.total, initial=self.step, desc=self.desc,
                              dynamic_ncols=True, disable=not self.dist.is_main)
-        self.window_start = time.perf_counter()
+        self.window_seconds = 0.0  # the time spent in the steps since the last log
         return self
 
     def __exit__(self, *error):  # also on errors (NaN, a second Ctrl-C): callers get Ctrl-C back
@@ -147,6 +147,7 @@ class TrainingLoop:
         self.stop.restore()
 
     def running(self):
+        self.step_start = time.perf_counter()
         return self.step < self.total and not self.stopping
 
     def end_step(self):
@@ -160,19 +161,21 @@ class TrainingLoop:
         log = log or self.stopping  # a stopped run logs its last, partial window too
         if log or save or self.stopping:  # never log or save past a NaN
             self.health.check(self.step, self.run.path(self.run.last_name), self.dist)
+        # after the check's sync with the device; what is due after the step is not counted
+        self.window_seconds += time.perf_counter() - self.step_start
         return Due(log, main and (self.step % self.steps_per_epoch == 0 or last),
                    main and (self.step % self.sample_every == 0 or last),
                    main and (save or self.stopping))
 
     def log(self, values, postfix=None, **counts):
-        """Rank 0 writes `values` at this step, with each of `counts` per second since the last
-        log (e.g. images_per_s=...), and shows `postfix` on the progress bar."""
-        now = time.perf_counter()
+        """Rank 0 writes `values` at this step, with each of `counts` per second of the steps
+        since the last log (e.g. images_per_s=...: validation, grids and saves between steps
+        are not counted), and shows `postfix` on the progress bar."""
         if self.dist.is_main:
-            self.write({**values, **{name: count / (now - self.window_start)
+            self.write({**values, **{name: count / self.window_seconds
                                      for name, count in counts.items()}})
             self.progress.set_postfix(postfix or {})
-        self.window_start = now
+        self.window_seconds = 0.0
 
     def write(self, values):
         """One line of metrics.jsonl at this step (rank 0)."""

@@ -21,6 +21,7 @@ from PIL import Image
 
 import data
 import images
+from conditions import keypoint_cells
 from data import EpochBatchSampler, PoseImageDataset, is_validation, make_loader, unflipped_batches
 from images import open_image
 from poses import (COCO17, DENSEPOSE_PARTS, MANNEQUIN_PARTS, NUM_PART_LABELS, OPENPOSE18,
@@ -205,6 +206,19 @@ def test_crop_moves_keypoints_and_hides_those_outside_the_square():
     assert out[1, 2] == 0 and out[2, 2] == 0  # cropped away: not visible any more
 
 
+def test_a_joint_on_the_images_edge_stays_visible_and_its_flip_too(tmp_path):
+    """poses.json allows 0 <= x <= width; a flip maps x = 0 to x = width: both are on the image."""
+    keypoints = np.array([[0, 10, 2], [40, 10, 2], [40.5, 10, 2]], np.float32)
+    out = reframe_keypoints(keypoints, (0, 0, 40, 40), (64, 64))
+    np.testing.assert_array_equal(out[:, 2], [2, 2, 0])  # the edges on it, beyond them not
+    pose = np.zeros((17, 3), np.float32)
+    pose[COCO17.joints.index("left_wrist")] = out[0]  # x = 0
+    _, flipped, _ = flip_example(np.zeros((64, 64, 3), np.uint8), pose, None, COCO17)
+    wrist = COCO17.joints.index("right_wrist")
+    assert flipped[wrist, 0] == 64  # now on the right edge, still a keypoint token (y 16: row 8)
+    assert keypoint_cells(torch.from_numpy(flipped)[None], 32, 64)[0, wrist] == 8 * 32 + 31
+
+
 def test_padding_uses_the_border_colour(tmp_path):
     image = np.zeros((80, 40, 3), np.uint8)
     image[:] = (100, 150, 200)
@@ -254,6 +268,14 @@ def transparent_palette_image():
     return image
 
 
+def transparent_colour_image(mode, pixels, see_through):
+    """An L or RGB picture whose one colour `see_through` is transparent (PNG's tRNS chunk, as
+    optimisers write cut-outs), no alpha channel."""
+    image = Image.fromarray(np.array([pixels], np.uint8), mode)
+    image.info["transparency"] = see_through
+    return image
+
+
 MODE_CASES = {  # name: (image, file name, expected RGB of the two pixels)
     "L": (lambda: Image.fromarray(np.array([[0, 77]], np.uint8), "L"), "a.png",
           [(0, 0, 0), (77, 77, 77)]),
@@ -261,6 +283,11 @@ MODE_CASES = {  # name: (image, file name, expected RGB of the two pixels)
            [(77, 77, 77), (255, 255, 255)]),
     "P": (palette_image, "a.png", [(10, 20, 30), (200, 100, 50)]),
     "P-transparency": (transparent_palette_image, "a.png", [(10, 20, 30), (255, 255, 255)]),
+    "RGB-transparency": (lambda: transparent_colour_image("RGB", [(10, 20, 30), (0, 0, 0)],
+                                                          (0, 0, 0)),
+                         "a.png", [(10, 20, 30), (255, 255, 255)]),
+    "L-transparency": (lambda: transparent_colour_image("L", [77, 0], 0), "a.png",
+                       [(77, 77, 77), (255, 255, 255)]),
     "RGBA": (lambda: Image.fromarray(np.array([[[10, 20, 30, 255], [10, 20, 30, 0]]], np.uint8),
                                      "RGBA"), "a.png", [(10, 20, 30), (255, 255, 255)]),
     "I;16": (lambda: Image.fromarray(np.array([[257 * 100, 65535]], np.uint16)), "a.png",
@@ -384,6 +411,19 @@ def test_coco_keeps_single_people_with_enough_keypoints_and_crops_around_them(tm
     np.testing.assert_allclose(keypoints[COCO17.joints.index("left_wrist")], [12.75, 12.75, 2])
     np.testing.assert_allclose(keypoints[COCO17.joints.index("nose")], [8.75, 1.75, 2])
     assert data.layout is COCO17
+
+
+def test_a_coco_entry_whose_size_is_not_the_displayed_pictures_is_refused(tmp_path):
+    """An EXIF-turned photo annotated in its stored pixels: its keypoints would land elsewhere."""
+    path = write_coco(tmp_path, [coco_person(10, 1, [10, 20, 30, 50])])
+    with open(path) as f:
+        coco = json.load(f)
+    coco["images"][0].update(width=80, height=100)  # one.png is 100 x 80 as displayed
+    with open(path, "w") as f:
+        json.dump(coco, f)
+    with pytest.raises(UserError, match=r"one.png is 100x80 as displayed \(EXIF orientation "
+                                        r"applied\), but its COCO entry says 80x100"):
+        dataset(tmp_path, image_size=30, coco_annotations=path)
 
 
 def test_coco_people_from_one_picture_stay_in_one_split(tmp_path):

@@ -252,6 +252,21 @@ def test_output_names_are_unique_per_pose_and_stay_inside_the_output_folder():
              "../../up.png"]
     assert sample.output_stems(names) == ["img_person7", "img_person8", "x_jpg", "x_png",
                                           "a/y", "b/y", "up"]
+    # still alike after keeping the extensions: numbered, past any name already in use
+    assert sample.output_stems(["a.jpg", "a.png", "a_png.jpg", "a_png_2.png"]) == [
+        "a_jpg", "a_png", "a_png_3", "a_png_2"]
+    # a '#' in a file's own name is no COCO person
+    assert sample.output_stems(["shot#1.jpg", "p#personal.jpg#person3"]) == [
+        "shot#1", "p#personal_person3"]
+
+
+def test_complete_finds_the_pose_of_an_image_with_a_hash_in_its_file_name(tmp_path):
+    rows = [sample.Row("dir/shot#1.jpg"), sample.Row("dir/shot.jpg"),
+            sample.Row("dir/team.jpg#person4")]
+    elsewhere = tmp_path / "copies"  # not below the data folder: matched by the file name
+    found = {name: sample.pose_for_image(rows, str(elsewhere / name), str(tmp_path / "data"),
+                                         None) for name in ("shot#1.jpg", "team.jpg")}
+    assert found == {"shot#1.jpg": rows[0], "team.jpg": rows[2]}
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from PIL import Image
 
 import mingpt
 import runs
+import training_loop
 import training_transformer
 import utils
 from data import PoseImageDataset
@@ -547,6 +549,28 @@ def test_the_token_cache_is_encoded_by_the_vqgan_as_evaluate_and_sample_load_it(
                                          "--max-steps", "1"))
     assert formats == [True]
     assert load_vqgan(str(vqgan_path)).encoder.conv_in.weight.is_contiguous()
+
+
+def test_logged_throughput_counts_the_steps_not_the_grids_and_saves_between_them(
+        data, vqgan_path, tmp_path, monkeypatch):
+    clock = {"now": 0.0}
+
+    def perf_counter():  # each reading one second later: every step takes exactly one second
+        clock["now"] += 1.0
+        return clock["now"]
+    monkeypatch.setattr(training_loop, "time", SimpleNamespace(perf_counter=perf_counter))
+    draw = training_transformer.save_sample_grid
+
+    def slow_grid(*args, **kwargs):
+        clock["now"] += 1000.0  # the sample grid, drawn between steps 2 and 3, takes long
+        return draw(*args, **kwargs)
+    monkeypatch.setattr(training_transformer, "save_sample_grid", slow_grid)
+    run_dir = tmp_path / "run"
+    training_transformer.main(train_args(data, vqgan_path, run_dir, "--max-steps", "4",
+                                         "--log-every", "1", "--sample-every", "2"))
+    logged = [r["tokens_per_s"] for r in utils.read_jsonl(run_dir / "metrics.jsonl")
+              if "tokens_per_s" in r]
+    assert logged == [8 * 16 * 16] * 4  # a batch of 8 images of 16 x 16 tokens a second
 
 
 @pytest.fixture(scope="module")

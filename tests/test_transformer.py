@@ -152,16 +152,17 @@ def test_sampled_tokens_are_codes_even_when_condition_ids_dominate():
 
 
 def test_keypoint_tokens_hand_worked():
-    model = make_model(image_size=64, keypoint_grid=32, num_keypoints=6)
+    model = make_model(image_size=64, keypoint_grid=32, num_keypoints=7)
     keypoints = torch.tensor([[[10.0, 20.0, 2.0],   # col 10*32/64 = 5, row 20*32/64 = 10
                                [10.0, 20.0, 1.0],   # labeled but occluded: still placed
                                [10.0, 20.0, 0.0],   # not visible
                                [63.9, 0.0, 2.0],    # row 0, last column
-                               [64.0, 5.0, 2.0],    # right of the image: not visible
+                               [64.0, 5.0, 2.0],    # the right edge (x = 0 flipped): row 2, last
+                               [64.5, 5.0, 2.0],    # right of the image: not visible
                                [-0.5, 5.0, 2.0]]])  # left of the image: not visible
     not_visible = N_EMBED + 32 * 32
     expected = [N_EMBED + 10 * 32 + 5, N_EMBED + 10 * 32 + 5, not_visible,
-                N_EMBED + 31, not_visible, not_visible]
+                N_EMBED + 31, N_EMBED + 2 * 32 + 31, not_visible, not_visible]
     assert model.condition_tokens(keypoints=keypoints).tolist() == [expected]
 
 
