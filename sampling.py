@@ -35,7 +35,8 @@ def sampling_options(args):
 
 
 def filter_logits(logits, top_k=None, top_p=None, temperature=1.0):
-    """logits (B, V) -> logits / temperature with the filtered-out entries set to -inf.
+    """logits (B, V) -> float32 logits / temperature with the filtered-out entries set to -inf
+    (in float32 whatever autocast gave: bf16's 8 bits would move the nucleus and temperature).
 
     top_k keeps the k largest; top_p then keeps the smallest set of most likely tokens whose
     probabilities add up to at least top_p. The most likely token is always kept.
@@ -46,7 +47,7 @@ def filter_logits(logits, top_k=None, top_p=None, temperature=1.0):
         raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus), got {top_p}")
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None:
         top = logits.topk(min(top_k, logits.size(-1)), dim=-1).indices  # (B, k)
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
@@ -63,7 +64,7 @@ def filter_logits(logits, top_k=None, top_p=None, temperature=1.0):
 
 def sample_next(logits, generator=None, top_k=None, top_p=None, temperature=1.0):
     """logits (B, V) -> sampled ids (B, 1), repeatable with a `generator` on the logits' device."""
-    probs = filter_logits(logits, top_k, top_p, temperature).float().softmax(dim=-1)
+    probs = filter_logits(logits, top_k, top_p, temperature).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 

@@ -97,6 +97,16 @@ def test_top_k_keeps_exactly_k_and_temperature_divides_first():
     assert kept(filter_logits(logits, top_p=0.9)) == [False, True, True, True]
 
 
+def test_filters_work_in_float32_on_the_bf16_logits_of_autocast():
+    """Unguided sampling under bf16 autocast hands the GPT's bf16 logits on as they are: the
+    temperature and the nucleus must be those of their float32 values."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(64, 2048)).bfloat16()
+    filtered = filter_logits(logits, top_p=0.9, temperature=0.7)
+    assert filtered.dtype == torch.float32
+    assert torch.equal(filtered, filter_logits(logits.float(), top_p=0.9, temperature=0.7))
+
+
 def test_top_k_one_is_greedy():
     logits = torch.randn(8, 30)
     generator = torch.Generator().manual_seed(0)
