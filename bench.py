@@ -6,9 +6,10 @@
     python bench.py transformer --n-layer 6 --n-head 8 --n-embd 256 --batch-size 32
     python bench.py superres --batch-size 16       # the stage-3 generator's forward, x2 of 64 px
 
-`vqgan` times a full training step (generator with LPIPS and the adaptive GAN weight, then the
-discriminator) as training_vqgan.py runs it, and beside it the usual formulation that calls
-autograd.grad twice through the full graph and then back-propagates everything again.
+`vqgan` times a full training step (generator with the preset's pixel loss, LPIPS and the
+adaptive GAN weight, then the discriminator, then both Adam steps) of the model that
+training_vqgan.py builds, and beside it the usual formulation that calls autograd.grad twice
+through the full graph and then back-propagates everything again.
 With --compile, `vqgan` and `transformer` time each step eager and torch.compile'd side by
 side: through a compiled model, autograd.grad to the last layer runs the whole compiled backward,
 which the graph split avoids. --preset sets the VQGAN, its resolution (unless --image-size) and
@@ -22,7 +23,6 @@ sample.py enlarges) at its default size, or the --sr-* flags'. Random weights: s
 depend on training.
 """
 import argparse
-import dataclasses
 import resource
 import time
 
@@ -69,14 +69,19 @@ def warmup_calls(args, name):
 def bench_vqgan(args, device):
     from discriminator import NLayerDiscriminator, hinge_d_loss
     from lpips_loss import LPIPSLoss
+    from conditions import Content
     from training_vqgan import (PRESET_DEFAULTS, LossWeights, discriminator_backward,
                                 generator_backward)
-    from vqgan import VQGAN
-    # the preset, at its resolution unless --image-size is given (bench's --n-embed is stage 2's)
-    config = dataclasses.replace(PRESETS[args.preset],
-                                 resolution=args.image_size or PRESETS[args.preset].resolution)
+    from vqgan import VQGAN, config_from_args
+    # the trainer's model: the preset at its resolution unless --image-size is given (bench's
+    # --n-embed is stage 2's)
+    config = config_from_args(argparse.Namespace(preset=args.preset, image_size=args.image_size))
     model = VQGAN(config).to(device).train()
     discriminator = NLayerDiscriminator().to(device).train()
+    optimizers = [torch.optim.Adam(net.parameters(), betas=(0.5, 0.9), fused=device.type == "cuda")
+                  for net in (model, discriminator)]  # as training_vqgan.train makes them
+    preset = PRESET_DEFAULTS[args.preset]
+    content = Content(pixel_loss=preset["pixel_loss"], chroma_weight=preset["chroma_weight"])
     lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
     precision = utils.resolve_precision(args.precision, device)
     channels_last = utils.use_channels_last(args.channels_last, device)
@@ -87,19 +92,25 @@ def bench_vqgan(args, device):
     images = torch.rand(args.batch_size, 3, size, size, device=device) * 2 - 1
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    loss_args = LossWeights(**{k: PRESET_DEFAULTS[args.preset][k] for k in (
+    loss_args = LossWeights(**{k: preset[k] for k in (
         "perceptual_weight", "codebook_weight", "disc_weight")})
+
+    def optimizer_steps():
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     def ours(forward_model):
         x_hat, _, _ = generator_backward(forward_model, lpips, discriminator, images, loss_args,
                                          gan_on=True, last_conv=model.decoder.conv_out,
-                                         precision=precision)
+                                         precision=precision, content=content)
         discriminator_backward(discriminator, images, x_hat, hinge_d_loss, precision=precision)
+        optimizer_steps()
 
     def conventional(forward_model):  # autograd.grad twice through LPIPS and D, then backward
         with utils.autocast_context(device, precision):
             x_hat, codebook_loss, _ = forward_model(images)
-            rec_loss = ((images - x_hat).abs().mean()
+            rec_loss = (content.loss(images, x_hat)
                         + loss_args.perceptual_weight * lpips(images, x_hat))
             generator_loss = -discriminator(x_hat).mean()
         last = model.last_layer
@@ -109,6 +120,7 @@ def bench_vqgan(args, device):
         (rec_loss + lam * loss_args.disc_weight * generator_loss
          + loss_args.codebook_weight * codebook_loss).backward()
         discriminator_backward(discriminator, images, x_hat, hinge_d_loss, precision=precision)
+        optimizer_steps()
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"vqgan preset {args.preset} ({params:.1f}M params), {size} px, batch "

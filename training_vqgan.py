@@ -147,8 +147,7 @@ class LossWeights:
 
 
 def adaptive_lambda(last_input, last_conv, grad_rec, grad_gan, disc_weight, average=None):
-    """lambda = ||dL_rec/dw|| / (||dL_G/dw|| + 1e-4) at the last conv's weight w, clamped and
-    detached.
+    """lambda = ||dL_rec/dw|| / (||dL_G/dw|| + 1e-4) at the last conv's weight w, clamped.
 
     grad_rec and grad_gan are the two losses' gradients at the conv's output x_hat, last_input
     its input (B, C, H, W). The weight gradient of a convolution is a correlation of the two,
@@ -167,8 +166,9 @@ def adaptive_lambda(last_input, last_conv, grad_rec, grad_gan, disc_weight, aver
     rec_w, gan_w = weight_grad(grad_rec), weight_grad(grad_gan)
     if average is not None:
         rec_w, gan_w = average(rec_w), average(gan_w)
-    weight = rec_w.norm() / (gan_w.norm() + 1e-4)
-    return weight.clamp(0.0, 1e4).detach() * disc_weight
+    weight = rec_w.norm() / (gan_w.norm() + 1e-4)  # NaN, not 0 or 1e4, after an fp16 overflow:
+    finite = rec_w.isfinite().all() & gan_w.isfinite().all()  # the loop leaves that step out
+    return torch.where(finite, weight.clamp(0.0, 1e4), torch.nan).detach() * disc_weight
 
 
 def generator_backward(model, lpips, discriminator, images, weights, gan_on, scale=1.0,

@@ -249,6 +249,19 @@ def test_no_discriminator_forward_or_lambda_before_disc_start(dataset, tmp_path,
     assert f"precision fp32, channels_last {channels_last}, compile off" in printed
 
 
+def test_lambda_of_an_overflowed_gradient_is_nan_not_zero_or_the_clamp():
+    """An fp16 gradient that overflowed to inf is no lambda: 0 (inf in the GAN term's) or 1e4
+    (in the reconstruction's) would be averaged into the logged lambda as real values."""
+    torch.manual_seed(0)
+    conv, last_input = torch.nn.Conv2d(8, 3, 3, padding=1), torch.randn(2, 8, 16, 16)
+    grad_rec, grad_gan = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    assert training_vqgan.adaptive_lambda(last_input, conv, grad_rec, grad_gan, 0.8).isfinite()
+    for overflowed in (grad_rec, grad_gan):
+        overflowed[0, 0, 0, 0] = float("inf")
+        assert training_vqgan.adaptive_lambda(last_input, conv, grad_rec, grad_gan, 0.8).isnan()
+        overflowed[0, 0, 0, 0] = 1.0
+
+
 def test_an_fp16_step_whose_lambda_overflowed_is_left_out_of_the_logged_mean(
         dataset, tmp_path, monkeypatch, shared_lpips):
     """Under fp16 the GradScaler skips a step whose scaled gradients overflowed, lambda's too;
@@ -1157,3 +1170,22 @@ def test_a_photo_loss_flag_with_a_condition_content_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: --pixel-loss, --chroma-weight: photos only; --content part-maps has its own loss "
         "(conditions.Content.loss)"]
+
+
+@needs_lpips
+def test_bench_times_the_trainers_model_and_its_optimizer_steps(monkeypatch, capsys):
+    """bench.py vqgan at 128 px: the small preset's attention on the 32 x 32 token grid, as
+    training builds it, and each timed step ends with both Adam steps, as training's do."""
+    import argparse
+    import bench
+    steps = []
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step",
+                        lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    bench.main(["vqgan", "--image-size", "128", "--batch-size", "1", "--warmup", "0",
+                "--repeats", "1", "--device", "cpu", "--threads", "2", "--precision", "fp32",
+                "--lpips-weights", str(LPIPS_WEIGHTS)])
+    trained = VQGAN(config_from_args(argparse.Namespace(preset="small", image_size=128)))
+    millions = sum(p.numel() for p in trained.parameters()) / 1e6
+    assert f"vqgan preset small ({millions:.1f}M params), 128 px" in capsys.readouterr().out
+    assert len(steps) == 4  # generator and discriminator, in ours and in the conventional step
