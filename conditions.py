@@ -53,14 +53,15 @@ CONTENTS = ("photos", "keypoint-images", "part-maps")
 CONDITION_CONTENT = {"keypoint-vqgan": "keypoint-images", "parts-vqgan": "part-maps"}
 
 
-def content_defaults(kind, num_labels, resolution=64):
+def content_defaults(kind, num_labels, resolution=64, ch_mult=None):
     """A condition VQGAN's defaults over the preset's (README, "Condition VQGANs"), chosen by
     measurement: pose pictures on an f4 grid (16 x 16 tokens at 64 px; f8 smeared the arms and
     cost stage 2 a quarter of its PCK), part maps on an f8 grid (8 x 8 tokens) in and out with a
     channel per label; 256 codes, attention on the grid only, no LPIPS, no GAN. Each doubling of the
     `resolution` above 64 px adds a halving level, so the grids stay 16 x 16 and 8 x 8 at 64 x 2^k
     px (at 256 px f4 would make a 4096-token prefix); other sizes get the grid of the largest
-    such size below them (96 px: 24 x 24 and 12 x 12). Photos keep the preset's."""
+    such size below them (96 px: 24 x 24 and 12 x 12). A given `ch_mult` (--ch-mult) sets the grid
+    that the attention is on instead. Photos keep the preset's."""
     if kind == "photos":
         return {}
     extra_levels = (1,) * max(0, (resolution // 64).bit_length() - 1)
@@ -69,7 +70,7 @@ def content_defaults(kind, num_labels, resolution=64):
     if kind == "part-maps":
         defaults.update(ch_mult=extra_levels + (1, 2, 2, 4), in_channels=num_labels,
                         out_ch=num_labels)
-    grid = resolution // 2 ** (len(defaults["ch_mult"]) - 1)
+    grid = resolution // 2 ** (len(ch_mult or defaults["ch_mult"]) - 1)
     return dict(defaults, attn_resolutions=(grid,))
 
 

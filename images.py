@@ -8,6 +8,7 @@ for each; sample.py reads the image it completes the same way. Keypoints and par
 re-framed with their image by poses.py.
 """
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,8 +47,8 @@ class Example:
 def image_name(example_name):
     """An Example.name -> the relative path of its image: a COCO person's '#person<id>' cut off
     (a '#' of the file's own name stays)."""
-    path, marker, _ = example_name.rpartition("#person")
-    return path if marker else example_name
+    person = re.fullmatch(r"(.*)#person(-?\d+|None)", example_name)
+    return person[1] if person else example_name
 
 
 def to_rgb(image):

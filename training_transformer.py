@@ -136,7 +136,8 @@ def encode_split(model, dataset, flips, batch_size, device, num_workers, desc):
 
 def load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device):
     """Tokens of both splits, from RUN/token_cache/ when this VQGAN and data were seen before."""
-    key = {"vqgan_sha256": vqgan_sha256, "flip": args.flip,
+    # format 2: encoded by the NCHW VQGAN as evaluate.py encodes, joints on the edge visible
+    key = {"vqgan_sha256": vqgan_sha256, "flip": args.flip, "format": 2,
            **{k: getattr(args, k) for k in data.SPLIT_FLAGS},
            "part_labels": train_set.part_labels.to_dict(),
            "encoding_precision": utils.resolve_precision("auto", device),  # VQGAN.image_tokens

@@ -101,13 +101,13 @@ def parse_args(argv=None):
                               f"{args.content} has its own loss (conditions.Content.loss)")
     defaults = {**PRESET_DEFAULTS[args.preset], **content_defaults(  # part maps: label channels
         args.content, resolve_part_labelling(args.part_labels).num_labels,
-        args.image_size or PRESETS[args.preset].resolution)}
+        args.image_size or PRESETS[args.preset].resolution, args.ch_mult)}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.content == "part-maps" and args.perceptual_weight > 0:
         raise utils.UserError("--perceptual-weight: LPIPS compares photos, not part maps")
-    args.image_size = config_from_args(args).resolution
+    args.image_size = args.image_size or PRESETS[args.preset].resolution
     return args
 
 

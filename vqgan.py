@@ -11,6 +11,7 @@ tokens back into pictures with VQGAN.decode_indices.
 import argparse
 import dataclasses
 import pickle
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -107,21 +108,22 @@ def add_vqgan_args(parser):
 
 def config_from_args(args):
     """The preset, with every flag that was given; the resolution is --image-size when given,
-    else the preset's (256 px for paper, 64 px for small). Both presets attend on their token
-    grid: where the preset's attention size is no feature-map size of the model (small's 16 at
-    128 px), attention moves to the token grid; a given size that is none is refused."""
+    else the preset's (256 px for paper, 64 px for small). At their own sizes both presets attend
+    on their token grid: where the preset's attention size is no feature-map size of the model
+    (small's 16 at 128 px), attention moves to the token grid; a given one is kept, warned."""
     overrides = {field.name: getattr(args, field.name) for field in dataclasses.fields(VQGANConfig)
                  if getattr(args, field.name, None) is not None}
     if getattr(args, "image_size", None) is not None:
         overrides["resolution"] = args.image_size
     config = dataclasses.replace(PRESETS[args.preset], **overrides)
-    sizes = [config.resolution >> level for level in range(len(config.ch_mult))]  # full size to token grid
+    sizes = [config.resolution >> level for level in range(len(config.ch_mult))]  # to the grid
     if set(config.attn_resolutions) <= set(sizes):
         return config
     if "attn_resolutions" in overrides:
-        raise UserError(f"--attn-resolutions {','.join(map(str, config.attn_resolutions))}: this "
-                        f"model's feature maps are {', '.join(map(str, sizes))} px; choose among "
-                        "them, or '' for no attention")
+        print(f"warning: --attn-resolutions {','.join(map(str, config.attn_resolutions))}: this "
+              f"model's feature maps are {', '.join(map(str, sizes))} px, so it adds no attention "
+              "there", file=sys.stderr)
+        return config
     return dataclasses.replace(config, attn_resolutions=(sizes[-1],))
 
 

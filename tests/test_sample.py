@@ -256,8 +256,8 @@ def test_output_names_are_unique_per_pose_and_stay_inside_the_output_folder():
     assert sample.output_stems(["a.jpg", "a.png", "a_png.jpg", "a_png_2.png"]) == [
         "a_jpg", "a_png", "a_png_3", "a_png_2"]
     # a '#' in a file's own name is no COCO person
-    assert sample.output_stems(["shot#1.jpg", "p#personal.jpg#person3"]) == [
-        "shot#1", "p#personal_person3"]
+    assert sample.output_stems(["shot#1.jpg", "p#personal.jpg#person3", "p#person.jpg"]) == [
+        "shot#1", "p#personal_person3", "p#person"]
 
 
 def test_complete_finds_the_pose_of_an_image_with_a_hash_in_its_file_name(tmp_path):

@@ -176,6 +176,25 @@ def test_token_cache_is_rebuilt_when_the_vqgan_file_changes(trained, data, vqgan
     assert encodes
 
 
+def test_a_token_cache_of_the_format_before_is_rebuilt(trained, data, vqgan_path, tmp_path,
+                                                       monkeypatch):
+    """Format 2 (NCHW encoding, joints on the image's edge visible): a cache written before holds
+    other tokens or keypoints under a key that otherwise still matches."""
+    run_dir = fresh_run_with_cache_of(trained[0], tmp_path)
+    (path,) = (run_dir / "token_cache").glob("*.pt")
+    cache = torch.load(path, weights_only=True)
+    key = cache["key"]
+    assert key.pop("format") == 2
+    path.unlink()  # written as the code before wrote it: named by the key without the format
+    settings = utils.stable_hash(json.dumps({k: v for k, v in key.items() if k != "files"},
+                                            sort_keys=True))
+    torch.save(cache, path.with_name(f"tokens-{key['vqgan_sha256'][:12]}-{settings:08x}.pt"))
+    encodes = count_calls(monkeypatch, VQGAN, "encode")
+    training_transformer.main(train_args(data, vqgan_path, run_dir, "--max-steps", "1",
+                                         "--overwrite"))
+    assert encodes
+
+
 def test_token_cache_is_rebuilt_when_the_dataset_gains_an_image(data, vqgan_path, tmp_path,
                                                                 monkeypatch):
     folder = tmp_path / "data"
@@ -565,9 +584,16 @@ def test_logged_throughput_counts_the_steps_not_the_grids_and_saves_between_them
         clock["now"] += 1000.0  # the sample grid, drawn between steps 2 and 3, takes long
         return draw(*args, **kwargs)
     monkeypatch.setattr(training_transformer, "save_sample_grid", slow_grid)
+    save = runs.RunDirectory.save_state
+
+    def slow_save(*args, **kwargs):
+        clock["now"] += 1000.0  # and the checkpoint, saved after step 3
+        return save(*args, **kwargs)
+    monkeypatch.setattr(runs.RunDirectory, "save_state", slow_save)
     run_dir = tmp_path / "run"
     training_transformer.main(train_args(data, vqgan_path, run_dir, "--max-steps", "4",
-                                         "--log-every", "1", "--sample-every", "2"))
+                                         "--log-every", "1", "--sample-every", "2",
+                                         "--save-every", "3"))
     logged = [r["tokens_per_s"] for r in utils.read_jsonl(run_dir / "metrics.jsonl")
               if "tokens_per_s" in r]
     assert logged == [8 * 16 * 16] * 4  # a batch of 8 images of 16 x 16 tokens a second

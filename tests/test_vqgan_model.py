@@ -99,7 +99,7 @@ def test_flags_override_the_preset():
         parser.parse_args(["--resolution", "32"])
 
 
-def test_attention_stays_on_a_feature_map_that_exists_at_every_image_size():
+def test_attention_stays_on_a_feature_map_that_exists_at_every_image_size(capsys):
     parser = argparse.ArgumentParser()
     add_vqgan_args(parser)
     parser.add_argument("--image-size", type=int, default=None)
@@ -116,9 +116,20 @@ def test_attention_stays_on_a_feature_map_that_exists_at_every_image_size():
     assert config_from_args(parser.parse_args(["--preset", "paper", "--image-size", "128"])
                             ).attn_resolutions == (16,)
     assert attention_blocks("--preset", "small", "--image-size", "32") == (3, 8)
-    with pytest.raises(UserError, match="--attn-resolutions 16: this model's feature maps are "
-                                        "128, 64, 32 px"):
-        config_from_args(parser.parse_args(["--image-size", "128", "--attn-resolutions", "16"]))
+    # given, it is kept (a run trained with it resumes with it), and said to add nothing
+    given = config_from_args(parser.parse_args(["--image-size", "128", "--attn-resolutions", "16"]))
+    assert given.attn_resolutions == (16,)
+    assert ("warning: --attn-resolutions 16: this model's feature maps are 128, 64, 32 px, so it "
+            "adds no attention there") in capsys.readouterr().err
+
+
+def test_a_condition_vqgan_attends_on_the_grid_of_the_ch_mult_it_is_given():
+    import training_vqgan
+    for content, ch_mult, grid in (("keypoint-images", None, 16), ("keypoint-images", "1,2", 32),
+                                   ("part-maps", None, 8), ("part-maps", "1,2,4", 16)):
+        flags = ["--content", content] + (["--ch-mult", ch_mult] if ch_mult else [])
+        config = config_from_args(training_vqgan.parse_args(flags))
+        assert config.attn_resolutions == (grid,) == (VQGAN(config).token_grid_size,), flags
 
 
 def test_a_config_that_cannot_work_is_a_user_error():
