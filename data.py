@@ -80,6 +80,7 @@ def read_coco_annotations(path, root, min_keypoints, margin):
             if annotation.get("iscrowd", 0) or annotation["num_keypoints"] < min_keypoints:
                 continue
             image = images[annotation["image_id"]]
+            size = tuple(float(image[k]) for k in ("width", "height")) if "width" in image else None
             x, y, w, h = (float(n) for n in annotation["bbox"])
             keypoints = np.asarray(annotation["keypoints"], dtype=np.float32).reshape(-1, 3)
         except (KeyError, TypeError, ValueError) as error:
@@ -94,7 +95,7 @@ def read_coco_annotations(path, root, min_keypoints, margin):
         image_path = os.path.join(root, image["file_name"])
         examples.append(Example(name=f"{image['file_name']}#person{annotation.get('id')}",
                                 image_path=image_path, keypoints=keypoints, box=box,
-                                annotated_size=(image.get("width"), image.get("height"))))
+                                annotated_size=size))
     if not examples:
         raise UserError(f"{path} has no person with at least {min_keypoints} labelled keypoints")
     missing = sorted({e.image_path for e in examples if not os.path.isfile(e.image_path)})

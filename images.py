@@ -146,11 +146,11 @@ def prepare_example(example, size, resize_mode, max_pixels, part_labels=MANNEQUI
         check_keypoints_inside(example.keypoints, (width, height), example.name,
                                example.pose_source)
     annotated = example.annotated_size
-    if annotated is not None and None not in annotated and tuple(annotated) != (width, height):
+    if annotated is not None and annotated != (width, height):
         raise UserError(f"{example.image_path} is {width}x{height} as displayed (EXIF orientation "
-                        f"applied), but its COCO entry says {annotated[0]}x{annotated[1]}, so its "
-                        "keypoints would land elsewhere; correct the entry's width and height, "
-                        "or the file's orientation")
+                        f"applied), but its COCO entry says {annotated[0]:g}x{annotated[1]:g}, so "
+                        "its keypoints would land elsewhere; correct the entry's width and "
+                        "height, or the file's orientation")
     square = (size, size)
     box = (example.box + example.box[2:] if example.box  # (x0, y0, side, side)
            else frame_box((width, height), square, resize_mode))

@@ -424,6 +424,11 @@ def test_a_coco_entry_whose_size_is_not_the_displayed_pictures_is_refused(tmp_pa
     with pytest.raises(UserError, match=r"one.png is 100x80 as displayed \(EXIF orientation "
                                         r"applied\), but its COCO entry says 80x100"):
         dataset(tmp_path, image_size=30, coco_annotations=path)
+    coco["images"][0].update(width="100", height=80.0)  # numbers as some exporters write them
+    with open(path, "w") as f:
+        json.dump(coco, f)
+    assert [e.name for e in dataset(tmp_path, image_size=30, coco_annotations=path).examples] == [
+        "one.png#person10"]
 
 
 def test_coco_people_from_one_picture_stay_in_one_split(tmp_path):
