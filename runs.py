@@ -118,6 +118,8 @@ UNCHECKED_FLAGS = ("resume", "overwrite", "run_dir", "device", "max_steps", "epo
                    "log_every", "save_every", "sample_every", "num_workers", "lpips_weights",
                    "grid_examples", "default_max_steps")
 FROM_THE_RUN = ("ema_decay", "condition_dropout", "perceptual_start")
+# A stage-2 or stage-3 config's content hash of a frozen model -> the flag naming its file
+FROZEN_FLAGS = {"vqgan_sha256": "vqgan_checkpoint", "condition_vqgan_sha256": "condition_vqgan"}
 
 
 def plain_args(args):
@@ -162,8 +164,7 @@ class Schedule:
             total = flags.epochs * batches_per_epoch // flags.grad_accum
             if total == 0 and not flags.resume:
                 raise UserError(f"--epochs {flags.epochs} makes no optimizer step of --grad-accum "
-                                f"{flags.grad_accum} micro-batches; raise --epochs or lower "
-                                "--grad-accum")
+                                f"{flags.grad_accum} micro-batches; raise one or lower the other")
         else:
             total = flags.default_max_steps
         length = f"--max-steps {total}" if flags.max_steps is not None else f"{total} steps"
@@ -196,14 +197,14 @@ class RunDirectory:
     command leaves none. Rank 0 (`is_main`) deletes the .tmp-*.pt files of killed writes.
     """
 
-    def __init__(self, root, kind, last_name, flags, world_size=1, is_main=True):
+    def __init__(self, root, kind, last_name, flags, world_size=1, is_main=True, frozen=None):
         self.root, self.kind, self.last_name = root, kind, last_name
         resume = flags.get("resume")
         if not (resume or flags.get("overwrite")) and os.path.exists(os.path.join(root, last_name)):
             raise UserError(f"{root} already holds a run ({last_name}): pass --resume to "
                             "continue it, --overwrite to replace it, or another --run-dir")
         if resume:
-            self.check_resume(resume, flags, world_size)
+            self.check_resume(resume, flags, world_size, frozen)
         writable = os.path.abspath(root)
         while not os.path.exists(writable):  # the folder the run's first file will be made in
             writable = os.path.dirname(writable)
@@ -229,9 +230,8 @@ class RunDirectory:
 
     def remove_previous_run(self):
         """--overwrite, as the new run's first step starts (TrainingLoop; a command refused
-        before then leaves the old run whole): the checkpoints (vqgan_last.pt, vqgan.pt, ...),
-        curves and grids of the run it replaces (its metrics: MetricsLog starts them afresh), so
-        that none outlives it (a grid past the new run's end, a checkpoint for --resume)."""
+        before then leaves the old run whole): the checkpoints, curves and grids of the run it
+        replaces (MetricsLog restarts its metrics), so that none outlives the new run."""
         if not self.replaces_run:
             return
         for name in (self.last_name, self.last_name.replace("_last", ""), "loss_curves.png",
@@ -282,13 +282,10 @@ class RunDirectory:
     def cached(self, folder, prefix, key, names, build):
         """What the frozen VQGAN made of both splits (stage 2's tokens, stage 3's pairs), from
         RUN/folder/ when this very `key` was seen before, else build() -> {"train", "val"},
-        saved atomically.
-
-        `key` holds everything the contents depend on: "vqgan_sha256", the settings, and
-        "files" (the datasets' fingerprints). The file is named by the VQGAN and the settings,
-        so that a cache of edited files is replaced, not kept beside it; `names` ({split: the
-        examples' names}) must match the cached splits' "paths" too.
-        """
+        saved atomically. `key` holds everything the contents depend on: "vqgan_sha256", the
+        settings, and "files" (the datasets' fingerprints). The file is named by the VQGAN and
+        the settings, so that a cache of edited files is replaced, not kept beside it; `names`
+        ({split: the examples' names}) must match the cached splits' "paths" too."""
         settings = stable_hash(json.dumps({k: v for k, v in key.items() if k != "files"},
                                           sort_keys=True))
         path = self.path(folder, f"{prefix}-{key['vqgan_sha256'][:12]}-{settings:08x}.pt")
@@ -306,10 +303,11 @@ class RunDirectory:
                    if os.path.exists(os.path.join(self.root, name))]
         print(f"{stage} outputs in {self.root}: {', '.join(present)}")
 
-    def check_resume(self, resume, flags, world_size):
+    def check_resume(self, resume, flags, world_size, frozen=None):
         """Refuse a --resume checkpoint of another stage, data order (DATA_ORDER_FLAGS of the
-        run's `flags`; paths compared as the folders they name) or process count, and warn about
-        the training flags that differ from its own (the run goes on with the new ones)."""
+        run's `flags`; paths as the folders they name), process count or frozen model (`frozen`:
+        FROZEN_FLAGS field -> the given file's hash, so that no cache is built behind another);
+        warn about the other training flags that differ (the run goes on with the new ones)."""
         path = self.resume_path(resume)
         if resume == "last" and not os.path.exists(path):
             raise UserError(f"--resume: no checkpoint {path} yet; start without --resume")
@@ -325,6 +323,12 @@ class RunDirectory:
             raise UserError(f"--resume: {path} was trained by {saved_world_size} process(es), "
                             f"this run has {world_size}; an exact resume needs the same number "
                             f"(torchrun --nproc_per_node {saved_world_size})")
+        behind = [FROZEN_FLAGS[k] for k, sha in (frozen or {}).items()
+                  if checkpoint["config"].get(k, sha) != sha]
+        if behind:
+            files = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in behind)
+            raise UserError(f"--resume: {path} was trained behind other frozen models than the "
+                            f"files given (their contents differ); resume it with its own: {files}")
         retuned = [k for k in sorted(set(saved) & set(flags)) if k not in UNCHECKED_FLAGS
                    and k not in DATA_ORDER_FLAGS and not (k in FROM_THE_RUN and flags[k] is None)
                    and not same_flag(k, saved[k], flags[k])]
@@ -335,11 +339,8 @@ class RunDirectory:
 
     def resume(self, resume, config, flags, world_size, **states):
         """Load the checkpoint --resume names into `states` (name -> model, optimizer or
-        GradScaler, each from the checkpoint's entry of that name) and the RNG -> its step.
-
-        Refuses a checkpoint of another model (config) or weight average (the data order and
-        process count were checked when the folder was opened: check_resume).
-        """
+        GradScaler: the checkpoint's entry of that name) and the RNG -> its step; refuse one of
+        another model (config) or weight average (data order, processes: check_resume)."""
         path = self.resume_path(resume)
         checkpoint = load_checkpoint(path, self.kind)
         if checkpoint["config"] != config:
@@ -370,8 +371,7 @@ def run_training(train, args):
 
     train returns the step at which Ctrl-C stopped it (after saving), or None. A stopped run
     raises Interrupted once every rank has left the loop, so that the command exits with 130.
-    An OSError while writing the run's files (disk full, permissions) becomes one line.
-    """
+    An OSError while writing the run's files (disk full, permissions) becomes one line."""
     dist, device = setup_distributed(args.device)
     try:
         stopped_at = train(args, dist, device)

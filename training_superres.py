@@ -281,8 +281,8 @@ def train(args, dist, device):
         require_resolution(dataset.examples, args.image_size, dataset.resize_mode)
     sampler = data.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
     lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
-    run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt",
-                            runs.plain_args(args))  # after the checks: no empty folder
+    run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt",  # after checks
+                            runs.plain_args(args), frozen={"vqgan_sha256": vqgan_sha256})
     if args.perceptual_start is None:  # a resumed run keeps its own (runs from before it: 0)
         args.perceptual_start = run.trained_flags(args.resume).get("perceptual_start",
                                                                    0 if args.resume else 650)

@@ -249,12 +249,12 @@ def train(args, dist, device):
         raise utils.UserError(f"no stage-1 checkpoint at {args.vqgan_checkpoint}; run "
                               "python training_vqgan.py first or pass --vqgan-checkpoint")
     vqgan = load_vqgan(args.vqgan_checkpoint, device)
-    vqgan_sha256 = utils.file_sha256(args.vqgan_checkpoint)
-    condition_vqgan = condition_sha256 = None
+    frozen = {"vqgan_sha256": utils.file_sha256(args.vqgan_checkpoint)}  # the content hashes
+    condition_vqgan = None
     if args.condition_vqgan is not None:  # frozen like the image VQGAN, and of the right content
         condition_vqgan = load_vqgan(args.condition_vqgan, device,
                                      CONDITION_CONTENT[args.condition])
-        condition_sha256 = utils.file_sha256(args.condition_vqgan)
+        frozen["condition_vqgan_sha256"] = utils.file_sha256(args.condition_vqgan)
     if args.image_size is None:
         args.image_size = vqgan.config.resolution
     elif vqgan.config.resolution != args.image_size:
@@ -263,7 +263,7 @@ def train(args, dist, device):
                               f"{vqgan.config.resolution} or leave it out")
     precision = utils.resolve_precision(args.precision, device, cpu_bf16=TRAINING_CPU_BF16)
     run = runs.RunDirectory(args.run_dir, "transformer_train", "transformer_last.pt",
-                            runs.plain_args(args), dist.world_size, is_main=dist.is_main)
+                            runs.plain_args(args), dist.world_size, dist.is_main, frozen)
     with dist.main_first():  # rank 0 generates the default data before the others read it
         train_set, val_set = data.build_datasets(args, progress=dist.is_main,
                                                  class_labels=args.condition == "class")
@@ -286,10 +286,11 @@ def train(args, dist, device):
                             condition_vqgan=condition_vqgan, pose_layout=layout.name).to(device)
     guidance = model.resolve_guidance(args.guidance)  # of the grids: refused now, not at step 500
     with dist.main_first():  # rank 0 encodes and writes the caches; the others then read them
-        cache = load_token_cache(run, model, train_set, val_set, args, vqgan_sha256, device)
-        prefixes = (load_condition_cache(run, model, cache, condition_sha256) if condition_vqgan
-                    else {split: condition_prefixes(model, cache[split])
-                          for split in ("train", "val")})
+        cache = load_token_cache(run, model, train_set, val_set, args, frozen["vqgan_sha256"],
+                                 device)
+        prefixes = (load_condition_cache(run, model, cache, frozen.get("condition_vqgan_sha256"))
+                    if condition_vqgan else {split: condition_prefixes(model, cache[split])
+                                             for split in ("train", "val")})
     channels_last = utils.use_channels_last(args.channels_last, device)
     if channels_last:  # the grids' decoding only: the cache was encoded as evaluate.py encodes
         vqgan.to(memory_format=torch.channels_last)
@@ -302,9 +303,7 @@ def train(args, dist, device):
     optimizer = model.gpt.configure_optimizer(args.weight_decay, schedule.peak, (0.9, 0.95),
                                               device.type)
     scaler = utils.grad_scaler(device, precision)
-    config = dict(model.config, vqgan_sha256=vqgan_sha256)  # flat: --resume names the field
-    if condition_vqgan:
-        config["condition_vqgan_sha256"] = condition_sha256
+    config = dict(model.config, **frozen)  # flat: --resume names the field
     ema = weight_average(model, args.ema_decay)  # of the GPT: validated, sampled, saved
     inference = ema.module if ema else model
     states = dict(model=model, optimizer=optimizer, scaler=scaler, **({"ema": ema} if ema else {}))

@@ -195,6 +195,18 @@ def test_a_token_cache_of_the_format_before_is_rebuilt(trained, data, vqgan_path
     assert encodes
 
 
+def test_a_resume_behind_another_vqgan_is_refused_before_any_encoding(
+        trained, data, vqgan_path, tmp_path, monkeypatch, save_tiny_vqgan):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    other = save_tiny_vqgan(str(tmp_path / "other.pt"), seed=1)  # the same shape, other weights
+    encodes = count_calls(monkeypatch, VQGAN, "encode")
+    with pytest.raises(UserError, match=r"\(their contents differ\); resume it with its own: "
+                                        rf"--vqgan-checkpoint {vqgan_path}$"):
+        training_transformer.main(train_args(data, other, run_dir, "--resume"))
+    assert encodes == []
+
+
 def test_token_cache_is_rebuilt_when_the_dataset_gains_an_image(data, vqgan_path, tmp_path,
                                                                 monkeypatch):
     folder = tmp_path / "data"
