@@ -145,7 +145,8 @@ def output_file(text):
 # Flags that name files or folders: a run stores them absolute (runs.plain_args), so that
 # sample.py and evaluate.py find its data from any folder, and compares them as the places
 # they name
-PATH_FLAGS = ("dataset_path", "coco_annotations", "part_labels")
+PATH_FLAGS = ("dataset_path", "coco_annotations", "part_labels", "vqgan_checkpoint",
+              "condition_vqgan", "lpips_weights")
 
 
 def absolute_path(flag, value):

@@ -59,9 +59,9 @@ def content_defaults(kind, num_labels, resolution=64, ch_mult=None):
     cost stage 2 a quarter of its PCK), part maps on an f8 grid (8 x 8 tokens) in and out with a
     channel per label; 256 codes, attention on the grid only, no LPIPS, no GAN. Each doubling of the
     `resolution` above 64 px adds a halving level, so the grids stay 16 x 16 and 8 x 8 at 64 x 2^k
-    px (at 256 px f4 would make a 4096-token prefix); other sizes get the grid of the largest
-    such size below them (96 px: 24 x 24 and 12 x 12). A given `ch_mult` (--ch-mult) sets the grid
-    that the attention is on instead. Photos keep the preset's."""
+    px (at 256 px f4 would make a 4096-token prefix); other sizes get the factor of the largest
+    such size at or below them (96 px: 24 x 24 and 12 x 12). A given `ch_mult` (--ch-mult) sets
+    the grid that the attention is on instead. Photos keep the preset's."""
     if kind == "photos":
         return {}
     extra_levels = (1,) * max(0, (resolution // 64).bit_length() - 1)

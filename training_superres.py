@@ -276,13 +276,13 @@ def train(args, dist, device):
     vqgan = load_vqgan(args.vqgan_checkpoint, device)
     vqgan_sha256 = utils.file_sha256(args.vqgan_checkpoint)
     check_sizes(args, vqgan.config.resolution)
+    run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt",  # no folder yet
+                            runs.plain_args(args), frozen={"vqgan_sha256": vqgan_sha256})
     train_set, val_set = data.build_datasets(args)
     for dataset in (train_set, val_set):
         require_resolution(dataset.examples, args.image_size, dataset.resize_mode)
     sampler = data.EpochBatchSampler(len(train_set), args.batch_size, args.seed, args.flip)
     lpips = LPIPSLoss(weights_path=args.lpips_weights).to(device)
-    run = runs.RunDirectory(args.run_dir, "superres_train", "superres_last.pt",  # after checks
-                            runs.plain_args(args), frozen={"vqgan_sha256": vqgan_sha256})
     if args.perceptual_start is None:  # a resumed run keeps its own (runs from before it: 0)
         args.perceptual_start = run.trained_flags(args.resume).get("perceptual_start",
                                                                    0 if args.resume else 650)

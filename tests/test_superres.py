@@ -138,11 +138,13 @@ def test_pair_cache_is_reused_for_the_same_vqgan_and_rebuilt_for_another(
     train(data64, tmp_path / "copy.pt", tmp_path / "second", "--max-steps", "1")
     assert calls == []
     other = save_tiny_vqgan(str(tmp_path / "b.pt"), seed=1)  # another VQGAN: rebuilt
-    calls.clear()  # but a resume behind it is refused before any picture is reconstructed
-    with pytest.raises(utils.UserError, match="trained behind other frozen models than the files "
-                       rf"given \(their contents differ\); resume it with its own: "
-                       rf"--vqgan-checkpoint {re.escape(str(tmp_path / 'copy.pt'))}$"):
-        train(data64, other, tmp_path / "second", "--max-steps", "2", "--resume")
+    calls.clear()  # but a resume behind it is refused before any picture is read
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "build_datasets", lambda *a, **k: pytest.fail("data read"))
+        with pytest.raises(utils.UserError, match="trained behind other frozen models than the "
+                           rf"files given \(their contents differ\); resume it with its own: "
+                           rf"--vqgan-checkpoint {re.escape(str(tmp_path / 'copy.pt'))}$"):
+            train(data64, other, tmp_path / "second", "--max-steps", "2", "--resume")
     assert calls == []
     train(data64, other, tmp_path / "second", "--max-steps", "1", "--overwrite")
     assert sum(calls) == 40

@@ -195,6 +195,18 @@ def test_a_token_cache_of_the_format_before_is_rebuilt(trained, data, vqgan_path
     assert encodes
 
 
+def test_the_vqgan_path_is_stored_absolute_and_resumes_from_another_spelling(
+        trained, data, vqgan_path, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    monkeypatch.chdir(os.path.dirname(vqgan_path))
+    capsys.readouterr()
+    training_transformer.main(train_args(data, "./" + os.path.basename(vqgan_path), run_dir,
+                                         "--resume", "--max-steps", str(STEPS + 1)))
+    assert "warning" not in capsys.readouterr().err
+    assert last_checkpoint(run_dir)["args"]["vqgan_checkpoint"] == os.path.realpath(vqgan_path)
+
+
 def test_a_resume_behind_another_vqgan_is_refused_before_any_encoding(
         trained, data, vqgan_path, tmp_path, monkeypatch, save_tiny_vqgan):
     run_dir = tmp_path / "run"
