@@ -70,15 +70,15 @@ def bench_vqgan(args, device):
     from discriminator import NLayerDiscriminator, hinge_d_loss
     from lpips_loss import LPIPSLoss
     from conditions import Content
-    from training_vqgan import (PRESET_DEFAULTS, LossWeights, discriminator_backward,
-                                generator_backward)
+    from training_vqgan import (ADAM_BETAS, PRESET_DEFAULTS, LossWeights,
+                                discriminator_backward, generator_backward)
     from vqgan import VQGAN, config_from_args
     # the trainer's model: the preset at its resolution unless --image-size is given (bench's
     # --n-embed is stage 2's)
     config = config_from_args(argparse.Namespace(preset=args.preset, image_size=args.image_size))
     model = VQGAN(config).to(device).train()
     discriminator = NLayerDiscriminator().to(device).train()
-    optimizers = [torch.optim.Adam(net.parameters(), betas=(0.5, 0.9), fused=device.type == "cuda")
+    optimizers = [torch.optim.Adam(net.parameters(), betas=ADAM_BETAS, fused=device.type == "cuda")
                   for net in (model, discriminator)]  # as training_vqgan.train makes them
     preset = PRESET_DEFAULTS[args.preset]
     content = Content(pixel_loss=preset["pixel_loss"], chroma_weight=preset["chroma_weight"])

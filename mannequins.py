@@ -559,10 +559,15 @@ def render_mannequin(rng, image_size=64, restyle=None):
 # ----------------------------------------------------------------------------------------------
 
 
+def render_set_image(seed, index, image_size, restyle=None):
+    """Image `index` of the set of `seed`, drawn from np.random.default_rng([seed, index]) (the
+    module docstring): render_mannequin's (image, keypoints, part map)."""
+    return render_mannequin(np.random.default_rng([seed, index]), image_size, restyle)
+
+
 def write_one(folder, image_size, seed, digits, index):
     """Render image `index` and save its picture and part map; return its poses.json entry."""
-    image, keypoints, part_map = render_mannequin(np.random.default_rng([seed, index]),
-                                                  image_size)
+    image, keypoints, part_map = render_set_image(seed, index, image_size)
     name = f"images/{index:0{digits}d}.png"
     image.save(os.path.join(folder, name))
     Image.fromarray(part_map).save(os.path.join(folder, "parts", name))
@@ -579,7 +584,7 @@ def same_pose_other_people(folder, names, image_size, seed=0):
     if (settings is None or settings.get("generator_version") != GENERATOR_VERSION
             or settings["image_size"] != image_size or not all(map(str.isdigit, stems))):
         return None
-    return [render_mannequin(np.random.default_rng([settings["seed"], int(stem)]), image_size,
+    return [render_set_image(settings["seed"], int(stem), image_size,
                              np.random.default_rng([seed, 1, int(stem)]))[:2] for stem in stems]
 
 
@@ -645,8 +650,7 @@ def make_readme_figure(path, count=16, image_size=128, seed=0):
     """Save a grid of [mannequin with its skeleton, coloured part map] pairs, four a row."""
     rows = []
     for index in range(count):
-        image, keypoints, part_map = render_mannequin(np.random.default_rng([seed, index]),
-                                                      image_size)
+        image, keypoints, part_map = render_set_image(seed, index, image_size)
         if index % 4 == 0:
             rows.append([])
         rows[-1] += [draw_skeleton(keypoints, COCO17, image.size, background=image),

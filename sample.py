@@ -30,8 +30,10 @@ of its file name); --pose-key names it where that is ambiguous.
 DIR/<pose>_<i>_x<scale>.png beside each DIR/<pose>_<i>.png, and the grid's rows show the
 samples at both sizes.
 """
+import itertools
 import os
 import sys
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -147,16 +149,14 @@ def output_stems(names):
         return base + (f"_{person}" if person else "")
 
     stems = [stem(name, False) for name in names]
-    clashing = {s for s in stems if stems.count(s) > 1}
-    stems = [stem(name, True) if s in clashing else s for name, s in zip(names, stems)]
-    taken, unique = set(stems), []
+    counts = Counter(stems)
+    stems = [stem(name, True) if counts[s] > 1 else s for name, s in zip(names, stems)]
+    taken, seen, unique = set(stems), set(), []
     for s in stems:
-        if s in unique:  # its first pose keeps it; the next gets the first free number
-            number = 2
-            while f"{s}_{number}" in taken:
-                number += 1
-            s = f"{s}_{number}"
+        if s in seen:  # its first pose keeps it; the next get the first free number
+            s = next(f"{s}_{n}" for n in itertools.count(2) if f"{s}_{n}" not in taken)
             taken.add(s)
+        seen.add(s)
         unique.append(s)
     return unique
 

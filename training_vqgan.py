@@ -58,6 +58,7 @@ PRESET_DEFAULTS = {
                   pixel_loss="l1", chroma_weight=0.0, perceptual_weight=1.0, perceptual_start=0,
                   codebook_weight=1.0, disc_weight=0.8, disc_start=250001),
 }
+ADAM_BETAS = (0.5, 0.9)  # of both optimizers, as taming-transformers' (bench.py times the same)
 
 
 def parse_args(argv=None):
@@ -211,8 +212,7 @@ def generator_backward(model, lpips, discriminator, images, weights, gan_on, sca
     return x_hat.detach(), indices, terms
 
 
-def discriminator_backward(discriminator, images, x_hat, disc_loss_fn, scale=1.0,
-                           precision="auto"):
+def discriminator_backward(discriminator, images, x_hat, disc_loss_fn, scale=1.0, precision="auto"):
     """Hinge (or vanilla) loss on real images and detached reconstructions; D's grads only."""
     with utils.autocast_context(images.device, precision):
         logits_real = discriminator(images)
@@ -282,7 +282,7 @@ def train(args, dist, device):
     if channels_last:
         for module in filter(None, (model, discriminator, lpips)):
             module.to(memory_format=torch.channels_last)
-    adam = dict(lr=schedule.peak, betas=(0.5, 0.9), fused=device.type == "cuda")
+    adam = dict(lr=schedule.peak, betas=ADAM_BETAS, fused=device.type == "cuda")
     opt_g, opt_d = (torch.optim.Adam(net.parameters(), **adam) for net in (model, discriminator))
     scaler = utils.grad_scaler(device, precision)
     disc_loss_fn = hinge_d_loss if args.disc_loss == "hinge" else vanilla_d_loss
@@ -334,8 +334,7 @@ def train(args, dist, device):
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # gradients are all-reduced once per step, on its last micro-batch
-                with dist.no_sync(ddp_model, ddp_discriminator,
-                                  last=micro == args.grad_accum - 1):
+                with dist.no_sync(ddp_model, ddp_discriminator, last=micro == args.grad_accum - 1):
                     x_hat, indices, terms = generator_backward(
                         forward_model, lpips, discriminator, images, weights, gan_on, scale,
                         average, model.decoder.conv_out, perceptual_on, precision, content)
