@@ -157,6 +157,6 @@ class CodebookStats:
     @property
     def perplexity(self):
         """exp(entropy) of the window's code distribution: n_embed when uniform, 1 for one code."""
-        p = self.counts[self.counts > 0].double()
+        p = self.counts[self.counts > 0].cpu().double()  # (Apple's MPS has no float64)
         p = p / p.sum()
         return torch.exp(-(p * p.log()).sum()).item()

@@ -44,7 +44,7 @@ import utils
 from codebook import CodebookStats
 from data import unflipped_batches
 from image_metrics import codebook_summary, region_metrics, ssim
-from lpips_loss import LPIPSLoss
+from lpips_loss import LPIPSLoss, fitting
 from plots import save_code_histogram
 from pose_scores import (SILHOUETTE_THRESHOLD, evaluate_pose_accuracy, evaluate_pose_fidelity,
                          generate_pose_samples, pose_sampling_skip_reason)
@@ -353,11 +353,10 @@ def main(argv=None):
                                                                dataset)  # no detector is needed
     detector, detector_path, no_detector = ((None, None, no_poses) if no_poses
                                             else find_pose_detector(args, train_set, device))
-    lpips = None
-    if not args.no_lpips:
-        lpips = LPIPSLoss(weights_path=args.lpips_weights, net="alex").to(device)
-    reconstruction, counts, tokens = evaluate_reconstruction(vqgan, dataset, args.batch_size,
-                                                             device, lpips, args.num_workers)
+    lpips = None if args.no_lpips else LPIPSLoss(args.lpips_weights, net="alex").to(device)
+    reconstruction, counts, tokens = evaluate_reconstruction(
+        vqgan, dataset, args.batch_size, device, fitting(lpips, dataset.image_size),
+        args.num_workers)
     codes = codebook_summary(counts)
     histogram = args.histogram or (os.path.splitext(args.json)[0] + "_codes.png"
                                    if args.json else None)
@@ -379,7 +378,8 @@ def main(argv=None):
             accuracy["detector"] = detector_path
     superres = {"skipped": "no --superres"}
     if args.superres:
-        superres = evaluate_superres(sr_model, vqgan, sr_dataset, args.batch_size, device, lpips)
+        superres = evaluate_superres(sr_model, vqgan, sr_dataset, args.batch_size, device,
+                                     fitting(lpips, sr_dataset.image_size))
     results = {"vqgan_checkpoint": args.vqgan_checkpoint,
                "transformer_checkpoint": args.transformer_checkpoint,
                "dataset_path": dataset.root, "split": args.split, "num_images": len(dataset),

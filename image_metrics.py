@@ -28,6 +28,11 @@ import torch.nn.functional as F
 from codebook import CodebookStats
 
 
+def as_float64(t):
+    """t in float64 for the metrics' sums; Apple's MPS has no float64: there by way of the CPU."""
+    return (t.cpu() if t.device.type == "mps" else t).double()
+
+
 def gaussian_window(size=11, sigma=1.5):
     """(size, size) Gaussian weights summing to 1."""
     offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
@@ -45,7 +50,7 @@ def ssim(x, y, data_range=1.0, window_size=11, sigma=1.5, k1=0.01, k2=0.03):
     B, C, H, W = x.shape
     if min(H, W) < window_size:
         raise ValueError(f"SSIM needs images of at least {window_size} px, got {H}x{W}")
-    x, y = x.double(), y.double()
+    x, y = as_float64(x), as_float64(y)
     window = gaussian_window(window_size, sigma).to(x.device).expand(C, 1, -1, -1)
 
     def local_mean(t):  # depthwise: each channel filtered on its own
@@ -70,7 +75,7 @@ D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
 
 def srgb_to_lab(images):
     """CIELAB (L*, a*, b*) of sRGB pictures: (B, 3, H, W) in [0, 1] -> (B, 3, H, W), float64."""
-    rgb = images.double().clamp(0, 1)
+    rgb = as_float64(images).clamp(0, 1)
     linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
     xyz = torch.einsum("ij,bjhw->bihw", SRGB_TO_XYZ.to(rgb.device), linear)
     t = xyz / D65_WHITE.to(rgb.device)[:, None, None]
@@ -87,7 +92,8 @@ def region_metrics(x, y, figure):
     region is empty gets NaN there (callers average with nanmean).
     """
     delta_e = (srgb_to_lab(x) - srgb_to_lab(y)).norm(dim=1)  # (B, H, W)
-    squared = (x.double() - y.double()).pow(2).mean(dim=1)  # (B, H, W), per-pixel MSE
+    squared = (as_float64(x) - as_float64(y)).pow(2).mean(dim=1)  # (B, H, W), per-pixel MSE
+    figure = figure.to(squared.device)
     out = {}
     for name, mask in (("figure", figure), ("backdrop", ~figure)):
         pixels = mask.flatten(1).sum(1).double()  # (B,)

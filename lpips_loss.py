@@ -161,6 +161,18 @@ def find_backbone_weights(net="vgg", explicit_path=None):
                     f"{os.path.dirname(torchvision_file)}/, or run once while online")
 
 
+MIN_IMAGE_SIZE = {"alex": 31, "vgg": 16}  # the backbones' pools shrink smaller ones to nothing
+
+
+def fitting(lpips, size):
+    """`lpips`, or None (with a note) where size x size pictures are too small for its backbone."""
+    if lpips is not None and size < lpips.min_size:
+        print(f"note: LPIPS ({lpips.lpips.pnet_type}) needs pictures of at least {lpips.min_size}"
+              f" px; left out at {size} px", file=sys.stderr)
+        return None
+    return lpips
+
+
 class LPIPSLoss(nn.Module):
     """forward(x, y: (B, 3, H, W) in [-1, 1]) -> mean LPIPS distance, or (B,) with per_sample.
 
@@ -175,6 +187,7 @@ class LPIPSLoss(nn.Module):
             # pnet_rand: a random backbone, so lpips downloads nothing; its linear layers do load
             self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         self._load_backbone(path)
+        self.min_size = MIN_IMAGE_SIZE[net]
         self.requires_grad_(False)
         self.eval()
 

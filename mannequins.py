@@ -584,8 +584,9 @@ def same_pose_other_people(folder, names, image_size, seed=0):
     if (settings is None or settings.get("generator_version") != GENERATOR_VERSION
             or settings["image_size"] != image_size or not all(map(str.isdigit, stems))):
         return None
-    return [render_set_image(settings["seed"], int(stem), image_size,
-                             np.random.default_rng([seed, 1, int(stem)]))[:2] for stem in stems]
+    restyle = [np.random.default_rng([seed % 2**32, 1, int(stem)]) for stem in stems]
+    return [render_set_image(settings["seed"], int(stem), image_size, style)[:2]
+            for stem, style in zip(stems, restyle)]
 
 
 def written_settings(folder):

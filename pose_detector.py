@@ -247,12 +247,15 @@ class DetectorTraining:
 
 
 def data_key(dataset):
-    """What identifies the data a detector learnt from: the folder, its training examples, the
-    image size, the pose layout and how images were squared."""
+    """What identifies the data a detector learnt from: the folder, its training examples and
+    their keypoints (the annotation file's content), the image size, the pose layout and how
+    images were squared."""
     names = "\n".join(example.name for example in dataset.examples)
+    annotations = dataset.annotation_path and utils.file_sha256(dataset.annotation_path)
     return {"dataset_path": os.path.abspath(dataset.root), "image_size": dataset.image_size,
             "layout": dataset.layout.name, "resize_mode": dataset.resize_mode,
-            "num_examples": len(dataset.examples), "examples_hash": utils.stable_hash(names)}
+            "num_examples": len(dataset.examples), "examples_hash": utils.stable_hash(names),
+            "annotations_sha256": annotations}
 
 
 def train_pose_detector(train_set, config, training, device, num_workers=0, progress=True):

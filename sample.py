@@ -144,6 +144,8 @@ def output_stems(names):
         parts = [part for part in path.replace("\\", "/").split("/")
                  if part not in ("", ".", "..")]  # never outside --out
         base, extension = os.path.splitext("/".join(parts) or "sample")
+        if extension.lower() not in images.IMAGE_EXTENSIONS:  # a class name such as 'v1.5'
+            base, extension = "/".join(parts) or "sample", ""
         if keep_extension and extension:
             base += "_" + extension[1:]
         return base + (f"_{person}" if person else "")

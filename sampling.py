@@ -52,7 +52,7 @@ def filter_logits(logits, top_k=None, top_p=None, temperature=1.0):
         top = logits.topk(min(top_k, logits.size(-1)), dim=-1).indices  # (B, k)
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
         logits = logits.masked_fill(~keep, float("-inf"))
-    if top_p is not None:
+    if top_p is not None and top_p < 1:  # at 1 float32's cumsum can reach 1 early: keep all
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the more likely ones before it already reach top_p

@@ -71,6 +71,10 @@ class PoseTransformer(nn.Module):
         if condition_vqgan and condition_vqgan.config.resolution != image_size:
             raise UserError(f"the condition VQGAN is for {condition_vqgan.config.resolution} px, "
                             f"the images are {image_size} px")
+        if condition == "parts-vqgan" and condition_vqgan.config.in_channels != num_part_labels:
+            raise UserError(f"the condition VQGAN encodes part maps of "
+                            f"{condition_vqgan.config.in_channels} labels, the data's have "
+                            f"{num_part_labels}; train one on these part maps (--part-labels)")
         keypoint_grid = keypoint_grid or 2 * token_grid
         if condition not in CONDITION_MODES:
             raise UserError(f"unknown condition {condition!r}; choose one of {CONDITION_MODES}")

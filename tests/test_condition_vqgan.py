@@ -327,3 +327,8 @@ def test_condition_vqgan_modes_need_their_vqgan_and_refuse_one_elsewhere(
                                             condition_vqgans["keypoint-images"]])
     with pytest.raises(UserError, match="needed for, and only for"):
         PoseTransformer(load_vqgan(str(vqgan_path)), condition="keypoint-vqgan", image_size=SIZE)
+    with pytest.raises(UserError, match="part maps of 11 labels, the data's have 12"):
+        PoseTransformer(load_vqgan(str(vqgan_path)), condition="parts-vqgan", image_size=SIZE,
+                        condition_vqgan=load_vqgan(condition_vqgans["part-maps"],
+                                                   content="part-maps"),
+                        num_part_labels=12)  # another labelling than the condition VQGAN's

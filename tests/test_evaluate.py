@@ -74,6 +74,21 @@ def test_ssim_matches_a_naive_loop_over_windows():
     assert image_metrics.ssim(x, y).tolist() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs Apple's MPS")
+def test_the_metrics_run_on_apples_mps_which_has_no_float64():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 2, 3, 16, 16, generator=generator)
+    figure = torch.rand(2, 16, 16, generator=generator) > 0.5
+    on_mps = image_metrics.region_metrics(x.to("mps"), y.to("mps"), figure.to("mps"))
+    for key, value in image_metrics.region_metrics(x, y, figure).items():
+        assert on_mps[key].tolist() == pytest.approx(value.tolist(), rel=1e-6)
+    assert image_metrics.ssim(x.to("mps"), y.to("mps")).tolist() == pytest.approx(
+        image_metrics.ssim(x, y).tolist(), rel=1e-6)
+    stats = image_metrics.CodebookStats(8)
+    stats.update(torch.tensor([0, 1, 1, 2], device="mps"))
+    assert stats.perplexity == pytest.approx(2 ** 1.5)
+
+
 def test_ssim_of_identical_images_is_one():
     x = torch.rand(3, 3, 16, 16)
     assert torch.allclose(image_metrics.ssim(x, x), torch.ones(3))
@@ -294,6 +309,21 @@ def test_a_model_that_redraws_the_real_image_scores_the_ceiling_far_above_the_fl
     assert result["sample_over_floor"] == pytest.approx(result["sample_iou"] / result["floor_iou"])
 
 
+def test_pose_fidelity_is_skipped_where_the_real_images_have_busy_backgrounds(val_set):
+    """Photos with part maps (e.g. DensePose's) have no plain backdrop: the border-median
+    silhouette then takes the whole picture, and a pose-ignoring sampler would score as well
+    as a perfect one. The real images' own IoU shows it, and the section is skipped."""
+    poses = pose_scores.generate_pose_samples(RedrawingModel(val_set), val_set, num_poses=8,
+                                              batch_size=3, device=torch.device("cpu"))
+    assert "skipped" not in pose_scores.evaluate_pose_fidelity(poses)  # plain backdrops
+    texture = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    backdrop = torch.nn.functional.interpolate(texture, size=32, mode="bicubic").clamp(-1, 1)
+    poses.real = torch.where(poses.parts[:, None] > 0, poses.real, backdrop)
+    poses.samples = poses.reconstructions = poses.real
+    result = pose_scores.evaluate_pose_fidelity(poses)
+    assert "backgrounds are not plain" in result["skipped"]
+
+
 def test_another_person_in_the_same_pose_is_scored_as_the_best_a_sampler_can_do(val_set):
     """Mannequin sets are redrawn as other people in each pose (another build, clothes and
     backdrop at the same keypoints); through a perfect tokenizer they score what the renderer's
@@ -323,6 +353,9 @@ def test_another_person_in_the_same_pose_is_scored_as_the_best_a_sampler_can_do(
     assert parts_model.other_person is None
     batch = next(iter(unflipped_batches(val_set, 4)))
     assert pose_scores.other_people(val_set, batch, 0) is not None
+    assert pose_scores.other_people(val_set, batch, -1) is not None  # evaluate.py --seed -1
+    converted = dict(batch, keypoints=torch.cat([batch["keypoints"]] * 2, dim=1))
+    assert pose_scores.other_people(val_set, converted, 0) is None  # poses in another layout
     batch["keypoints"][0, 0, 0] += 1  # a set whose poses were edited: no longer the renderer's
     assert pose_scores.other_people(val_set, batch, 0) is None
 
@@ -382,6 +415,23 @@ def report(trained, dataset_dir):
     json_path = trained.folder / "eval" / "eval.json"
     evaluate.main(evaluate_args(trained, dataset_dir, json_path))
     return json_path
+
+
+@pytest.mark.skipif(not ALEXNET_WEIGHTS.is_file(), reason="needs ../shared/weights")
+def test_pictures_too_small_for_alexnet_are_scored_without_lpips(mannequin_set, tmp_path,
+                                                                capsys):
+    """AlexNet's pools shrink pictures under 31 px to nothing; stage 1 (VGG16) trains there."""
+    config = vqgan_module.VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                      attn_resolutions=(), z_channels=32, embed_dim=16,
+                                      n_embed=32, resolution=24)
+    save_vqgan(VQGAN(config), str(tmp_path / "vqgan.pt"))
+    results = evaluate.main(["--vqgan-checkpoint", str(tmp_path / "vqgan.pt"), "--dataset-path",
+                             str(mannequin_set(40, 24)), "--lpips-weights", str(ALEXNET_WEIGHTS),
+                             "--num-workers", "0", "--device", "cpu"])
+    assert results["reconstruction"]["lpips_alex"] is None
+    assert 0 < results["reconstruction"]["psnr_db"] < 100
+    assert "LPIPS (alex) needs pictures of at least 31 px; left out at 24 px" in (
+        capsys.readouterr().err)
 
 
 def test_json_has_the_documented_keys_in_sane_ranges(report, val_set):

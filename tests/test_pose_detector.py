@@ -201,6 +201,18 @@ def test_the_cached_detector_is_reused_and_refused_for_other_data(trained, setup
         evaluate.main(other)
 
 
+def test_a_detector_is_keyed_by_the_keypoints_not_only_by_the_image_names(setup, tmp_path):
+    data = tmp_path / "set"
+    shutil.copytree(setup.data, data)
+    before = pose_detector.data_key(PoseImageDataset(str(data), image_size=32, progress=False))
+    poses = json.loads((data / "poses.json").read_text())  # {image: [[x, y, v], ...]}
+    first = next(iter(poses.values()))
+    first[0][0] += 1  # one nose a pixel to the right: the same images, other keypoints
+    (data / "poses.json").write_text(json.dumps(poses))
+    after = pose_detector.data_key(PoseImageDataset(str(data), image_size=32, progress=False))
+    assert after != before
+
+
 def test_pck_works_on_data_without_part_maps(setup, tmp_path):
     data = tmp_path / "no-parts"
     shutil.copytree(setup.data, data, ignore=shutil.ignore_patterns("parts"))

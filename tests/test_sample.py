@@ -258,6 +258,9 @@ def test_output_names_are_unique_per_pose_and_stay_inside_the_output_folder():
     # a '#' in a file's own name is no COCO person
     assert sample.output_stems(["shot#1.jpg", "p#personal.jpg#person3", "p#person.jpg"]) == [
         "shot#1", "p#personal_person3", "p#person"]
+    # class names keep their dots: only an image's extension is cut
+    assert sample.output_stems(["v1.5", "cat.small", "cat.large", "a/x.JPG"]) == [
+        "v1.5", "cat.small", "cat.large", "a/x"]
 
 
 def test_complete_finds_the_pose_of_an_image_with_a_hash_in_its_file_name(tmp_path):

@@ -82,6 +82,12 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(filter_logits(logits, top_p=1e-6)) == [True, False, False, False]
 
 
+def test_top_p_one_keeps_every_token_of_a_large_vocabulary():
+    # float32's running sum reaches 1.0 before the last of 2048 tokens: p = 1 must still keep all
+    logits = torch.randn(64, 2048, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.isfinite(filter_logits(logits, top_p=1.0)).all()
+
+
 def test_top_p_works_on_unsorted_logits():
     logits = PROBS[:, [2, 0, 3, 1]].log()
     assert kept(filter_logits(logits, top_p=0.8)) == [False, True, False, True]
